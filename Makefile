@@ -1,0 +1,64 @@
+# Two commands on a fresh clone: `make run` and `make test`. Everything else is installed from here.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY_STAMP := $(VENV)/.installed
+NODE_DIR := clients/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+BUF := $(NODE_DIR)/node_modules/.bin/buf
+PROTOS := $(wildcard protos/callplane/v1/*.proto)
+GEN_DIR := clients/python
+LISTEN ?= 127.0.0.1:50051
+DATA_DIR ?= data
+
+.PHONY: venv node run test lint format proto proto-check ci clean
+
+venv: $(PY_STAMP)
+node: $(NODE_STAMP)
+
+$(PY_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+## Start the server on embedded SQLite in $(DATA_DIR)/.
+run: $(PY_STAMP)
+	$(BIN)/callplane serve --listen $(LISTEN) --data-dir $(DATA_DIR)
+
+## Run the whole test suite (SQLite always; PostgreSQL when configured, required with CI=true).
+test: $(PY_STAMP) $(NODE_STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Regenerate Python stubs (and typed .pyi stubs) from protos/.
+proto: $(PY_STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos \
+		--python_out=$(GEN_DIR) --grpc_python_out=$(GEN_DIR) \
+		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=$(GEN_DIR) \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$(GEN_DIR) \
+		$(PROTOS)
+
+## Fail if the committed stubs differ from what the protos generate.
+proto-check: proto
+	@git diff --exit-code --stat -- $(GEN_DIR)/callplane/v1 || \
+		(echo "generated stubs drifted from protos/: run 'make proto' and commit" >&2; exit 1)
+	@test -z "$$(git status --porcelain --untracked-files=all -- $(GEN_DIR)/callplane/v1)" || \
+		(git status --porcelain -- $(GEN_DIR)/callplane/v1; echo "untracked generated files: run 'make proto' and commit" >&2; exit 1)
+
+lint: $(PY_STAMP) $(NODE_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BUF) lint
+
+format: $(PY_STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+ci: proto-check lint test
+
+clean:
+	rm -rf $(VENV) $(NODE_DIR)/node_modules .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Callplane server: a gRPC control plane for video and audio calls."""

@@ -1,0 +1,103 @@
+"""Plain records passed between the store and the services."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+JSONDict = dict[str, Any]
+
+
+@dataclass
+class CallTypeRecord:
+    name: str
+    settings: JSONDict
+    grants: dict[str, list[str]]
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass
+class UserRecord:
+    id: str
+    name: str = ""
+    image: str = ""
+    role: str = "user"
+    teams: list[str] = field(default_factory=list)
+    custom: JSONDict = field(default_factory=dict)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass
+class CallRecord:
+    type: str
+    id: str
+    created_by_user_id: str | None
+    team: str | None
+    custom: JSONDict
+    settings_override: JSONDict
+    backstage: bool
+    ongoing: bool
+    member_count: int
+    version: int
+    last_seq: int
+    created_at: datetime
+    updated_at: datetime
+    starts_at: datetime | None = None
+    ended_at: datetime | None = None
+    deleted_at: datetime | None = None
+
+    @property
+    def cid(self) -> str:
+        return f"{self.type}:{self.id}"
+
+    @property
+    def etag(self) -> str:
+        return f"v{self.version}"
+
+
+@dataclass
+class MemberRecord:
+    call_cid: str
+    user_id: str
+    role: str
+    custom: JSONDict
+    created_at: datetime
+    updated_at: datetime
+    user: UserRecord | None = None
+
+
+SortDirection = Literal["asc", "desc"]
+SortValueType = Literal["string", "number", "boolean"]
+
+
+@dataclass(frozen=True)
+class SortInput:
+    """One requested sort key, as the client sent it (validated by the store's query compiler)."""
+
+    field: str
+    direction: SortDirection = "asc"
+    type: SortValueType | None = None
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    """A Query* request: filter, sort, page size and at most one cursor."""
+
+    filter_conditions: JSONDict | None = None
+    sort: tuple[SortInput, ...] = ()
+    limit: int = 25
+    next: str = ""
+    prev: str = ""
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class Page(Generic[T]):
+    items: list[T]
+    next: str = ""
+    prev: str = ""

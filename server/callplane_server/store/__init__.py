@@ -1,0 +1,2 @@
+"""The store: SQLAlchemy models, repositories and the query compiler. The only package with SQL and the
+only one that knows which database is in use."""
