@@ -37,7 +37,9 @@ class InvalidArgument(CallplaneError):
     default_reason = "INVALID_ARGUMENT"
 
     @classmethod
-    def for_field(cls, field_path: str, description: str, *, reason: str = "INVALID_ARGUMENT") -> InvalidArgument:
+    def for_field(
+        cls, field_path: str, description: str, *, reason: str = "INVALID_ARGUMENT"
+    ) -> InvalidArgument:
         return cls(
             f"{field_path}: {description}",
             reason=reason,

@@ -1,0 +1,150 @@
+"""Proto ↔ domain conversion. Struct ↔ dict, Timestamp ↔ aware datetime, CallSettings ↔ dict."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
+
+from callplane.v1 import call_pb2, call_type_pb2, query_pb2, user_pb2
+from callplane_server.domain.records import (
+    CallTypeRecord,
+    MemberRecord,
+    PageRequest,
+    SortInput,
+    UserRecord,
+)
+from callplane_server.domain.validation import DEFAULT_PAGE_LIMIT
+from callplane_server.services.calls import CallView, MemberInput
+
+_DIRECTIONS = {
+    query_pb2.SORT_DIRECTION_UNSPECIFIED: "asc",
+    query_pb2.SORT_DIRECTION_ASC: "asc",
+    query_pb2.SORT_DIRECTION_DESC: "desc",
+}
+_SORT_TYPES = {
+    query_pb2.SORT_TYPE_UNSPECIFIED: None,
+    query_pb2.SORT_TYPE_STRING: "string",
+    query_pb2.SORT_TYPE_NUMBER: "number",
+    query_pb2.SORT_TYPE_BOOLEAN: "boolean",
+}
+
+
+def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(value)
+
+
+def optional_struct(message: Message, field: str) -> dict[str, Any] | None:
+    return struct_to_dict(getattr(message, field)) if message.HasField(field) else None
+
+
+def dict_to_struct(value: dict[str, Any] | None, target: struct_pb2.Struct) -> None:
+    target.Clear()
+    if value:
+        target.update(value)
+
+
+def timestamp_to_datetime(message: Message, field: str) -> datetime | None:
+    if not message.HasField(field):
+        return None
+    stamp: timestamp_pb2.Timestamp = getattr(message, field)
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def set_timestamp(target: timestamp_pb2.Timestamp, value: datetime | None) -> None:
+    if value is not None:
+        target.FromDatetime(value)
+
+
+def settings_to_dict(settings: call_type_pb2.CallSettings) -> dict[str, Any]:
+    return json_format.MessageToDict(settings, preserving_proto_field_name=True)
+
+
+def dict_to_settings(value: dict[str, Any], target: call_type_pb2.CallSettings) -> None:
+    json_format.ParseDict(value, target, ignore_unknown_fields=True)
+
+
+def grants_to_dict(grants: Any) -> dict[str, list[str]]:
+    return {role: list(capabilities.capabilities) for role, capabilities in grants.items()}
+
+
+def page_request(request: Message) -> PageRequest:
+    sort = tuple(
+        SortInput(
+            field=param.field,
+            direction=_DIRECTIONS.get(param.direction, "asc"),
+            type=_SORT_TYPES.get(param.type),
+        )
+        for param in request.sort  # type: ignore[attr-defined]
+    )
+    return PageRequest(
+        filter_conditions=optional_struct(request, "filter_conditions"),
+        sort=sort,
+        limit=request.limit or DEFAULT_PAGE_LIMIT,  # type: ignore[attr-defined]
+        next=request.next,  # type: ignore[attr-defined]
+        prev=request.prev,  # type: ignore[attr-defined]
+    )
+
+
+def member_inputs(members: Iterable[call_pb2.MemberRequest]) -> list[MemberInput]:
+    return [MemberInput(m.user_id, m.role, optional_struct(m, "custom")) for m in members]
+
+
+def call_type_message(record: CallTypeRecord) -> call_type_pb2.CallType:
+    message = call_type_pb2.CallType(name=record.name)
+    dict_to_settings(record.settings, message.settings)
+    for role, capabilities in record.grants.items():
+        message.grants[role].capabilities.extend(capabilities)
+    set_timestamp(message.created_at, record.created_at)
+    set_timestamp(message.updated_at, record.updated_at)
+    return message
+
+
+def user_message(record: UserRecord) -> user_pb2.User:
+    message = user_pb2.User(
+        id=record.id, name=record.name, image=record.image, role=record.role, teams=record.teams
+    )
+    dict_to_struct(record.custom, message.custom)
+    set_timestamp(message.created_at, record.created_at)
+    set_timestamp(message.updated_at, record.updated_at)
+    return message
+
+
+def member_message(record: MemberRecord) -> call_pb2.Member:
+    message = call_pb2.Member(user_id=record.user_id, role=record.role)
+    if record.user is not None:
+        message.user.CopyFrom(user_message(record.user))
+    dict_to_struct(record.custom, message.custom)
+    set_timestamp(message.created_at, record.created_at)
+    set_timestamp(message.updated_at, record.updated_at)
+    return message
+
+
+def call_message(view: CallView) -> call_pb2.Call:
+    call = view.call
+    message = call_pb2.Call(
+        cid=call.cid,
+        type=call.type,
+        id=call.id,
+        created_by_user_id=call.created_by_user_id or "",
+        team=call.team or "",
+        backstage=call.backstage,
+        ongoing=call.ongoing,
+        member_count=call.member_count,
+        etag=call.etag,
+    )
+    dict_to_struct(call.custom, message.custom)
+    dict_to_settings(view.settings, message.settings)
+    dict_to_settings(call.settings_override, message.settings_override)
+    set_timestamp(message.created_at, call.created_at)
+    set_timestamp(message.updated_at, call.updated_at)
+    set_timestamp(message.starts_at, call.starts_at)
+    set_timestamp(message.ended_at, call.ended_at)
+    return message
+
+
+def call_state(view: CallView) -> call_pb2.CallState:
+    return call_pb2.CallState(call=call_message(view), members=[member_message(m) for m in view.members])

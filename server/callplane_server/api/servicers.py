@@ -1,0 +1,164 @@
+"""Thin servicers: request proto → service call → response proto. Rules live in the services."""
+
+from __future__ import annotations
+
+import grpc
+
+from callplane.v1 import (
+    call_service_pb2,
+    call_service_pb2_grpc,
+    call_type_service_pb2,
+    call_type_service_pb2_grpc,
+    user_pb2,
+    user_pb2_grpc,
+)
+from callplane_server.api.convert import (
+    call_message,
+    call_state,
+    call_type_message,
+    grants_to_dict,
+    member_inputs,
+    member_message,
+    optional_struct,
+    page_request,
+    settings_to_dict,
+    struct_to_dict,
+    timestamp_to_datetime,
+    user_message,
+)
+from callplane_server.services.call_types import CallTypeService
+from callplane_server.services.calls import CallData, CallService, CallUpdate
+from callplane_server.services.users import UserInput, UserPatch, UserService
+
+Context = grpc.aio.ServicerContext
+
+
+class CallTypeServicer(call_type_service_pb2_grpc.CallTypeServiceServicer):
+    def __init__(self, service: CallTypeService) -> None:
+        self._service = service
+
+    async def CreateCallType(self, request, context: Context):
+        record = await self._service.create(
+            request.name, settings_to_dict(request.settings), grants_to_dict(request.grants)
+        )
+        return call_type_service_pb2.CreateCallTypeResponse(call_type=call_type_message(record))
+
+    async def GetCallType(self, request, context: Context):
+        record = await self._service.get(request.name)
+        return call_type_service_pb2.GetCallTypeResponse(call_type=call_type_message(record))
+
+    async def ListCallTypes(self, request, context: Context):
+        records = await self._service.list()
+        return call_type_service_pb2.ListCallTypesResponse(call_types=[call_type_message(r) for r in records])
+
+    async def UpdateCallType(self, request, context: Context):
+        record = await self._service.update(
+            request.name, settings_to_dict(request.settings), grants_to_dict(request.grants)
+        )
+        return call_type_service_pb2.UpdateCallTypeResponse(call_type=call_type_message(record))
+
+    async def DeleteCallType(self, request, context: Context):
+        await self._service.delete(request.name)
+        return call_type_service_pb2.DeleteCallTypeResponse()
+
+
+class UserServicer(user_pb2_grpc.UserServiceServicer):
+    def __init__(self, service: UserService) -> None:
+        self._service = service
+
+    async def UpsertUsers(self, request, context: Context):
+        users = [
+            UserInput(u.id, u.name, u.image, u.role, list(u.teams), struct_to_dict(u.custom))
+            for u in request.users
+        ]
+        records = await self._service.upsert(users)
+        return user_pb2.UpsertUsersResponse(users=[user_message(r) for r in records])
+
+    async def UpdateUsersPartial(self, request, context: Context):
+        patches = [UserPatch(u.id, struct_to_dict(u.set), list(u.unset)) for u in request.users]
+        records = await self._service.update_partial(patches)
+        return user_pb2.UpdateUsersPartialResponse(users=[user_message(r) for r in records])
+
+    async def QueryUsers(self, request, context: Context):
+        page = await self._service.query(page_request(request))
+        return user_pb2.QueryUsersResponse(
+            users=[user_message(r) for r in page.items], next=page.next, prev=page.prev
+        )
+
+    async def DeleteUsers(self, request, context: Context):
+        deleted = await self._service.delete(list(request.user_ids))
+        return user_pb2.DeleteUsersResponse(deleted_user_ids=deleted)
+
+
+class CallServicer(call_service_pb2_grpc.CallServiceServicer):
+    def __init__(self, service: CallService) -> None:
+        self._service = service
+
+    async def GetOrCreateCall(self, request, context: Context):
+        data = request.data
+        view = await self._service.get_or_create(
+            request.type,
+            request.id,
+            CallData(
+                created_by_id=data.created_by_id,
+                members=member_inputs(data.members),
+                custom=struct_to_dict(data.custom),
+                settings_override=settings_to_dict(data.settings_override),
+                starts_at=timestamp_to_datetime(data, "starts_at"),
+                team=data.team,
+            ),
+            request.members_limit,
+        )
+        return call_service_pb2.GetOrCreateCallResponse(
+            call=call_message(view), members=[member_message(m) for m in view.members], created=view.created
+        )
+
+    async def GetCall(self, request, context: Context):
+        view = await self._service.get(request.type, request.id, request.members_limit)
+        return call_service_pb2.GetCallResponse(
+            call=call_message(view), members=[member_message(m) for m in view.members]
+        )
+
+    async def UpdateCall(self, request, context: Context):
+        change = CallUpdate(
+            custom=optional_struct(request, "custom"),
+            set_custom=struct_to_dict(request.set_custom),
+            unset_custom=list(request.unset_custom),
+            settings_override=settings_to_dict(request.settings_override)
+            if request.HasField("settings_override")
+            else None,
+            starts_at=timestamp_to_datetime(request, "starts_at"),
+            etag=request.etag,
+        )
+        view = await self._service.update(request.type, request.id, change, request.members_limit)
+        return call_service_pb2.UpdateCallResponse(
+            call=call_message(view), members=[member_message(m) for m in view.members]
+        )
+
+    async def EndCall(self, request, context: Context):
+        view = await self._service.end(request.type, request.id)
+        return call_service_pb2.EndCallResponse(call=call_message(view))
+
+    async def DeleteCall(self, request, context: Context):
+        view = await self._service.delete(request.type, request.id, hard=request.hard)
+        return call_service_pb2.DeleteCallResponse(call=call_message(view))
+
+    async def QueryCalls(self, request, context: Context):
+        page = await self._service.query(page_request(request), request.members_limit)
+        return call_service_pb2.QueryCallsResponse(
+            calls=[call_state(view) for view in page.items], next=page.next, prev=page.prev
+        )
+
+    async def UpdateCallMembers(self, request, context: Context):
+        change = await self._service.update_members(
+            request.type, request.id, member_inputs(request.update_members), list(request.remove_members)
+        )
+        return call_service_pb2.UpdateCallMembersResponse(
+            members=[member_message(m) for m in change.members], removed_user_ids=change.removed_user_ids
+        )
+
+    async def QueryMembers(self, request, context: Context):
+        page = await self._service.query_members(request.type, request.id, page_request(request))
+        return call_service_pb2.QueryMembersResponse(
+            members=[member_message(m) for m in page.items], next=page.next, prev=page.prev
+        )

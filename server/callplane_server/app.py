@@ -1,0 +1,110 @@
+"""Assembles the server: store, services, servicers, health, reflection; starts and drains it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from callplane.v1 import (
+    call_service_pb2,
+    call_service_pb2_grpc,
+    call_type_service_pb2,
+    call_type_service_pb2_grpc,
+    user_pb2,
+    user_pb2_grpc,
+)
+from callplane_server.api.errors import ErrorAndLoggingInterceptor
+from callplane_server.api.servicers import CallServicer, CallTypeServicer, UserServicer
+from callplane_server.config import Config
+from callplane_server.services.call_types import CallTypeService
+from callplane_server.services.calls import CallService
+from callplane_server.services.clock import Clock, system_clock
+from callplane_server.services.users import UserService
+from callplane_server.store import Store
+
+log = logging.getLogger("callplane")
+
+SERVICE_NAMES = (
+    call_type_service_pb2.DESCRIPTOR.services_by_name["CallTypeService"].full_name,
+    user_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
+    call_service_pb2.DESCRIPTOR.services_by_name["CallService"].full_name,
+)
+
+
+class CallplaneServer:
+    """One server process. `start()` binds and returns the port (use port 0 in tests)."""
+
+    def __init__(self, config: Config, *, clock: Clock = system_clock) -> None:
+        self.config = config
+        self.clock = clock
+        self.store: Store | None = None
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._health = HealthServicer()
+
+    async def start(self) -> int:
+        self.store = await Store.open(self.config.resolved_database_url)
+        limits = self.config.limits
+        # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
+        server = grpc.aio.server(
+            interceptors=[ErrorAndLoggingInterceptor()], options=[("grpc.so_reuseport", 0)]
+        )
+        call_type_service_pb2_grpc.add_CallTypeServiceServicer_to_server(
+            CallTypeServicer(CallTypeService(self.store, self.clock)), server
+        )
+        user_pb2_grpc.add_UserServiceServicer_to_server(
+            UserServicer(UserService(self.store, self.clock, limits)), server
+        )
+        call_service_pb2_grpc.add_CallServiceServicer_to_server(
+            CallServicer(CallService(self.store, self.clock, limits)), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        if self.config.reflection:
+            reflection.enable_server_reflection(
+                (
+                    *SERVICE_NAMES,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ),
+                server,
+            )
+        self.port = server.add_insecure_port(self.config.listen)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.config.listen}")
+        await server.start()
+        self._server = server
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("callplane serving on port %d (%s)", self.port, self.store.database.dialect)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: health says NOT_SERVING first so balancers stop routing, then in-flight RPCs drain."""
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.config.shutdown_grace_seconds if grace is None else grace)
+        if self.store is not None:
+            await self.store.close()
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(config: Config) -> None:
+    server = CallplaneServer(config)
+    await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info("shutting down: draining for up to %.0fs", config.shutdown_grace_seconds)
+    await server.stop()
+    log.info("stopped")

@@ -1,0 +1,87 @@
+"""Server configuration from flags and CALLPLANE_* environment variables (flags win)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from callplane_server.services.limits import Limits
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = "127.0.0.1:50051"
+    data_dir: Path = Path("data")
+    # Empty: an embedded SQLite database in data_dir.
+    database_url: str = ""
+    reflection: bool = True
+    shutdown_grace_seconds: float = 10.0
+    log_level: str = "INFO"
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'callplane.db').resolve()}"
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", help="host:port to serve on (CALLPLANE_LISTEN; default 127.0.0.1:50051)")
+    parser.add_argument(
+        "--data-dir", help="folder for the embedded SQLite database (CALLPLANE_DATA_DIR; default data)"
+    )
+    parser.add_argument(
+        "--database-url",
+        help="sqlite:///path or postgresql://user@host/db (CALLPLANE_DATABASE_URL; default: data dir)",
+    )
+    parser.add_argument(
+        "--no-reflection", action="store_true", help="disable gRPC reflection (CALLPLANE_REFLECTION=0)"
+    )
+    parser.add_argument("--shutdown-grace", type=float, help="seconds to drain on SIGTERM (default 10)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (CALLPLANE_LOG_LEVEL; default INFO)")
+    for name, default in (
+        ("max-call-custom-bytes", Limits.max_call_custom_bytes),
+        ("max-member-custom-bytes", Limits.max_member_custom_bytes),
+        ("max-user-custom-bytes", Limits.max_user_custom_bytes),
+    ):
+        parser.add_argument(
+            f"--{name}", type=int, help=f"(CALLPLANE_{name.upper().replace('-', '_')}; default {default})"
+        )
+
+
+def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if environ is None else environ
+
+    def pick(flag: str, variable: str) -> str | None:
+        value = getattr(args, flag, None) if args is not None else None
+        if value is not None:
+            return str(value)
+        return env.get(variable)
+
+    defaults = Config()
+    limits = Limits(
+        **{
+            name: int(pick(name, f"CALLPLANE_{name.upper()}") or getattr(defaults.limits, name))
+            for name in ("max_call_custom_bytes", "max_member_custom_bytes", "max_user_custom_bytes")
+        }
+    )
+    reflection = defaults.reflection
+    if env.get("CALLPLANE_REFLECTION") is not None:
+        reflection = _bool(env["CALLPLANE_REFLECTION"])
+    if args is not None and getattr(args, "no_reflection", False):
+        reflection = False
+    return Config(
+        listen=pick("listen", "CALLPLANE_LISTEN") or defaults.listen,
+        data_dir=Path(pick("data_dir", "CALLPLANE_DATA_DIR") or defaults.data_dir),
+        database_url=pick("database_url", "CALLPLANE_DATABASE_URL") or "",
+        reflection=reflection,
+        shutdown_grace_seconds=float(pick("shutdown_grace", "CALLPLANE_SHUTDOWN_GRACE_SECONDS") or 10.0),
+        log_level=(pick("log_level", "CALLPLANE_LOG_LEVEL") or defaults.log_level).upper(),
+        limits=limits,
+    )

@@ -1,0 +1,53 @@
+"""Input rules shared by the services: identifiers, sizes and list bounds."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from callplane_server.errors import ViolationCollector
+
+CALL_TYPE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
+CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+USER_ID = re.compile(r"[A-Za-z0-9@_.-]{1,128}")
+ROLE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
+TEAM_NAME = re.compile(r"[A-Za-z0-9@_.:-]{1,64}")
+
+MAX_BATCH = 100
+MAX_MEMBERS_LIMIT = 100
+DEFAULT_MEMBERS_LIMIT = 25
+DEFAULT_PAGE_LIMIT = 25
+
+
+def check_pattern(
+    value: str, pattern: re.Pattern[str], field: str, what: str, problems: ViolationCollector
+) -> None:
+    if not value:
+        problems.add(field, "is required")
+    elif not pattern.fullmatch(value):
+        problems.add(field, f"{value!r} is not a valid {what}")
+
+
+def check_call_key(call_type: str, call_id: str, problems: ViolationCollector) -> None:
+    check_pattern(call_type, CALL_TYPE_NAME, "type", "call type (1..64 of a-z 0-9 _ -)", problems)
+    check_pattern(call_id, CALL_ID, "id", "call id (1..64 of A-Z a-z 0-9 _ -)", problems)
+
+
+def custom_size(custom: dict[str, Any]) -> int:
+    """Bytes of the compact JSON encoding: what is stored and what the limit is about."""
+    return len(json.dumps(custom, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def check_custom_size(custom: dict[str, Any], limit: int, field: str, problems: ViolationCollector) -> None:
+    size = custom_size(custom)
+    if size > limit:
+        problems.add(field, f"custom data is {size} bytes; the limit is {limit}")
+
+
+def resolve_limit(value: int, field: str, problems: ViolationCollector, *, default: int, maximum: int) -> int:
+    if value == 0:
+        return default
+    if value < 0 or value > maximum:
+        problems.add(field, f"must be between 0 and {maximum}")
+    return value

@@ -1,0 +1,428 @@
+"""Call and member rules: get-or-create, updates with etags, ending, deletion, members and queries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from callplane_server.domain.call_types import merge_settings, validate_settings
+from callplane_server.domain.custom_data import apply_set, apply_unset, split_path
+from callplane_server.domain.records import CallRecord, MemberRecord, Page, PageRequest
+from callplane_server.domain.validation import (
+    DEFAULT_MEMBERS_LIMIT,
+    MAX_BATCH,
+    MAX_MEMBERS_LIMIT,
+    ROLE_NAME,
+    TEAM_NAME,
+    USER_ID,
+    check_call_key,
+    check_custom_size,
+    resolve_limit,
+)
+from callplane_server.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ViolationCollector,
+)
+from callplane_server.services.call_types import call_type_not_found
+from callplane_server.services.clock import Clock
+from callplane_server.services.limits import Limits
+from callplane_server.store import Store, Transaction
+
+
+@dataclass
+class MemberInput:
+    user_id: str
+    role: str = ""
+    # None keeps the member's current custom data (or {} for a new member).
+    custom: dict[str, Any] | None = None
+
+
+@dataclass
+class CallData:
+    created_by_id: str = ""
+    members: list[MemberInput] = field(default_factory=list)
+    custom: dict[str, Any] = field(default_factory=dict)
+    settings_override: dict[str, Any] = field(default_factory=dict)
+    starts_at: datetime | None = None
+    team: str = ""
+
+
+@dataclass
+class CallUpdate:
+    custom: dict[str, Any] | None = None
+    set_custom: dict[str, Any] = field(default_factory=dict)
+    unset_custom: list[str] = field(default_factory=list)
+    settings_override: dict[str, Any] | None = None
+    starts_at: datetime | None = None
+    etag: str = ""
+
+
+@dataclass
+class CallView:
+    """A call as clients see it: with effective settings and its first members."""
+
+    call: CallRecord
+    settings: dict[str, Any]
+    members: list[MemberRecord]
+    created: bool = False
+
+
+@dataclass
+class MembersChange:
+    members: list[MemberRecord]
+    removed_user_ids: list[str]
+
+
+def call_not_found(cid: str) -> NotFound:
+    return NotFound(f"call {cid!r} does not exist", reason="CALL_NOT_FOUND", metadata={"cid": cid})
+
+
+def _unknown_users(unknown: dict[str, str]) -> InvalidArgument:
+    """`unknown` maps request field path → user id."""
+    problems = ViolationCollector()
+    for path, user_id in unknown.items():
+        problems.add(path, f"user {user_id!r} does not exist")
+    ids = ",".join(dict.fromkeys(unknown.values()))
+    return InvalidArgument(
+        f"unknown user(s): {ids.replace(',', ', ')}",
+        reason="UNKNOWN_USERS",
+        metadata={"user_ids": ids},
+        field_violations=problems.violations,
+    )
+
+
+class CallService:
+    def __init__(self, store: Store, clock: Clock, limits: Limits) -> None:
+        self._store = store
+        self._clock = clock
+        self._limits = limits
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    async def _view(
+        self, tx: Transaction, call: CallRecord, members_limit: int, *, created: bool = False
+    ) -> CallView:
+        call_type = await tx.call_types.get(call.type)
+        if call_type is None:  # pragma: no cover - a foreign key keeps this from happening
+            raise call_type_not_found(call.type)
+        members = (await tx.members.first([call.cid], members_limit))[call.cid]
+        return CallView(call, merge_settings(call_type.settings, call.settings_override), members, created)
+
+    @staticmethod
+    async def _live_call(tx: Transaction, cid: str, *, for_update: bool = False) -> CallRecord:
+        call = await tx.calls.get(cid, for_update=for_update)
+        if call is None or call.deleted_at is not None:
+            raise call_not_found(cid)
+        return call
+
+    def _check_members(self, members: list[MemberInput], prefix: str, problems: ViolationCollector) -> None:
+        if len(members) > MAX_BATCH:
+            problems.add(prefix, f"at most {MAX_BATCH} members per request, got {len(members)}")
+        seen: set[str] = set()
+        for index, member in enumerate(members):
+            path = f"{prefix}[{index}]"
+            if not USER_ID.fullmatch(member.user_id or ""):
+                problems.add(f"{path}.user_id", f"{member.user_id!r} is not a valid user id")
+            if member.user_id in seen:
+                problems.add(f"{path}.user_id", f"duplicate user id {member.user_id!r}")
+            seen.add(member.user_id)
+            if member.role and not ROLE_NAME.fullmatch(member.role):
+                problems.add(f"{path}.role", f"{member.role!r} is not a valid role")
+            if member.custom is not None:
+                check_custom_size(
+                    member.custom, self._limits.max_member_custom_bytes, f"{path}.custom", problems
+                )
+
+    async def _require_users(self, tx: Transaction, wanted: dict[str, str]) -> None:
+        existing = await tx.users.existing_ids(wanted.values())
+        unknown = {path: user_id for path, user_id in wanted.items() if user_id not in existing}
+        if unknown:
+            raise _unknown_users(unknown)
+
+    async def _upsert_members(
+        self, tx: Transaction, cid: str, members: list[MemberInput], now: datetime
+    ) -> list[MemberRecord]:
+        current = await tx.members.get_many(cid, [m.user_id for m in members])
+        records = []
+        for member in members:
+            before = current.get(member.user_id)
+            records.append(
+                MemberRecord(
+                    call_cid=cid,
+                    user_id=member.user_id,
+                    role=member.role or (before.role if before else "user"),
+                    custom=member.custom if member.custom is not None else (before.custom if before else {}),
+                    created_at=before.created_at if before else now,
+                    updated_at=now,
+                )
+            )
+        await tx.members.upsert(records)
+        return records
+
+    # -- RPCs -------------------------------------------------------------------------------------
+
+    async def get_or_create(
+        self, call_type: str, call_id: str, data: CallData, members_limit: int
+    ) -> CallView:
+        problems = ViolationCollector()
+        check_call_key(call_type, call_id, problems)
+        limit = resolve_limit(
+            members_limit, "members_limit", problems, default=DEFAULT_MEMBERS_LIMIT, maximum=MAX_MEMBERS_LIMIT
+        )
+        if data.created_by_id and not USER_ID.fullmatch(data.created_by_id):
+            problems.add("data.created_by_id", f"{data.created_by_id!r} is not a valid user id")
+        if data.team and not TEAM_NAME.fullmatch(data.team):
+            problems.add("data.team", f"{data.team!r} is not a valid team")
+        self._check_members(data.members, "data.members", problems)
+        check_custom_size(data.custom, self._limits.max_call_custom_bytes, "data.custom", problems)
+        validate_settings(data.settings_override, "data.settings_override", problems)
+        problems.raise_if_any()
+        cid = f"{call_type}:{call_id}"
+
+        async def work(tx: Transaction) -> CallView:
+            existing = await tx.calls.get(cid)
+            if existing is not None:
+                if existing.deleted_at is not None:
+                    raise FailedPrecondition(
+                        f"call {cid!r} was deleted; its id cannot be reused until it is hard-deleted",
+                        reason="CALL_DELETED",
+                        metadata={"cid": cid},
+                    )
+                return await self._view(tx, existing, limit)
+            type_record = await tx.call_types.get(call_type)
+            if type_record is None:
+                raise call_type_not_found(call_type)
+            wanted = {f"data.members[{i}].user_id": m.user_id for i, m in enumerate(data.members)}
+            if data.created_by_id:
+                wanted["data.created_by_id"] = data.created_by_id
+            await self._require_users(tx, wanted)
+            now = self._clock()
+            effective = merge_settings(type_record.settings, data.settings_override)
+            call = CallRecord(
+                type=call_type,
+                id=call_id,
+                created_by_user_id=data.created_by_id or None,
+                team=data.team or None,
+                custom=data.custom,
+                settings_override=data.settings_override,
+                backstage=bool(effective.get("backstage", {}).get("enabled")),
+                ongoing=False,
+                member_count=len(data.members),
+                version=1,
+                last_seq=0,
+                created_at=now,
+                updated_at=now,
+                starts_at=data.starts_at,
+            )
+            await tx.calls.insert(call)
+            await self._upsert_members(tx, cid, data.members, now)
+            return await self._view(tx, call, limit, created=True)
+
+        return await self._store.write(work)
+
+    async def get(self, call_type: str, call_id: str, members_limit: int) -> CallView:
+        problems = ViolationCollector()
+        check_call_key(call_type, call_id, problems)
+        limit = resolve_limit(
+            members_limit, "members_limit", problems, default=DEFAULT_MEMBERS_LIMIT, maximum=MAX_MEMBERS_LIMIT
+        )
+        problems.raise_if_any()
+        cid = f"{call_type}:{call_id}"
+
+        async def work(tx: Transaction) -> CallView:
+            return await self._view(tx, await self._live_call(tx, cid), limit)
+
+        return await self._store.read(work)
+
+    async def update(self, call_type: str, call_id: str, change: CallUpdate, members_limit: int) -> CallView:
+        problems = ViolationCollector()
+        check_call_key(call_type, call_id, problems)
+        limit = resolve_limit(
+            members_limit, "members_limit", problems, default=DEFAULT_MEMBERS_LIMIT, maximum=MAX_MEMBERS_LIMIT
+        )
+        if change.custom is not None and (change.set_custom or change.unset_custom):
+            problems.add(
+                "custom", "give either custom (replace) or set_custom/unset_custom (partial), not both"
+            )
+        set_paths = {path: split_path(path, f"set_custom.{path}", problems) for path in change.set_custom}
+        unset_paths = [
+            split_path(path, f"unset_custom[{i}]", problems) for i, path in enumerate(change.unset_custom)
+        ]
+        for index, path in enumerate(change.unset_custom):
+            if path in change.set_custom:
+                problems.add(f"unset_custom[{index}]", f"{path!r} is both set and unset")
+        if change.custom is not None:
+            check_custom_size(change.custom, self._limits.max_call_custom_bytes, "custom", problems)
+        if change.settings_override is not None:
+            validate_settings(change.settings_override, "settings_override", problems)
+        problems.raise_if_any()
+        cid = f"{call_type}:{call_id}"
+
+        async def work(tx: Transaction) -> CallView:
+            call = await self._live_call(tx, cid, for_update=True)
+            if change.etag and change.etag != call.etag:
+                raise Aborted(
+                    f"call {cid!r} changed since etag {change.etag!r} (now {call.etag!r}); re-read and retry",
+                    reason="ETAG_MISMATCH",
+                    metadata={"cid": cid, "etag": change.etag, "current_etag": call.etag},
+                )
+            custom = call.custom
+            if change.custom is not None:
+                custom = change.custom
+            for path, segments in set_paths.items():
+                if segments:
+                    custom = apply_set(custom, segments, change.set_custom[path])
+            for segments in unset_paths:
+                if segments:
+                    custom = apply_unset(custom, segments)
+            size_problems = ViolationCollector()
+            check_custom_size(custom, self._limits.max_call_custom_bytes, "set_custom", size_problems)
+            size_problems.raise_if_any()
+            override = call.settings_override
+            if change.settings_override:
+                override = merge_settings(call.settings_override, change.settings_override)
+            changed = (
+                custom != call.custom
+                or override != call.settings_override
+                or (change.starts_at is not None and change.starts_at != call.starts_at)
+            )
+            if changed:
+                call.custom = custom
+                if override != call.settings_override:
+                    call.settings_override = override
+                    type_record = await tx.call_types.get(call.type)
+                    effective = merge_settings(type_record.settings if type_record else {}, override)
+                    call.backstage = bool(effective.get("backstage", {}).get("enabled"))
+                if change.starts_at is not None:
+                    call.starts_at = change.starts_at
+                call.version += 1
+                call.updated_at = self._clock()
+                await tx.calls.save(call)
+            return await self._view(tx, call, limit)
+
+        return await self._store.write(work)
+
+    async def end(self, call_type: str, call_id: str) -> CallView:
+        problems = ViolationCollector()
+        check_call_key(call_type, call_id, problems)
+        problems.raise_if_any()
+        cid = f"{call_type}:{call_id}"
+
+        async def work(tx: Transaction) -> CallView:
+            call = await self._live_call(tx, cid, for_update=True)
+            if call.ended_at is not None:
+                raise FailedPrecondition(
+                    f"call {cid!r} already ended", reason="CALL_ENDED", metadata={"cid": cid}
+                )
+            now = self._clock()
+            call.ended_at = now
+            call.ongoing = False
+            call.updated_at = now
+            call.version += 1
+            await tx.calls.save(call)
+            return await self._view(tx, call, 0)
+
+        return await self._store.write(work)
+
+    async def delete(self, call_type: str, call_id: str, *, hard: bool) -> CallView:
+        problems = ViolationCollector()
+        check_call_key(call_type, call_id, problems)
+        problems.raise_if_any()
+        cid = f"{call_type}:{call_id}"
+
+        async def work(tx: Transaction) -> CallView:
+            call = await tx.calls.get(cid, for_update=True)
+            if call is None or (call.deleted_at is not None and not hard):
+                raise call_not_found(cid)
+            view = await self._view(tx, call, 0)
+            if hard:
+                await tx.calls.hard_delete(cid)
+                return view
+            now = self._clock()
+            call.deleted_at = now
+            call.ended_at = call.ended_at or now
+            call.ongoing = False
+            call.updated_at = now
+            call.version += 1
+            await tx.calls.save(call)
+            view.call = call
+            return view
+
+        return await self._store.write(work)
+
+    async def query(self, page: PageRequest, members_limit: int) -> Page[CallView]:
+        problems = ViolationCollector()
+        limit = resolve_limit(
+            members_limit, "members_limit", problems, default=DEFAULT_MEMBERS_LIMIT, maximum=MAX_MEMBERS_LIMIT
+        )
+        problems.raise_if_any()
+
+        async def work(tx: Transaction) -> Page[CallView]:
+            calls = await tx.calls.query(page)
+            cids = [call.cid for call in calls.items]
+            members = await tx.members.first(cids, limit)
+            types = {record.name: record for record in await tx.call_types.list()}
+            views = [
+                CallView(
+                    call,
+                    merge_settings(
+                        types[call.type].settings if call.type in types else {}, call.settings_override
+                    ),
+                    members[call.cid],
+                )
+                for call in calls.items
+            ]
+            return Page(views, calls.next, calls.prev)
+
+        return await self._store.read(work)
+
+    async def update_members(
+        self, call_type: str, call_id: str, update_members: list[MemberInput], remove_members: list[str]
+    ) -> MembersChange:
+        problems = ViolationCollector()
+        check_call_key(call_type, call_id, problems)
+        self._check_members(update_members, "update_members", problems)
+        if len(remove_members) > MAX_BATCH:
+            problems.add("remove_members", f"at most {MAX_BATCH} per request, got {len(remove_members)}")
+        updating = {m.user_id for m in update_members}
+        for index, user_id in enumerate(remove_members):
+            if not USER_ID.fullmatch(user_id or ""):
+                problems.add(f"remove_members[{index}]", f"{user_id!r} is not a valid user id")
+            elif user_id in updating:
+                problems.add(f"remove_members[{index}]", f"{user_id!r} is both updated and removed")
+        if not update_members and not remove_members:
+            problems.add("update_members", "nothing to do: give update_members and/or remove_members")
+        problems.raise_if_any()
+        cid = f"{call_type}:{call_id}"
+
+        async def work(tx: Transaction) -> MembersChange:
+            await self._live_call(tx, cid, for_update=True)
+            await self._require_users(
+                tx, {f"update_members[{i}].user_id": m.user_id for i, m in enumerate(update_members)}
+            )
+            now = self._clock()
+            records = await self._upsert_members(tx, cid, update_members, now)
+            removed = await tx.members.remove(cid, list(dict.fromkeys(remove_members)))
+            await tx.calls.refresh_member_counts([cid])
+            users = await tx.users.get_many(r.user_id for r in records)
+            for record in records:
+                record.user = users.get(record.user_id)
+            return MembersChange(records, removed)
+
+        return await self._store.write(work)
+
+    async def query_members(self, call_type: str, call_id: str, page: PageRequest) -> Page[MemberRecord]:
+        problems = ViolationCollector()
+        check_call_key(call_type, call_id, problems)
+        problems.raise_if_any()
+        cid = f"{call_type}:{call_id}"
+
+        async def work(tx: Transaction) -> Page[MemberRecord]:
+            await self._live_call(tx, cid)
+            return await tx.members.query(cid, page)
+
+        return await self._store.read(work)

@@ -1,0 +1,153 @@
+"""Engines, per-connection settings, transactions and migrations for SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import event, exc
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from callplane_server.errors import CallplaneError, Unavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# SQLSTATEs worth retrying the whole transaction for: serialization failure, deadlock, unique violation
+# (a concurrent insert of the same key: the retry re-reads and sees the winner's row).
+_RETRYABLE_SQLSTATES = {"40001", "40P01", "23505"}
+_SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def normalize_url(url: str) -> URL:
+    """Accept the usual `sqlite:///path` / `postgresql://` spellings and pick the async drivers."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            raise ValueError("SQLite needs a file path: sqlite:///path/to/callplane.db")
+        return parsed.set(drivername="sqlite+aiosqlite")
+    if backend in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+asyncpg")
+    raise ValueError(
+        f"unsupported database URL scheme {parsed.drivername!r}: use sqlite:/// or postgresql://"
+    )
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    orig = getattr(error, "orig", None)
+    for candidate in (orig, getattr(orig, "__cause__", None)):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if code:
+            return str(code)
+    return None
+
+
+def _is_retryable(error: BaseException) -> bool:
+    if isinstance(error, exc.DBAPIError):
+        if _sqlstate(error) in _RETRYABLE_SQLSTATES:
+            return True
+        # SQLite reports a lost concurrent insert as IntegrityError without SQLSTATE.
+        if isinstance(error, exc.IntegrityError) and "UNIQUE constraint failed" in str(error.orig):
+            return True
+    return False
+
+
+def _is_unavailable(error: BaseException) -> bool:
+    if isinstance(error, (ConnectionError, OSError, TimeoutError)):
+        return True
+    if isinstance(error, exc.DBAPIError):
+        if error.connection_invalidated or isinstance(error, (exc.InterfaceError, exc.OperationalError)):
+            return True
+        state = _sqlstate(error) or ""
+        return state.startswith("08") or state in {"57P01", "57P02", "57P03", "53300"}
+    return isinstance(error, exc.TimeoutError)
+
+
+class Database:
+    """Owns the engines. SQLite gets a single writer connection (writes are serialized anyway; one
+    connection avoids lock contention) with BEGIN IMMEDIATE, and a pool of readers with plain BEGIN."""
+
+    def __init__(self, url: str, *, echo: bool = False, pool_size: int = 10) -> None:
+        self.url = normalize_url(url)
+        self.dialect = self.url.get_backend_name()
+        if self.dialect == "sqlite":
+            Path(self.url.database or "").parent.mkdir(parents=True, exist_ok=True)
+            self.write_engine = create_async_engine(self.url, echo=echo, pool_size=1, max_overflow=0)
+            self.read_engine = create_async_engine(self.url, echo=echo, pool_size=pool_size, max_overflow=0)
+            self._configure_sqlite(self.write_engine, begin="BEGIN IMMEDIATE")
+            self._configure_sqlite(self.read_engine, begin="BEGIN")
+        else:
+            self.write_engine = create_async_engine(
+                self.url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+            )
+            self.read_engine = self.write_engine
+        self._write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False, autoflush=False)
+        self._read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=False)
+
+    @staticmethod
+    def _configure_sqlite(engine: AsyncEngine, *, begin: str) -> None:
+        @event.listens_for(engine.sync_engine, "connect")
+        def on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Take over transaction control from the sqlite3 module so we can say BEGIN IMMEDIATE.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            # These are per connection, so every new connection gets them.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def on_begin(connection: Any) -> None:
+            # A deferred transaction that later writes fails at once with "database is locked",
+            # ignoring busy_timeout; writers therefore take the write lock up front.
+            connection.exec_driver_sql(begin)
+
+    async def dispose(self) -> None:
+        await self.write_engine.dispose()
+        if self.read_engine is not self.write_engine:
+            await self.read_engine.dispose()
+
+    @asynccontextmanager
+    async def _session(self, *, write: bool) -> AsyncIterator[AsyncSession]:
+        factory = self._write_sessions if write else self._read_sessions
+        async with factory() as session, session.begin():
+            yield session
+
+    async def run(self, work: Callable[[AsyncSession], Awaitable[T]], *, write: bool) -> T:
+        """Run `work` in one transaction, retrying it whole on transient conflicts; database
+        outages surface as Unavailable, domain errors pass through untouched."""
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(_is_retryable),
+                stop=stop_after_attempt(5),
+                wait=wait_random_exponential(multiplier=0.005, max=0.2),
+                reraise=True,
+            ):
+                with attempt:
+                    async with self._session(write=write) as session:
+                        return await work(session)
+        except CallplaneError:
+            raise
+        except Exception as error:
+            if _is_unavailable(error) or _is_retryable(error):
+                log.warning("database unavailable: %s", error)
+                raise Unavailable(
+                    "the database is unavailable; retry", reason="DATABASE_UNAVAILABLE"
+                ) from error
+            raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (idempotent; serialized across processes)."""
+        from callplane_server.store.migrations.runner import upgrade_to_head
+
+        await upgrade_to_head(self.write_engine)

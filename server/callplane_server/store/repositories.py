@@ -1,0 +1,387 @@
+"""Repositories: every SQL statement the services need, returning plain records."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
+
+from callplane_server.domain.records import (
+    CallRecord,
+    CallTypeRecord,
+    MemberRecord,
+    Page,
+    PageRequest,
+    UserRecord,
+)
+from callplane_server.store.models import (
+    CallMemberRow,
+    CallRow,
+    CallTypeRow,
+    ServerSecretRow,
+    UserRow,
+    UserTeamRow,
+)
+from callplane_server.store.query import CALLS, MEMBERS, USERS, CursorSigner, fetch_page
+
+
+def _call_record(row: CallRow) -> CallRecord:
+    return CallRecord(
+        type=row.type,
+        id=row.id,
+        created_by_user_id=row.created_by_user_id,
+        team=row.team,
+        custom=dict(row.custom or {}),
+        settings_override=dict(row.settings_override or {}),
+        backstage=row.backstage,
+        ongoing=row.ongoing,
+        member_count=row.member_count,
+        version=row.version,
+        last_seq=row.last_seq,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        starts_at=row.starts_at,
+        ended_at=row.ended_at,
+        deleted_at=row.deleted_at,
+    )
+
+
+def _call_type_record(row: CallTypeRow) -> CallTypeRecord:
+    return CallTypeRecord(
+        name=row.name,
+        settings=dict(row.settings),
+        grants={role: list(caps) for role, caps in row.grants.items()},
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+class CallTypeRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def get(self, name: str) -> CallTypeRecord | None:
+        row = await self._session.get(CallTypeRow, name)
+        return _call_type_record(row) if row else None
+
+    async def list(self) -> list[CallTypeRecord]:
+        rows = await self._session.scalars(select(CallTypeRow).order_by(CallTypeRow.name))
+        return [_call_type_record(row) for row in rows]
+
+    async def insert(self, record: CallTypeRecord) -> None:
+        self._session.add(
+            CallTypeRow(
+                name=record.name,
+                settings=record.settings,
+                grants=record.grants,
+                created_at=record.created_at,
+                updated_at=record.updated_at,
+            )
+        )
+        await self._session.flush()
+
+    async def update(self, record: CallTypeRecord) -> None:
+        await self._session.execute(
+            update(CallTypeRow)
+            .where(CallTypeRow.name == record.name)
+            .values(settings=record.settings, grants=record.grants, updated_at=record.updated_at)
+        )
+
+    async def delete(self, name: str) -> None:
+        await self._session.execute(delete(CallTypeRow).where(CallTypeRow.name == name))
+
+    async def count_calls(self, name: str) -> int:
+        """Calls of the type, soft-deleted ones included (they still reference it)."""
+        return int(await self._session.scalar(select(func.count()).where(CallRow.type == name)) or 0)
+
+
+class UserRepository:
+    def __init__(self, session: AsyncSession, signer: CursorSigner) -> None:
+        self._session = session
+        self._signer = signer
+
+    async def get_many(self, user_ids: Iterable[str]) -> dict[str, UserRecord]:
+        ids = list(dict.fromkeys(user_ids))
+        if not ids:
+            return {}
+        rows = (await self._session.scalars(select(UserRow).where(UserRow.id.in_(ids)))).all()
+        teams = await self._teams_of(ids)
+        return {row.id: self._record(row, teams.get(row.id, [])) for row in rows}
+
+    async def existing_ids(self, user_ids: Iterable[str]) -> set[str]:
+        ids = list(dict.fromkeys(user_ids))
+        if not ids:
+            return set()
+        return set(await self._session.scalars(select(UserRow.id).where(UserRow.id.in_(ids))))
+
+    async def _teams_of(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
+        rows = await self._session.execute(
+            select(UserTeamRow.user_id, UserTeamRow.team)
+            .where(UserTeamRow.user_id.in_(user_ids))
+            .order_by(UserTeamRow.user_id, UserTeamRow.team)
+        )
+        teams: dict[str, list[str]] = {}
+        for user_id, team in rows:
+            teams.setdefault(user_id, []).append(team)
+        return teams
+
+    @staticmethod
+    def _record(row: UserRow, teams: list[str]) -> UserRecord:
+        return UserRecord(
+            id=row.id,
+            name=row.name,
+            image=row.image,
+            role=row.role,
+            teams=teams,
+            custom=dict(row.custom or {}),
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+
+    async def save(self, records: Sequence[UserRecord]) -> None:
+        """Inserts new users and overwrites existing ones (teams replaced)."""
+        existing = {
+            row.id: row
+            for row in await self._session.scalars(
+                select(UserRow).where(UserRow.id.in_([r.id for r in records])).with_for_update()
+            )
+        }
+        for record in records:
+            row = existing.get(record.id)
+            if row is None:
+                self._session.add(
+                    UserRow(
+                        id=record.id,
+                        name=record.name,
+                        image=record.image,
+                        role=record.role,
+                        custom=record.custom,
+                        created_at=record.created_at,
+                        updated_at=record.updated_at,
+                    )
+                )
+            else:
+                row.name, row.image, row.role = record.name, record.image, record.role
+                row.custom, row.updated_at = record.custom, record.updated_at
+        await self._session.flush()
+        ids = [r.id for r in records]
+        await self._session.execute(delete(UserTeamRow).where(UserTeamRow.user_id.in_(ids)))
+        team_rows = [UserTeamRow(user_id=r.id, team=team) for r in records for team in dict.fromkeys(r.teams)]
+        self._session.add_all(team_rows)
+        await self._session.flush()
+
+    async def delete(self, user_ids: Sequence[str]) -> list[str]:
+        """Deletes users and their memberships; returns the cids whose member lists changed."""
+        cids = list(
+            await self._session.scalars(
+                select(CallMemberRow.call_cid).where(CallMemberRow.user_id.in_(user_ids)).distinct()
+            )
+        )
+        await self._session.execute(delete(CallMemberRow).where(CallMemberRow.user_id.in_(user_ids)))
+        await self._session.execute(delete(UserTeamRow).where(UserTeamRow.user_id.in_(user_ids)))
+        await self._session.execute(delete(UserRow).where(UserRow.id.in_(user_ids)))
+        return cids
+
+    async def query(self, page: PageRequest) -> Page[UserRecord]:
+        rows, next_cursor, prev_cursor = await fetch_page(
+            self._session, select(UserRow), USERS, page, self._signer
+        )
+        teams = await self._teams_of([row.id for row in rows])
+        return Page([self._record(row, teams.get(row.id, [])) for row in rows], next_cursor, prev_cursor)
+
+
+class CallRepository:
+    def __init__(self, session: AsyncSession, signer: CursorSigner) -> None:
+        self._session = session
+        self._signer = signer
+
+    async def get(self, cid: str, *, for_update: bool = False) -> CallRecord | None:
+        """The call (soft-deleted too). `for_update` locks the row for the rest of the transaction,
+        which serializes writers of one call (and so its event seq) on PostgreSQL."""
+        statement = select(CallRow).where(CallRow.cid == cid)
+        if for_update:
+            statement = statement.with_for_update()
+        row = await self._session.scalar(statement)
+        return _call_record(row) if row else None
+
+    async def insert(self, record: CallRecord) -> None:
+        self._session.add(CallRow(cid=record.cid, **_call_columns(record), type=record.type, id=record.id))
+        await self._session.flush()
+
+    async def save(self, record: CallRecord) -> None:
+        await self._session.execute(
+            update(CallRow).where(CallRow.cid == record.cid).values(**_call_columns(record))
+        )
+
+    async def hard_delete(self, cid: str) -> None:
+        await self._session.execute(delete(CallMemberRow).where(CallMemberRow.call_cid == cid))
+        await self._session.execute(delete(CallRow).where(CallRow.cid == cid))
+
+    async def refresh_member_counts(self, cids: Iterable[str]) -> None:
+        for cid in cids:
+            count = select(func.count()).where(CallMemberRow.call_cid == cid).scalar_subquery()
+            await self._session.execute(update(CallRow).where(CallRow.cid == cid).values(member_count=count))
+
+    async def next_seq(self, cid: str) -> int:
+        """Reserves the call's next event seq under its row lock (gap-free, commit-ordered)."""
+        result = await self._session.execute(
+            update(CallRow)
+            .where(CallRow.cid == cid)
+            .values(last_seq=CallRow.last_seq + 1)
+            .returning(CallRow.last_seq)
+        )
+        return int(result.scalar_one())
+
+    async def query(self, page: PageRequest) -> Page[CallRecord]:
+        base = select(CallRow).where(CallRow.deleted_at.is_(None))
+        rows, next_cursor, prev_cursor = await fetch_page(self._session, base, CALLS, page, self._signer)
+        return Page([_call_record(row) for row in rows], next_cursor, prev_cursor)
+
+
+def _call_columns(record: CallRecord) -> dict[str, Any]:
+    return {
+        "created_by_user_id": record.created_by_user_id,
+        "team": record.team,
+        "custom": record.custom,
+        "settings_override": record.settings_override,
+        "backstage": record.backstage,
+        "ongoing": record.ongoing,
+        "member_count": record.member_count,
+        "version": record.version,
+        "last_seq": record.last_seq,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+        "starts_at": record.starts_at,
+        "ended_at": record.ended_at,
+        "deleted_at": record.deleted_at,
+    }
+
+
+class MemberRepository:
+    def __init__(self, session: AsyncSession, signer: CursorSigner, users: UserRepository) -> None:
+        self._session = session
+        self._signer = signer
+        self._users = users
+
+    async def _records(self, rows: Sequence[CallMemberRow]) -> list[MemberRecord]:
+        users = await self._users.get_many(row.user_id for row in rows)
+        return [
+            MemberRecord(
+                call_cid=row.call_cid,
+                user_id=row.user_id,
+                role=row.role,
+                custom=dict(row.custom or {}),
+                created_at=row.created_at,
+                updated_at=row.updated_at,
+                user=users.get(row.user_id),
+            )
+            for row in rows
+        ]
+
+    async def get_many(self, cid: str, user_ids: Sequence[str]) -> dict[str, MemberRecord]:
+        if not user_ids:
+            return {}
+        rows = (
+            await self._session.scalars(
+                select(CallMemberRow).where(
+                    CallMemberRow.call_cid == cid, CallMemberRow.user_id.in_(user_ids)
+                )
+            )
+        ).all()
+        return {record.user_id: record for record in await self._records(rows)}
+
+    async def first(self, cids: Sequence[str], limit: int) -> dict[str, list[MemberRecord]]:
+        """The oldest `limit` members of each call, in one query (window function)."""
+        if not cids or limit <= 0:
+            return {cid: [] for cid in cids}
+        position = (
+            func.row_number()
+            .over(
+                partition_by=CallMemberRow.call_cid,
+                order_by=(CallMemberRow.created_at, CallMemberRow.user_id),
+            )
+            .label("position")
+        )
+        ranked = select(CallMemberRow, position).where(CallMemberRow.call_cid.in_(cids)).subquery()
+        member = aliased(CallMemberRow, ranked)
+        rows = (
+            await self._session.scalars(
+                select(member)
+                .where(ranked.c.position <= limit)
+                .order_by(ranked.c.call_cid, ranked.c.created_at, ranked.c.user_id)
+            )
+        ).all()
+        grouped: dict[str, list[MemberRecord]] = {cid: [] for cid in cids}
+        for record in await self._records(rows):
+            grouped[record.call_cid].append(record)
+        return grouped
+
+    async def upsert(self, records: Sequence[MemberRecord]) -> None:
+        if not records:
+            return
+        cid = records[0].call_cid
+        existing = {
+            row.user_id: row
+            for row in await self._session.scalars(
+                select(CallMemberRow).where(
+                    CallMemberRow.call_cid == cid, CallMemberRow.user_id.in_([r.user_id for r in records])
+                )
+            )
+        }
+        for record in records:
+            row = existing.get(record.user_id)
+            if row is None:
+                self._session.add(
+                    CallMemberRow(
+                        call_cid=record.call_cid,
+                        user_id=record.user_id,
+                        role=record.role,
+                        custom=record.custom,
+                        created_at=record.created_at,
+                        updated_at=record.updated_at,
+                    )
+                )
+            else:
+                row.role, row.custom, row.updated_at = record.role, record.custom, record.updated_at
+        await self._session.flush()
+
+    async def remove(self, cid: str, user_ids: Sequence[str]) -> list[str]:
+        if not user_ids:
+            return []
+        present = list(
+            await self._session.scalars(
+                select(CallMemberRow.user_id).where(
+                    CallMemberRow.call_cid == cid, CallMemberRow.user_id.in_(user_ids)
+                )
+            )
+        )
+        if present:
+            await self._session.execute(
+                delete(CallMemberRow).where(CallMemberRow.call_cid == cid, CallMemberRow.user_id.in_(present))
+            )
+        return [user_id for user_id in user_ids if user_id in set(present)]
+
+    async def query(self, cid: str, page: PageRequest) -> Page[MemberRecord]:
+        base = select(CallMemberRow).where(CallMemberRow.call_cid == cid)
+        rows, next_cursor, prev_cursor = await fetch_page(
+            self._session, base, MEMBERS, page, self._signer, scope=cid
+        )
+        return Page(await self._records(rows), next_cursor, prev_cursor)
+
+
+class SecretRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def get_or_create(self, name: str) -> str:
+        """A random secret stored once per database, so every server process agrees on it."""
+        value = await self._session.scalar(select(ServerSecretRow.value).where(ServerSecretRow.name == name))
+        if value is None:
+            value = secrets.token_urlsafe(48)
+            self._session.add(ServerSecretRow(name=name, value=value))
+            await self._session.flush()
+        return value

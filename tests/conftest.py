@@ -1,0 +1,60 @@
+"""Shared fixtures. Every behavioural test module runs once per backend: SQLite always, PostgreSQL when
+CALLPLANE_TEST_POSTGRES_URL is set (required when CI=true)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import pytest_asyncio
+
+from callplane.v1 import call_service_pb2_grpc, call_type_service_pb2_grpc, user_pb2_grpc
+from tests.support import BACKENDS, POSTGRES_ENV, RunningServer, in_ci, running_server
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import os
+
+    tier = (
+        "configured" if os.environ.get(POSTGRES_ENV) else ("REQUIRED but missing" if in_ci() else "skipped")
+    )
+    return f"callplane backends: sqlite, postgres ({tier})"
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningServer]:
+    """A real grpc.aio server on 127.0.0.1:0 over a fresh database, one per test module and backend."""
+    async with running_server(backend, tmp_path_factory.mktemp(backend)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def grpc_target(server: RunningServer) -> str:
+    return server.target
+
+
+@pytest.fixture(scope="module")
+def calls(server: RunningServer) -> call_service_pb2_grpc.CallServiceStub:
+    return call_service_pb2_grpc.CallServiceStub(server.channel)
+
+
+@pytest.fixture(scope="module")
+def users(server: RunningServer) -> user_pb2_grpc.UserServiceStub:
+    return user_pb2_grpc.UserServiceStub(server.channel)
+
+
+@pytest.fixture(scope="module")
+def call_types(server: RunningServer) -> call_type_service_pb2_grpc.CallTypeServiceStub:
+    return call_type_service_pb2_grpc.CallTypeServiceStub(server.channel)
+
+
+@pytest.fixture
+def unique() -> Callable[[str], str]:
+    """Unique ids, since a module's tests share one database."""
+    return lambda prefix="x": f"{prefix}-{uuid.uuid4().hex[:10]}"
