@@ -23,7 +23,8 @@ $(PY_STAMP): pyproject.toml
 	touch $@
 
 $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
-	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	# `npm install` (not `npm ci`): the lock omits optional buf binaries of other platforms, which `ci` rejects.
+	cd $(NODE_DIR) && npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
 ## Start the server on embedded SQLite in $(DATA_DIR)/.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
@@ -55,7 +56,9 @@ class CallRecord:
 
     @property
     def etag(self) -> str:
-        return f"v{self.version}"
+        # Includes the creation instant so a hard-deleted and recreated call never reuses an etag.
+        identity = f"{self.cid}|{self.created_at.isoformat()}|{self.version}"
+        return hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()
 
 
 @dataclass
