@@ -305,8 +305,12 @@ class _FilterCompiler:
             raise self._fail(path, "must be a string, number or boolean")
         if kind == "string":
             return self._string(operand, path)
-        if kind == "number" and not math.isfinite(operand):
-            raise self._fail(path, "must be a finite number")
+        if kind == "number":
+            if not math.isfinite(operand):
+                raise self._fail(path, "must be a finite number")
+            # Struct numbers are doubles anyway; a float also binds as FLOAT8 on PostgreSQL (an int would
+            # bind as INTEGER and overflow above 2^31).
+            return float(operand)
         return operand  # type: ignore[no-any-return]
 
     # --- per field kind ----------------------------------------------------------------------------

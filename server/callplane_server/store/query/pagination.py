@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Select, and_, false, or_
+from sqlalchemy import ColumnElement, Select, and_, false, literal, or_
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import UnaryExpression
 
@@ -75,20 +75,22 @@ class SortKey:
             clause = clause.nulls_first() if ascending else clause.nulls_last()
         return clause
 
+    def _bound(self, value: Any) -> ColumnElement[Any]:
+        # An explicit bind with the key's type: SQLAlchemy refuses `<`/`>` against a bare True/False, and
+        # the type makes times bind as naive UTC and booleans as 1/0 on SQLite.
+        return literal(value, type_=self.expression.type)
+
     def after(self, value: Any, *, reverse: bool) -> ColumnElement[bool]:
         """Rows strictly after `value` in this key's (possibly reversed) order."""
         if self._ascending(reverse):  # NULLS FIRST
-            return self.expression.is_not(None) if value is None else self.expression > value
+            return self.expression.is_not(None) if value is None else self.expression > self._bound(value)
         if value is None:  # NULLS LAST: nothing comes after NULL
             return false()
-        return (
-            or_(self.expression < value, self.expression.is_(None))
-            if self.nullable
-            else self.expression < value
-        )
+        before = self.expression < self._bound(value)
+        return or_(before, self.expression.is_(None)) if self.nullable else before
 
     def equal(self, value: Any) -> ColumnElement[bool]:
-        return self.expression.is_(None) if value is None else self.expression == value
+        return self.expression.is_(None) if value is None else self.expression == self._bound(value)
 
     def encode(self, value: Any) -> Any:
         if value is None:

@@ -155,6 +155,10 @@ def upgrade() -> None:
         # GIN indexes serve containment/existence lookups on custom data.
         for table in ("users", "calls", "call_members"):
             op.create_index(f"ix_{table}_custom_gin", table, ["custom"], postgresql_using="gin")
+        # Missing times sort first ascending and last descending; an index in that order serves both.
+        for column in ("starts_at", "ended_at"):
+            op.drop_index(f"ix_calls_{column}", table_name="calls")
+            op.create_index(f"ix_calls_{column}", "calls", [sa.text(f"{column} ASC NULLS FIRST")])
 
     seed_builtin_call_types()
 

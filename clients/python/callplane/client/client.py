@@ -1,0 +1,266 @@
+"""`CallplaneClient`: the asyncio entry point over the generated stubs."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from callplane.client.call import Call
+from callplane.client.convert import (
+    SettingsLike,
+    SortLike,
+    dict_to_struct,
+    to_grants,
+    to_partial_updates,
+    to_settings,
+    to_sort_params,
+    to_user_requests,
+)
+from callplane.client.errors import CallplaneError
+from callplane.client.models import CallState, CallTypeInfo, QueryPage, UserInfo
+from callplane.v1 import (
+    call_service_pb2,
+    call_service_pb2_grpc,
+    call_type_service_pb2,
+    call_type_service_pb2_grpc,
+    user_pb2,
+    user_pb2_grpc,
+)
+
+__all__ = ["DEFAULT_TIMEOUT", "CallplaneClient", "TokenProvider"]
+
+#: Seconds each RPC may take unless the client is built with another `timeout`.
+DEFAULT_TIMEOUT = 10.0
+
+TokenProvider = str | Callable[[], str | Awaitable[str]]
+MetadataLike = Mapping[str, str] | Sequence[tuple[str, str]]
+_KEEP: Any = object()
+
+
+class CallplaneClient:
+    """Async client for a Callplane server.
+
+    ``CallplaneClient("127.0.0.1:50051")`` opens an insecure channel (or a secure one with
+    `credentials`); pass `channel` to use your own (it is then not closed by `close()`). `token` is a
+    string or a (sync or async) callable returning one, sent as ``authorization: Bearer <token>`` on
+    every call; `metadata` is sent on every call too. `timeout` (seconds, None = no deadline) applies
+    to each RPC. Every failed RPC raises `CallplaneError`.
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        channel: grpc.aio.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: TokenProvider | None = None,
+        metadata: MetadataLike | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        options: Sequence[tuple[str, Any]] | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._token = token
+        self._metadata: tuple[tuple[str, str], ...] = _normalize_metadata(metadata)
+        self._owns_channel = channel is None
+        if channel is None:
+            if credentials is not None:
+                channel = grpc.aio.secure_channel(target, credentials, options=options)
+            else:
+                channel = grpc.aio.insecure_channel(target, options=options)
+        self.channel: grpc.aio.Channel = channel
+        #: The generated stubs, for anything this client does not wrap.
+        self.user_service = user_pb2_grpc.UserServiceStub(channel)
+        self.call_service = call_service_pb2_grpc.CallServiceStub(channel)
+        self.call_type_service = call_type_service_pb2_grpc.CallTypeServiceStub(channel)
+
+    async def __aenter__(self) -> CallplaneClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel if this client opened it."""
+        if self._owns_channel:
+            await self.channel.close()
+
+    def with_options(
+        self,
+        *,
+        timeout: float | None = _KEEP,
+        token: TokenProvider | None = _KEEP,
+        metadata: MetadataLike | None = _KEEP,
+    ) -> CallplaneClient:
+        """A client sharing this channel with some options replaced (closing it leaves the channel open)."""
+        clone = CallplaneClient(
+            self.target,
+            channel=self.channel,
+            token=self._token if token is _KEEP else token,
+            metadata=self._metadata if metadata is _KEEP else metadata,
+            timeout=self.timeout if timeout is _KEEP else timeout,
+        )
+        return clone
+
+    async def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        token = self._token
+        if callable(token):
+            token = token()
+            if inspect.isawaitable(token):
+                token = await token
+        if token:
+            return (*self._metadata, ("authorization", f"Bearer {token}"))
+        return self._metadata
+
+    async def _rpc(self, method: Callable[..., Any], request: Any) -> Any:
+        """Invoke one unary RPC with this client's deadline and metadata; errors → CallplaneError."""
+        metadata = await self._call_metadata()
+        try:
+            return await method(request, timeout=self.timeout, metadata=metadata or None)
+        except grpc.aio.AioRpcError as err:
+            raise CallplaneError.from_rpc_error(err) from err
+
+    # Users
+
+    async def upsert_users(self, users: Iterable[Mapping[str, Any] | user_pb2.UserRequest]) -> list[UserInfo]:
+        """Create or replace users given as `{"id", "name", "image", "role", "teams", "custom"}` dicts."""
+        request = user_pb2.UpsertUsersRequest(users=to_user_requests(users))
+        response = await self._rpc(self.user_service.UpsertUsers, request)
+        return [UserInfo.from_proto(u) for u in response.users]
+
+    async def upsert_user(self, user: Mapping[str, Any] | user_pb2.UserRequest) -> UserInfo:
+        """Create or replace one user."""
+        return (await self.upsert_users([user]))[0]
+
+    async def update_users_partial(
+        self, updates: Iterable[Mapping[str, Any] | user_pb2.UserPartialUpdate]
+    ) -> list[UserInfo]:
+        """Partially update users: `{"id", "set": {"custom.color": "red"}, "unset": ["image"]}`."""
+        request = user_pb2.UpdateUsersPartialRequest(users=to_partial_updates(updates))
+        response = await self._rpc(self.user_service.UpdateUsersPartial, request)
+        return [UserInfo.from_proto(u) for u in response.users]
+
+    async def query_users(
+        self,
+        *,
+        filter_conditions: Mapping[str, Any] | None = None,
+        sort: Iterable[SortLike] | SortLike | None = None,
+        limit: int | None = None,
+        next: str | None = None,
+        prev: str | None = None,
+    ) -> QueryPage[UserInfo]:
+        """Find users (Mongo-style `filter_conditions`, `sort`, `limit`, `next`/`prev` cursors)."""
+        request = user_pb2.QueryUsersRequest(
+            filter_conditions=dict_to_struct(filter_conditions, path="filter_conditions"),
+            sort=to_sort_params(sort),
+            limit=limit or 0,
+            next=next or "",
+            prev=prev or "",
+        )
+        response = await self._rpc(self.user_service.QueryUsers, request)
+        return QueryPage(
+            [UserInfo.from_proto(u) for u in response.users],
+            response.next or None,
+            response.prev or None,
+            response,
+        )
+
+    async def delete_users(self, user_ids: Iterable[str]) -> list[str]:
+        """Delete users and their memberships; returns the deleted ids."""
+        if isinstance(user_ids, str):
+            user_ids = [user_ids]
+        response = await self._rpc(
+            self.user_service.DeleteUsers, user_pb2.DeleteUsersRequest(user_ids=list(user_ids))
+        )
+        return list(response.deleted_user_ids)
+
+    # Call types
+
+    async def create_call_type(
+        self,
+        name: str,
+        *,
+        settings: SettingsLike | None = None,
+        grants: Mapping[str, Iterable[str]] | None = None,
+    ) -> CallTypeInfo:
+        """Create a call type from nested settings dicts and `{"role": ["capability", ...]}` grants."""
+        request = call_type_service_pb2.CreateCallTypeRequest(
+            name=name, settings=to_settings(settings), grants=to_grants(grants)
+        )
+        response = await self._rpc(self.call_type_service.CreateCallType, request)
+        return CallTypeInfo.from_proto(response.call_type)
+
+    async def get_call_type(self, name: str) -> CallTypeInfo:
+        """Get one call type."""
+        request = call_type_service_pb2.GetCallTypeRequest(name=name)
+        response = await self._rpc(self.call_type_service.GetCallType, request)
+        return CallTypeInfo.from_proto(response.call_type)
+
+    async def list_call_types(self) -> list[CallTypeInfo]:
+        """Every call type, ordered by name."""
+        request = call_type_service_pb2.ListCallTypesRequest()
+        response = await self._rpc(self.call_type_service.ListCallTypes, request)
+        return [CallTypeInfo.from_proto(t) for t in response.call_types]
+
+    async def update_call_type(
+        self,
+        name: str,
+        *,
+        settings: SettingsLike | None = None,
+        grants: Mapping[str, Iterable[str]] | None = None,
+    ) -> CallTypeInfo:
+        """Merge `settings` into the type's settings; replace the grants of each role named in `grants`."""
+        request = call_type_service_pb2.UpdateCallTypeRequest(
+            name=name, settings=to_settings(settings), grants=to_grants(grants)
+        )
+        response = await self._rpc(self.call_type_service.UpdateCallType, request)
+        return CallTypeInfo.from_proto(response.call_type)
+
+    async def delete_call_type(self, name: str) -> None:
+        """Delete a call type (FAILED_PRECONDITION while calls of it exist)."""
+        request = call_type_service_pb2.DeleteCallTypeRequest(name=name)
+        await self._rpc(self.call_type_service.DeleteCallType, request)
+
+    # Calls
+
+    def call(self, call_type: str, call_id: str) -> Call:
+        """A handle on the call `call_type:call_id` (no RPC until you use it)."""
+        return Call(self, call_type, call_id)
+
+    async def query_calls(
+        self,
+        *,
+        filter_conditions: Mapping[str, Any] | None = None,
+        sort: Iterable[SortLike] | SortLike | None = None,
+        limit: int | None = None,
+        next: str | None = None,
+        prev: str | None = None,
+        members_limit: int | None = None,
+    ) -> QueryPage[CallState]:
+        """Find calls; each item is a `CallState` (call + up to `members_limit` members)."""
+        request = call_service_pb2.QueryCallsRequest(
+            filter_conditions=dict_to_struct(filter_conditions, path="filter_conditions"),
+            sort=to_sort_params(sort),
+            limit=limit or 0,
+            next=next or "",
+            prev=prev or "",
+            members_limit=members_limit or 0,
+        )
+        response = await self._rpc(self.call_service.QueryCalls, request)
+        return QueryPage(
+            [CallState.from_proto(c) for c in response.calls],
+            response.next or None,
+            response.prev or None,
+            response,
+        )
+
+
+def _normalize_metadata(metadata: MetadataLike | None) -> tuple[tuple[str, str], ...]:
+    if not metadata:
+        return ()
+    pairs = metadata.items() if isinstance(metadata, Mapping) else metadata
+    return tuple((str(key).lower(), value) for key, value in pairs)
