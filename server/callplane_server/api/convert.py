@@ -75,7 +75,8 @@ def page_request(request: Message) -> PageRequest:
     sort = tuple(
         SortInput(
             field=param.field,
-            direction=_DIRECTIONS.get(param.direction, "asc"),
+            # An unknown enum value is passed through so that the query compiler rejects it (INVALID_SORT).
+            direction=_DIRECTIONS.get(param.direction, f"unknown ({param.direction})"),  # type: ignore[arg-type]
             type=_SORT_TYPES.get(param.type),
         )
         for param in request.sort  # type: ignore[attr-defined]

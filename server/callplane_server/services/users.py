@@ -48,7 +48,9 @@ def users_not_found(missing: list[str]) -> NotFound:
     )
 
 
-def check_batch(ids: list[str], field_name: str, problems: ViolationCollector) -> None:
+def check_batch(
+    ids: list[str], field_name: str, problems: ViolationCollector, *, id_suffix: str = ".id"
+) -> None:
     if not ids:
         problems.add(field_name, "must not be empty")
     if len(ids) > MAX_BATCH:
@@ -56,7 +58,7 @@ def check_batch(ids: list[str], field_name: str, problems: ViolationCollector) -
     seen: set[str] = set()
     for index, user_id in enumerate(ids):
         if user_id in seen:
-            problems.add(f"{field_name}[{index}].id", f"duplicate id {user_id!r}")
+            problems.add(f"{field_name}[{index}]{id_suffix}", f"duplicate id {user_id!r}")
         seen.add(user_id)
 
 
@@ -204,7 +206,7 @@ class UserService:
 
     async def delete(self, user_ids: list[str]) -> list[str]:
         problems = ViolationCollector()
-        check_batch(user_ids, "user_ids", problems)
+        check_batch(user_ids, "user_ids", problems, id_suffix="")
         problems.raise_if_any()
 
         async def work(tx: Transaction) -> list[str]:

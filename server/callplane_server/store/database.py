@@ -65,8 +65,9 @@ def _is_unavailable(error: BaseException) -> bool:
     if isinstance(error, exc.DBAPIError):
         if error.connection_invalidated or isinstance(error, (exc.InterfaceError, exc.OperationalError)):
             return True
+        # Connection failures, database gone or not accepting logins, shutdown, out of resources.
         state = _sqlstate(error) or ""
-        return state.startswith("08") or state in {"57P01", "57P02", "57P03", "53300"}
+        return state.startswith(("08", "3D", "28", "57P", "53"))
     return isinstance(error, exc.TimeoutError)
 
 
