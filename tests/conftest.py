@@ -4,6 +4,7 @@ CALLPLANE_TEST_POSTGRES_URL is set (required when CI=true)."""
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -20,6 +21,18 @@ def pytest_report_header(config: pytest.Config) -> str:
         "configured" if os.environ.get(POSTGRES_ENV) else ("REQUIRED but missing" if in_ci() else "skipped")
     )
     return f"callplane backends: sqlite, postgres ({tier})"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line per skip reason (e.g. the PostgreSQL tier), instead of one per skipped test."""
+    reasons: Counter[str] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        if isinstance(report.longrepr, tuple):
+            reasons[report.longrepr[2].removeprefix("Skipped: ")] += 1
+    if reasons:
+        terminalreporter.section("skipped tests by reason")
+        for reason, count in reasons.most_common():
+            terminalreporter.write_line(f"{count} skipped: {reason}")
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
