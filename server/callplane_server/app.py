@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from datetime import timedelta
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,15 +17,20 @@ from callplane.v1 import (
     call_service_pb2_grpc,
     call_type_service_pb2,
     call_type_service_pb2_grpc,
+    event_service_pb2,
+    event_service_pb2_grpc,
     user_pb2,
     user_pb2_grpc,
 )
 from callplane_server.api.errors import ErrorAndLoggingInterceptor
+from callplane_server.api.event_servicer import EventServicer
 from callplane_server.api.servicers import CallServicer, CallTypeServicer, UserServicer
 from callplane_server.config import Config
+from callplane_server.events.hub import EventHub
 from callplane_server.services.call_types import CallTypeService
 from callplane_server.services.calls import CallService
 from callplane_server.services.clock import Clock, system_clock
+from callplane_server.services.streams import EventStreamService
 from callplane_server.services.users import UserService
 from callplane_server.store import Store
 
@@ -34,7 +40,9 @@ SERVICE_NAMES = (
     call_type_service_pb2.DESCRIPTOR.services_by_name["CallTypeService"].full_name,
     user_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
     call_service_pb2.DESCRIPTOR.services_by_name["CallService"].full_name,
+    event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
 )
+COMPACTION_INTERVAL_SECONDS = 60.0
 
 
 class CallplaneServer:
@@ -47,10 +55,22 @@ class CallplaneServer:
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
+        self.hub: EventHub | None = None
+        self.streams: EventStreamService | None = None
+        self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
         self.store = await Store.open(self.config.resolved_database_url)
         limits = self.config.limits
+        self.hub = EventHub(
+            self.store,
+            poll_interval=self.config.event_poll_interval_seconds,
+            queue_size=self.config.event_queue_size,
+        )
+        await self.hub.start()
+        self.streams = EventStreamService(
+            self.store, self.hub, self.clock, progress_interval=self.config.progress_interval_seconds
+        )
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
         server = grpc.aio.server(
             interceptors=[ErrorAndLoggingInterceptor()], options=[("grpc.so_reuseport", 0)]
@@ -64,6 +84,7 @@ class CallplaneServer:
         call_service_pb2_grpc.add_CallServiceServicer_to_server(
             CallServicer(CallService(self.store, self.clock, limits)), server
         )
+        event_service_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(self.streams), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if self.config.reflection:
             reflection.enable_server_reflection(
@@ -81,12 +102,33 @@ class CallplaneServer:
         self._server = server
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._background.append(asyncio.create_task(self._compact_periodically(), name="event-compaction"))
         log.info("callplane serving on port %d (%s)", self.port, self.store.database.dialect)
         return self.port
+
+    async def compact_events(self) -> int:
+        """Drops events older than the retention period (by the injected clock); returns how many."""
+        assert self.store is not None
+        cutoff = self.clock() - timedelta(seconds=self.config.event_retention_seconds)
+        return await self.store.write(lambda tx: tx.events.compact(cutoff))
+
+    async def _compact_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(COMPACTION_INTERVAL_SECONDS)
+            try:
+                await self.compact_events()
+            except Exception:
+                log.exception("event compaction failed")
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: health says NOT_SERVING first so balancers stop routing, then in-flight RPCs drain."""
         await self._health.enter_graceful_shutdown()
+        for task in self._background:
+            task.cancel()
+        # Watch streams end now with UNAVAILABLE (clients resume elsewhere); stop() would otherwise wait
+        # the whole grace period for them.
+        if self.hub is not None:
+            await self.hub.close()
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_seconds if grace is None else grace)
         if self.store is not None:

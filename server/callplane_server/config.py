@@ -21,6 +21,14 @@ class Config:
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
     limits: Limits = field(default_factory=Limits)
+    # Idle watch streams get a progress message this often.
+    progress_interval_seconds: float = 10.0
+    # Events older than this are compacted away; resuming before them is EVENTS_COMPACTED.
+    event_retention_seconds: float = 86_400.0
+    # Per-subscriber queue bound; a subscriber that falls further behind reads from the log instead.
+    event_queue_size: int = 256
+    # How often the tailer looks for events committed by other processes (local commits ring at once).
+    event_poll_interval_seconds: float = 0.25
 
     @property
     def resolved_database_url(self) -> str:
@@ -45,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--shutdown-grace", type=float, help="seconds to drain on SIGTERM (default 10)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (CALLPLANE_LOG_LEVEL; default INFO)")
+    parser.add_argument(
+        "--progress-interval", type=float, help="seconds between progress messages (default 10)"
+    )
+    parser.add_argument("--event-retention", type=float, help="seconds events are kept (default 86400)")
     for name, default in (
         ("max-call-custom-bytes", Limits.max_call_custom_bytes),
         ("max-member-custom-bytes", Limits.max_member_custom_bytes),
@@ -84,4 +96,15 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         shutdown_grace_seconds=float(pick("shutdown_grace", "CALLPLANE_SHUTDOWN_GRACE_SECONDS") or 10.0),
         log_level=(pick("log_level", "CALLPLANE_LOG_LEVEL") or defaults.log_level).upper(),
         limits=limits,
+        progress_interval_seconds=float(
+            pick("progress_interval", "CALLPLANE_PROGRESS_INTERVAL_SECONDS")
+            or defaults.progress_interval_seconds
+        ),
+        event_retention_seconds=float(
+            pick("event_retention", "CALLPLANE_EVENT_RETENTION_SECONDS") or defaults.event_retention_seconds
+        ),
+        event_queue_size=int(env.get("CALLPLANE_EVENT_QUEUE_SIZE") or defaults.event_queue_size),
+        event_poll_interval_seconds=float(
+            env.get("CALLPLANE_EVENT_POLL_INTERVAL_SECONDS") or defaults.event_poll_interval_seconds
+        ),
     )

@@ -12,7 +12,7 @@ from callplane.v1 import (
     user_pb2,
     user_pb2_grpc,
 )
-from callplane_server.api.convert import (
+from callplane_server.messages import (
     call_message,
     call_state,
     call_type_message,

@@ -49,6 +49,9 @@ class CallRecord:
     starts_at: datetime | None = None
     ended_at: datetime | None = None
     deleted_at: datetime | None = None
+    current_session_id: str | None = None
+    # Ordered pins: [{"participant_session_id", "user_id", "pinned_at" (ISO string)}].
+    pins: list[JSONDict] = field(default_factory=list)
 
     @property
     def cid(self) -> str:
@@ -104,3 +107,60 @@ class Page(Generic[T]):
     items: list[T]
     next: str = ""
     prev: str = ""
+
+
+@dataclass
+class MemberInput:
+    user_id: str
+    role: str = ""
+    # None keeps the member's current custom data (or {} for a new member).
+    custom: dict[str, Any] | None = None
+
+
+@dataclass
+class CallView:
+    """A call as clients see it: with effective settings and its first members."""
+
+    call: CallRecord
+    settings: dict[str, Any]
+    members: list[MemberRecord]
+    created: bool = False
+
+
+@dataclass
+class ParticipantRecord:
+    session_id: str
+    participant_session_id: str
+    call_cid: str
+    user_id: str
+    role: str
+    custom: JSONDict
+    custom_version: int
+    published_tracks: list[str]
+    joined_at: datetime
+    left_at: datetime | None = None
+    left_reason: str = ""
+    lease_expires_at: datetime | None = None
+
+    @property
+    def custom_etag(self) -> str:
+        return f"{self.participant_session_id}.{self.custom_version}"
+
+
+@dataclass
+class SessionRecord:
+    id: str
+    call_cid: str
+    started_at: datetime
+    ended_at: datetime | None = None
+    end_reason: str = ""
+    timer_ends_at: datetime | None = None
+    custom: JSONDict = field(default_factory=dict)
+    custom_version: int = 0
+    accepted_by: list[str] = field(default_factory=list)
+    rejected_by: dict[str, str] = field(default_factory=dict)
+    missed_by: list[str] = field(default_factory=list)
+
+    @property
+    def custom_etag(self) -> str:
+        return f"{self.id[:8]}.{self.custom_version}"

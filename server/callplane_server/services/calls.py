@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from callplane.v1 import event_pb2
 from callplane_server.domain.call_types import merge_settings, validate_settings
 from callplane_server.domain.custom_data import apply_set, apply_unset, split_path
-from callplane_server.domain.records import CallRecord, MemberRecord, Page, PageRequest
+from callplane_server.domain.records import CallRecord, CallView, MemberInput, MemberRecord, Page, PageRequest
 from callplane_server.domain.validation import (
     DEFAULT_MEMBERS_LIMIT,
     MAX_BATCH,
@@ -27,18 +28,11 @@ from callplane_server.errors import (
     NotFound,
     ViolationCollector,
 )
+from callplane_server.messages import call_message, event, member_message
 from callplane_server.services.call_types import call_type_not_found
 from callplane_server.services.clock import Clock
 from callplane_server.services.limits import Limits
 from callplane_server.store import Store, Transaction
-
-
-@dataclass
-class MemberInput:
-    user_id: str
-    role: str = ""
-    # None keeps the member's current custom data (or {} for a new member).
-    custom: dict[str, Any] | None = None
 
 
 @dataclass
@@ -59,16 +53,6 @@ class CallUpdate:
     settings_override: dict[str, Any] | None = None
     starts_at: datetime | None = None
     etag: str = ""
-
-
-@dataclass
-class CallView:
-    """A call as clients see it: with effective settings and its first members."""
-
-    call: CallRecord
-    settings: dict[str, Any]
-    members: list[MemberRecord]
-    created: bool = False
 
 
 @dataclass
@@ -213,14 +197,23 @@ class CallService:
                 ongoing=False,
                 member_count=len(data.members),
                 version=1,
-                last_seq=0,
+                # A hard-deleted call's retained events keep their seqs; a new call of that cid goes on.
+                last_seq=await tx.events.max_seq(cid),
                 created_at=now,
                 updated_at=now,
                 starts_at=data.starts_at,
             )
             await tx.calls.insert(call)
-            await self._upsert_members(tx, cid, data.members, now)
-            return await self._view(tx, call, limit, created=True)
+            members = await self._upsert_members(tx, cid, data.members, now)
+            view = await self._view(tx, call, limit, created=True)
+            users = await tx.users.get_many(m.user_id for m in members)
+            for member in members:
+                member.user = users.get(member.user_id)
+            created = event_pb2.CallCreatedEvent(
+                call=call_message(view), members=[member_message(m) for m in members]
+            )
+            await tx.events.emit(cid, event("call.created", call_created=created), now)
+            return view
 
         return await self._store.write(work)
 
@@ -302,6 +295,10 @@ class CallService:
                 call.version += 1
                 call.updated_at = self._clock()
                 await tx.calls.save(call)
+                view = await self._view(tx, call, limit)
+                updated = event_pb2.CallUpdatedEvent(call=call_message(view))
+                await tx.events.emit(cid, event("call.updated", call_updated=updated), call.updated_at)
+                return view
             return await self._view(tx, call, limit)
 
         return await self._store.write(work)
@@ -324,7 +321,10 @@ class CallService:
             call.updated_at = now
             call.version += 1
             await tx.calls.save(call)
-            return await self._view(tx, call, 0)
+            view = await self._view(tx, call, 0)
+            ended = event_pb2.CallEndedEvent(call=call_message(view), reason="ended")
+            await tx.events.emit(cid, event("call.ended", call_ended=ended), now)
+            return view
 
         return await self._store.write(work)
 
@@ -339,10 +339,13 @@ class CallService:
             if call is None or (call.deleted_at is not None and not hard):
                 raise call_not_found(cid)
             view = await self._view(tx, call, 0)
+            now = self._clock()
             if hard:
+                # The event goes first: it takes its seq from the call row that is about to go.
+                deleted = event_pb2.CallDeletedEvent(call=call_message(view), hard=True)
+                await tx.events.emit(cid, event("call.deleted", call_deleted=deleted), now)
                 await tx.calls.hard_delete(cid)
                 return view
-            now = self._clock()
             call.deleted_at = now
             call.ended_at = call.ended_at or now
             call.ongoing = False
@@ -350,6 +353,8 @@ class CallService:
             call.version += 1
             await tx.calls.save(call)
             view.call = call
+            deleted = event_pb2.CallDeletedEvent(call=call_message(view), hard=False)
+            await tx.events.emit(cid, event("call.deleted", call_deleted=deleted), now)
             return view
 
         return await self._store.write(work)
@@ -405,12 +410,24 @@ class CallService:
                 tx, {f"update_members[{i}].user_id": m.user_id for i, m in enumerate(update_members)}
             )
             now = self._clock()
+            before = await tx.members.get_many(cid, [m.user_id for m in update_members])
             records = await self._upsert_members(tx, cid, update_members, now)
             removed = await tx.members.remove(cid, list(dict.fromkeys(remove_members)))
             await tx.calls.refresh_member_counts([cid])
             users = await tx.users.get_many(r.user_id for r in records)
             for record in records:
                 record.user = users.get(record.user_id)
+            added = [member_message(r) for r in records if r.user_id not in before]
+            updated = [member_message(r) for r in records if r.user_id in before]
+            if added:
+                payload = event_pb2.MembersEvent(members=added)
+                await tx.events.emit(cid, event("call.member_added", call_member_added=payload), now)
+            if updated:
+                payload = event_pb2.MembersEvent(members=updated)
+                await tx.events.emit(cid, event("call.member_updated", call_member_updated=payload), now)
+            if removed:
+                gone = event_pb2.MembersRemovedEvent(user_ids=removed)
+                await tx.events.emit(cid, event("call.member_removed", call_member_removed=gone), now)
             return MembersChange(records, removed)
 
         return await self._store.write(work)

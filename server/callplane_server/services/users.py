@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from callplane.v1 import event_pb2
 from callplane_server.domain.custom_data import apply_set, apply_unset, split_path
 from callplane_server.domain.records import Page, PageRequest, UserRecord
 from callplane_server.domain.validation import (
@@ -16,6 +17,7 @@ from callplane_server.domain.validation import (
     check_pattern,
 )
 from callplane_server.errors import NotFound, ViolationCollector
+from callplane_server.messages import event
 from callplane_server.services.clock import Clock
 from callplane_server.services.limits import Limits
 from callplane_server.store import Store, Transaction
@@ -214,8 +216,13 @@ class UserService:
             missing = [user_id for user_id in user_ids if user_id not in existing]
             if missing:
                 raise users_not_found(missing)
+            # Calls first (sorted): the lock order every writer of a call uses.
             changed_calls = await tx.users.delete(user_ids)
-            await tx.calls.refresh_member_counts(changed_calls)
+            await tx.calls.refresh_member_counts(sorted(changed_calls))
+            now = self._clock()
+            for cid in sorted(changed_calls):
+                gone = event_pb2.MembersRemovedEvent(user_ids=changed_calls[cid])
+                await tx.events.emit(cid, event("call.member_removed", call_member_removed=gone), now)
             return user_ids
 
         return await self._store.write(work)

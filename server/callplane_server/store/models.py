@@ -5,7 +5,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, MetaData, String, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from callplane_server.store.types import JSONDocument, UTCDateTime
@@ -43,6 +54,8 @@ class UserRow(Base):
     custom: Mapped[dict[str, Any]] = mapped_column(JSONDocument, nullable=False, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+    # Per-user event sequence for WatchUser, bumped under this row's lock like calls.last_seq.
+    last_event_seq: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
 
 
 class UserTeamRow(Base):
@@ -80,6 +93,12 @@ class CallRow(Base):
     starts_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
+    # The running session, if any (sessions keep their own history rows).
+    current_session_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    # Ordered pins: [{"participant_session_id", "user_id", "pinned_at"}].
+    pins: Mapped[list[dict[str, Any]]] = mapped_column(
+        JSONDocument, nullable=False, default=list, server_default=text("'[]'")
+    )
 
 
 class CallMemberRow(Base):
@@ -109,3 +128,122 @@ class ServerSecretRow(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(String(256), nullable=False)
+
+
+class CounterRow(Base):
+    """Named counters. `event_position` is the global event position: its row is updated as the last
+    statement of every writing transaction, so positions are handed out in commit order, gap-free."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+
+class EventRow(Base):
+    """The durable event log: the source of truth for every stream (notifications are only doorbells)."""
+
+    __tablename__ = "events"
+    __table_args__ = (UniqueConstraint("call_cid", "seq"), Index(None, "call_type", "position"))
+
+    position: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    call_cid: Mapped[str] = mapped_column(String(129), nullable=False)
+    call_type: Mapped[str] = mapped_column(String(64), nullable=False)
+    seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    type: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+    # The serialized callplane.v1.Event (without position/seq, which live in columns).
+    payload: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+
+
+class EventRecipientRow(Base):
+    """Events addressed to a user (WatchUser), numbered per user."""
+
+    __tablename__ = "event_recipients"
+
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    user_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    position: Mapped[int] = mapped_column(BigInteger, nullable=False, index=True)
+
+
+class CallSessionRow(Base):
+    __tablename__ = "call_sessions"
+    __table_args__ = (Index(None, "call_cid", "started_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    call_cid: Mapped[str] = mapped_column(String(129), nullable=False)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
+    end_reason: Mapped[str] = mapped_column(String(32), nullable=False, default="")
+    timer_ends_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    custom: Mapped[dict[str, Any]] = mapped_column(JSONDocument, nullable=False, default=dict)
+    custom_version: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    accepted_by: Mapped[list[str]] = mapped_column(JSONDocument, nullable=False, default=list)
+    rejected_by: Mapped[dict[str, str]] = mapped_column(JSONDocument, nullable=False, default=dict)
+    missed_by: Mapped[list[str]] = mapped_column(JSONDocument, nullable=False, default=list)
+
+
+class ParticipantRow(Base):
+    __tablename__ = "participants"
+    __table_args__ = (
+        Index(None, "call_cid", "left_at"),
+        Index(None, "session_id", "joined_at"),
+    )
+
+    session_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("call_sessions.id", ondelete="CASCADE"), primary_key=True
+    )
+    participant_session_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    call_cid: Mapped[str] = mapped_column(String(129), nullable=False)
+    user_id: Mapped[str] = mapped_column(String(128), nullable=False, index=True)
+    role: Mapped[str] = mapped_column(String(64), nullable=False, default="user")
+    custom: Mapped[dict[str, Any]] = mapped_column(JSONDocument, nullable=False, default=dict)
+    custom_version: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    published_tracks: Mapped[list[str]] = mapped_column(JSONDocument, nullable=False, default=list)
+    joined_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    left_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    left_reason: Mapped[str] = mapped_column(String(32), nullable=False, default="")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class RingRow(Base):
+    """Ring state of one callee in one call: ringing, then exactly one outcome."""
+
+    __tablename__ = "rings"
+
+    call_cid: Mapped[str] = mapped_column(String(129), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    caller_user_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    reason: Mapped[str] = mapped_column(String(16), nullable=False, default="")
+    video: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    missed_notified: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    rung_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class TimerRow(Base):
+    """A durable timer: fires once, in the transaction that deletes it, even after a restart."""
+
+    __tablename__ = "timers"
+    __table_args__ = (UniqueConstraint("kind", "call_cid", "key"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    call_cid: Mapped[str] = mapped_column(String(129), nullable=False)
+    key: Mapped[str] = mapped_column(String(128), nullable=False, default="")
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONDocument, nullable=False, default=dict)
+
+
+class IdempotencyKeyRow(Base):
+    """Remembers `request_id`s so a retried request returns its first result."""
+
+    __tablename__ = "idempotency_keys"
+
+    call_cid: Mapped[str] = mapped_column(String(129), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    result: Mapped[dict[str, Any]] = mapped_column(JSONDocument, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)

@@ -47,6 +47,8 @@ def _call_record(row: CallRow) -> CallRecord:
         starts_at=row.starts_at,
         ended_at=row.ended_at,
         deleted_at=row.deleted_at,
+        current_session_id=row.current_session_id,
+        pins=list(row.pins or []),
     )
 
 
@@ -174,13 +176,16 @@ class UserRepository:
         self._session.add_all(team_rows)
         await self._session.flush()
 
-    async def delete(self, user_ids: Sequence[str]) -> list[str]:
-        """Deletes users and their memberships; returns the cids whose member lists changed."""
-        cids = list(
-            await self._session.scalars(
-                select(CallMemberRow.call_cid).where(CallMemberRow.user_id.in_(user_ids)).distinct()
-            )
+    async def delete(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
+        """Deletes users and their memberships; returns cid → removed member ids for changed calls."""
+        memberships = await self._session.execute(
+            select(CallMemberRow.call_cid, CallMemberRow.user_id)
+            .where(CallMemberRow.user_id.in_(user_ids))
+            .order_by(CallMemberRow.call_cid, CallMemberRow.user_id)
         )
+        cids: dict[str, list[str]] = {}
+        for cid, user_id in memberships:
+            cids.setdefault(cid, []).append(user_id)
         await self._session.execute(delete(CallMemberRow).where(CallMemberRow.user_id.in_(user_ids)))
         await self._session.execute(delete(UserTeamRow).where(UserTeamRow.user_id.in_(user_ids)))
         await self._session.execute(delete(UserRow).where(UserRow.id.in_(user_ids)))
@@ -199,17 +204,24 @@ class CallRepository:
         self._session = session
         self._signer = signer
 
-    async def get(self, cid: str, *, for_update: bool = False) -> CallRecord | None:
+    async def get(self, cid: str, *, for_update: bool = False, for_share: bool = False) -> CallRecord | None:
         """The call (soft-deleted too). `for_update` locks the row for the rest of the transaction,
-        which serializes writers of one call (and so its event seq) on PostgreSQL."""
+        which serializes writers of one call (and so its event seq) on PostgreSQL. `for_share` waits for
+        in-flight writers of the call and keeps new ones out, so several reads see one consistent state
+        (every change of a call's state locks its row to take an event seq)."""
         statement = select(CallRow).where(CallRow.cid == cid)
         if for_update:
             statement = statement.with_for_update()
+        elif for_share:
+            statement = statement.with_for_update(read=True)
         row = await self._session.scalar(statement)
         return _call_record(row) if row else None
 
     async def insert(self, record: CallRecord) -> None:
-        self._session.add(CallRow(cid=record.cid, **_call_columns(record), type=record.type, id=record.id))
+        columns = _call_columns(record)
+        self._session.add(
+            CallRow(cid=record.cid, type=record.type, id=record.id, last_seq=record.last_seq, **columns)
+        )
         await self._session.flush()
 
     async def save(self, record: CallRecord) -> None:
@@ -225,16 +237,6 @@ class CallRepository:
         for cid in cids:
             count = select(func.count()).where(CallMemberRow.call_cid == cid).scalar_subquery()
             await self._session.execute(update(CallRow).where(CallRow.cid == cid).values(member_count=count))
-
-    async def next_seq(self, cid: str) -> int:
-        """Reserves the call's next event seq under its row lock (gap-free, commit-ordered)."""
-        result = await self._session.execute(
-            update(CallRow)
-            .where(CallRow.cid == cid)
-            .values(last_seq=CallRow.last_seq + 1)
-            .returning(CallRow.last_seq)
-        )
-        return int(result.scalar_one())
 
     async def query(self, page: PageRequest) -> Page[CallRecord]:
         base = select(CallRow).where(CallRow.deleted_at.is_(None))
@@ -252,12 +254,13 @@ def _call_columns(record: CallRecord) -> dict[str, Any]:
         "ongoing": record.ongoing,
         "member_count": record.member_count,
         "version": record.version,
-        "last_seq": record.last_seq,
         "created_at": record.created_at,
         "updated_at": record.updated_at,
         "starts_at": record.starts_at,
         "ended_at": record.ended_at,
         "deleted_at": record.deleted_at,
+        "current_session_id": record.current_session_id,
+        "pins": record.pins,
     }
 
 

@@ -8,6 +8,7 @@ from typing import TypeVar
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from callplane_server.store.database import Database
+from callplane_server.store.events import EventRepository
 from callplane_server.store.query import CursorSigner
 from callplane_server.store.repositories import (
     CallRepository,
@@ -16,6 +17,7 @@ from callplane_server.store.repositories import (
     SecretRepository,
     UserRepository,
 )
+from callplane_server.store.sessions import SessionRepository
 
 T = TypeVar("T")
 
@@ -29,12 +31,16 @@ class Transaction:
         self.calls = CallRepository(session, signer)
         self.members = MemberRepository(session, signer, self.users)
         self.secrets = SecretRepository(session)
+        self.events = EventRepository(session)
+        self.sessions = SessionRepository(session)
 
 
 class Store:
     def __init__(self, database: Database) -> None:
         self.database = database
         self._signer: CursorSigner | None = None
+        # Called with the last event position after each commit that wrote events (the local doorbell).
+        self.commit_listeners: list[Callable[[int], None]] = []
 
     @classmethod
     async def open(cls, database_url: str, *, migrate: bool = True) -> Store:
@@ -60,5 +66,19 @@ class Store:
         return await self.database.run(lambda session: work(Transaction(session, self.signer)), write=False)
 
     async def write(self, work: Callable[[Transaction], Awaitable[T]]) -> T:
-        """Runs `work` in a write transaction; it may be retried whole on a transient conflict."""
-        return await self.database.run(lambda session: work(Transaction(session, self.signer)), write=True)
+        """Runs `work` in a write transaction; it may be retried whole on a transient conflict. Events
+        emitted by `work` are numbered and written last, in the same transaction."""
+        last_position = 0
+
+        async def attempt(session: AsyncSession) -> T:
+            nonlocal last_position
+            tx = Transaction(session, self.signer)
+            result = await work(tx)
+            last_position = await tx.events.flush()
+            return result
+
+        result = await self.database.run(attempt, write=True)
+        if last_position:
+            for listener in self.commit_listeners:
+                listener(last_position)
+        return result

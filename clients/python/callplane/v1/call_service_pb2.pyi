@@ -83,12 +83,21 @@ class GetOrCreateCallRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     MEMBERS_LIMIT_FIELD_NUMBER: _builtins.int
+    RING_FIELD_NUMBER: _builtins.int
+    NOTIFY_FIELD_NUMBER: _builtins.int
+    VIDEO_FIELD_NUMBER: _builtins.int
     type: _builtins.str
     """Call type name."""
     id: _builtins.str
     """Call id."""
     members_limit: _builtins.int
     """How many members to return, 0..100 (0 means the default, 25)."""
+    ring: _builtins.bool
+    """Ring the members (except the creator) when this request creates the call (`call.ring`)."""
+    notify: _builtins.bool
+    """Notify the members (except the creator) when this request creates the call (`call.notification`)."""
+    video: _builtins.bool
+    """With `ring`: whether it is a video call."""
     @_builtins.property
     def data(self) -> Global___CallData:
         """Used only when the call is created."""
@@ -100,10 +109,13 @@ class GetOrCreateCallRequest(_message.Message):
         id: _builtins.str = ...,
         data: Global___CallData | None = ...,
         members_limit: _builtins.int = ...,
+        ring: _builtins.bool = ...,
+        notify: _builtins.bool = ...,
+        video: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "id", b"id", "members_limit", b"members_limit", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "id", b"id", "members_limit", b"members_limit", "notify", b"notify", "ring", b"ring", "type", b"type", "video", b"video"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

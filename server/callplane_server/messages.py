@@ -1,4 +1,5 @@
-"""Proto ↔ domain conversion. Struct ↔ dict, Timestamp ↔ aware datetime, CallSettings ↔ dict."""
+"""Proto ↔ domain conversion shared by the API and the event log: Struct ↔ dict, Timestamp ↔ aware
+datetime, CallSettings ↔ dict, records → messages."""
 
 from __future__ import annotations
 
@@ -9,16 +10,19 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
-from callplane.v1 import call_pb2, call_type_pb2, query_pb2, user_pb2
+from callplane.v1 import call_pb2, call_type_pb2, event_pb2, query_pb2, session_pb2, user_pb2
 from callplane_server.domain.records import (
     CallTypeRecord,
+    CallView,
+    MemberInput,
     MemberRecord,
     PageRequest,
+    ParticipantRecord,
+    SessionRecord,
     SortInput,
     UserRecord,
 )
 from callplane_server.domain.validation import DEFAULT_PAGE_LIMIT
-from callplane_server.services.calls import CallView, MemberInput
 
 _DIRECTIONS = {
     query_pb2.SORT_DIRECTION_UNSPECIFIED: "asc",
@@ -149,3 +153,73 @@ def call_message(view: CallView) -> call_pb2.Call:
 
 def call_state(view: CallView) -> call_pb2.CallState:
     return call_pb2.CallState(call=call_message(view), members=[member_message(m) for m in view.members])
+
+
+_TRACKS = {
+    "audio": session_pb2.TRACK_TYPE_AUDIO,
+    "video": session_pb2.TRACK_TYPE_VIDEO,
+    "screen_share": session_pb2.TRACK_TYPE_SCREEN_SHARE,
+    "screen_share_audio": session_pb2.TRACK_TYPE_SCREEN_SHARE_AUDIO,
+}
+TRACK_NAMES = {value: name for name, value in _TRACKS.items()}
+
+
+def track_value(name: str) -> int:
+    return _TRACKS[name]
+
+
+def participant_message(record: ParticipantRecord, now: datetime | None = None) -> session_pb2.Participant:
+    message = session_pb2.Participant(
+        participant_session_id=record.participant_session_id,
+        user_id=record.user_id,
+        role=record.role,
+        custom_etag=record.custom_etag,
+        published_tracks=[_TRACKS[t] for t in record.published_tracks if t in _TRACKS],
+    )
+    dict_to_struct(record.custom, message.custom)
+    set_timestamp(message.joined_at, record.joined_at)
+    set_timestamp(message.left_at, record.left_at)
+    end = record.left_at or now
+    if end is not None:
+        message.duration_seconds = max(0.0, (end - record.joined_at).total_seconds())
+    if record.left_at is None:
+        set_timestamp(message.lease_expires_at, record.lease_expires_at)
+    return message
+
+
+def session_message(
+    record: SessionRecord, participants: Iterable[ParticipantRecord] = (), now: datetime | None = None
+) -> session_pb2.CallSession:
+    people = list(participants)
+    message = session_pb2.CallSession(
+        id=record.id,
+        call_cid=record.call_cid,
+        custom_etag=record.custom_etag,
+        accepted_by=record.accepted_by,
+        rejected_by=record.rejected_by,
+        missed_by=record.missed_by,
+        participants=[participant_message(p, now) for p in people],
+        participant_count=sum(1 for p in people if p.left_at is None),
+        end_reason=record.end_reason,
+    )
+    dict_to_struct(record.custom, message.custom)
+    set_timestamp(message.started_at, record.started_at)
+    set_timestamp(message.ended_at, record.ended_at)
+    set_timestamp(message.timer_ends_at, record.timer_ends_at)
+    return message
+
+
+def pin_messages(pins: Iterable[dict[str, Any]]) -> list[session_pb2.Pin]:
+    result = []
+    for pin in pins:
+        message = session_pb2.Pin(
+            participant_session_id=pin["participant_session_id"], user_id=pin["user_id"]
+        )
+        set_timestamp(message.pinned_at, datetime.fromisoformat(pin["pinned_at"]))
+        result.append(message)
+    return result
+
+
+def event(type_name: str, **payload: Any) -> event_pb2.Event:
+    """An event with its type name and payload (keyword: the oneof field, e.g. call_updated=...)."""
+    return event_pb2.Event(type=type_name, **payload)

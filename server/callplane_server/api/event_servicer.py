@@ -1,0 +1,86 @@
+"""EventService: the streaming RPCs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from callplane.v1 import event_service_pb2, event_service_pb2_grpc
+from callplane_server.messages import (
+    call_message,
+    member_message,
+    pin_messages,
+    session_message,
+    set_timestamp,
+)
+from callplane_server.services.streams import EventFilter, EventStreamService, ProgressMark, Snapshot
+from callplane_server.store.events import StoredEvent
+
+Context = grpc.aio.ServicerContext
+
+
+def _progress(mark: ProgressMark) -> event_service_pb2.Progress:
+    message = event_service_pb2.Progress(seq=mark.seq)
+    set_timestamp(message.at, mark.at)
+    return message
+
+
+def _snapshot(state: Snapshot) -> event_service_pb2.CallSnapshot:
+    message = event_service_pb2.CallSnapshot(
+        seq=state.seq,
+        call=call_message(state.view),
+        members=[member_message(m) for m in state.view.members],
+        pins=pin_messages(state.pins),
+    )
+    if state.session is not None:
+        message.session.CopyFrom(session_message(state.session, state.participants, state.at))
+    return message
+
+
+class EventServicer(event_service_pb2_grpc.EventServiceServicer):
+    def __init__(self, service: EventStreamService) -> None:
+        self._service = service
+
+    async def WatchCall(
+        self, request, context: Context
+    ) -> AsyncIterator[event_service_pb2.WatchCallResponse]:
+        items = self._service.watch_call(
+            request.type,
+            request.id,
+            snapshot=request.snapshot,
+            after_seq=request.after_seq if request.HasField("after_seq") else None,
+            participant_session_id=request.participant_session_id,
+        )
+        async for item in items:
+            if isinstance(item, StoredEvent):
+                yield event_service_pb2.WatchCallResponse(event=item.event)
+            elif isinstance(item, Snapshot):
+                yield event_service_pb2.WatchCallResponse(snapshot=_snapshot(item))
+            else:
+                yield event_service_pb2.WatchCallResponse(progress=_progress(item))
+
+    async def WatchUser(
+        self, request, context: Context
+    ) -> AsyncIterator[event_service_pb2.WatchUserResponse]:
+        items = self._service.watch_user(
+            request.user_id, after_seq=request.after_seq if request.HasField("after_seq") else None
+        )
+        async for item in items:
+            if isinstance(item, StoredEvent):
+                yield event_service_pb2.WatchUserResponse(event=item.event)
+            elif isinstance(item, ProgressMark):
+                yield event_service_pb2.WatchUserResponse(progress=_progress(item))
+
+    async def SubscribeEvents(
+        self, request, context: Context
+    ) -> AsyncIterator[event_service_pb2.SubscribeEventsResponse]:
+        filters = EventFilter(tuple(request.call_types), tuple(request.call_cids), tuple(request.event_types))
+        items = self._service.subscribe(
+            filters, after_position=request.after_position if request.HasField("after_position") else None
+        )
+        async for item in items:
+            if isinstance(item, StoredEvent):
+                yield event_service_pb2.SubscribeEventsResponse(event=item.event)
+            elif isinstance(item, ProgressMark):
+                yield event_service_pb2.SubscribeEventsResponse(progress=_progress(item))

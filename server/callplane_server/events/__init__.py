@@ -1,0 +1,1 @@
+"""The one event path: event rows written with each change → tailer → bounded per-subscriber queues."""

@@ -1,0 +1,153 @@
+"""Tails the event log and fans events out to subscribers through bounded queues.
+
+The log is the truth; the queues are only a fast path. A subscriber whose queue fills is marked
+overflowed (its queue is emptied, so memory stays bounded) and catches up from the log, so a slow reader
+never blocks the tailer, writers or other subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from callplane_server.store import Store, Transaction
+from callplane_server.store.events import StoredEvent
+
+log = logging.getLogger(__name__)
+
+#: Recipients of one event: [(user_id, user_seq)].
+Recipients = list[tuple[str, int]]
+#: Returns what to deliver to this subscriber for an event (None: not for it).
+Matcher = Callable[[StoredEvent, Recipients], StoredEvent | None]
+
+
+class Overflow:
+    """Queue marker: events were dropped; read them from the log."""
+
+
+class Closed:
+    """Queue marker: the server is shutting down."""
+
+
+OVERFLOW = Overflow()
+CLOSED = Closed()
+
+
+@dataclass(eq=False)
+class Subscription:
+    matcher: Matcher
+    queue: asyncio.Queue[StoredEvent | Overflow | Closed]
+    wants_recipients: bool = False
+    overflowed: bool = False
+    closed: bool = False
+
+    def offer(self, item: StoredEvent) -> None:
+        if self.overflowed or self.closed:
+            return
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            self._replace_contents(OVERFLOW)
+
+    def close(self) -> None:
+        self.closed = True
+        self._replace_contents(CLOSED)
+
+    def _replace_contents(self, marker: Overflow | Closed) -> None:
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(marker)
+
+
+class EventHub:
+    def __init__(
+        self, store: Store, *, poll_interval: float = 0.25, queue_size: int = 256, batch_size: int = 500
+    ) -> None:
+        self._store = store
+        self._poll_interval = poll_interval
+        self._queue_size = queue_size
+        self._batch_size = batch_size
+        self._subscriptions: set[Subscription] = set()
+        self._doorbell = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.last_position = 0
+        self.closed = False
+
+    async def start(self) -> None:
+        _, self.last_position = await self._store.read(lambda tx: tx.events.position_bounds())
+        self._store.commit_listeners.append(self._ring)
+        self._task = asyncio.create_task(self._run(), name="event-tailer")
+
+    def _ring(self, _position: int) -> None:
+        self._doorbell.set()
+
+    def ring(self) -> None:
+        """Wake the tailer now (e.g. on a notification from another process)."""
+        self._doorbell.set()
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._ring in self._store.commit_listeners:
+            self._store.commit_listeners.remove(self._ring)
+        for subscription in list(self._subscriptions):
+            subscription.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def subscribe(self, matcher: Matcher, *, wants_recipients: bool = False) -> Subscription:
+        subscription = Subscription(matcher, asyncio.Queue(self._queue_size), wants_recipients)
+        if self.closed:
+            subscription.close()
+        self._subscriptions.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscriptions.discard(subscription)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscriptions)
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._doorbell.wait(), self._poll_interval)
+            self._doorbell.clear()
+            try:
+                await self.poll()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep tailing; subscribers fall back on the log anyway
+                log.exception("event tailer failed; retrying")
+                await asyncio.sleep(self._poll_interval)
+
+    async def _read_batch(
+        self, after: int, need_recipients: bool, tx: Transaction
+    ) -> tuple[list[StoredEvent], dict[int, Recipients]]:
+        batch = await tx.events.events_after_position(after, self._batch_size)
+        recipients = await tx.events.recipients_of([e.position for e in batch]) if need_recipients else {}
+        return batch, recipients
+
+    async def poll(self) -> int:
+        """Dispatches every event committed since the last poll; returns how many."""
+        dispatched = 0
+        while True:
+            after = self.last_position
+            need_recipients = any(s.wants_recipients for s in self._subscriptions)
+
+            batch, recipients = await self._store.read(partial(self._read_batch, after, need_recipients))
+            for stored in batch:
+                for subscription in list(self._subscriptions):
+                    item = subscription.matcher(stored, recipients.get(stored.position, []))
+                    if item is not None:
+                        subscription.offer(item)
+                self.last_position = stored.position
+            dispatched += len(batch)
+            if len(batch) < self._batch_size:
+                return dispatched

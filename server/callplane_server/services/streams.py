@@ -1,0 +1,307 @@
+"""Watch streams with etcd-style guarantees: ordered, unique, reliable, resumable, snapshot-then-changes,
+with progress on idle streams. Each stream first catches up from the log, then follows its bounded queue;
+any doubt (overflow, a gap) sends it back to the log."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from callplane_server.domain.call_types import merge_settings
+from callplane_server.domain.records import CallView, ParticipantRecord, SessionRecord
+from callplane_server.domain.validation import USER_ID, check_call_key, check_pattern
+from callplane_server.errors import FailedPrecondition, NotFound, OutOfRange, Unavailable, ViolationCollector
+from callplane_server.events.hub import CLOSED, OVERFLOW, EventHub, Recipients, Subscription
+from callplane_server.services.clock import Clock
+from callplane_server.store import Store, Transaction
+from callplane_server.store.events import StoredEvent
+
+CATCH_UP_BATCH = 200
+SNAPSHOT_MEMBERS = 100
+
+
+@dataclass
+class Snapshot:
+    seq: int
+    view: CallView
+    session: SessionRecord | None
+    participants: list[ParticipantRecord]
+    pins: list[dict[str, object]]
+    at: datetime
+
+
+@dataclass
+class ProgressMark:
+    seq: int
+    at: datetime
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    call_types: Sequence[str] = ()
+    call_cids: Sequence[str] = ()
+    event_types: Sequence[str] = ()
+
+    def matches(self, stored: StoredEvent) -> bool:
+        return (
+            (not self.call_types or stored.call_type in self.call_types)
+            and (not self.call_cids or stored.call_cid in self.call_cids)
+            and (not self.event_types or stored.type in self.event_types)
+        )
+
+
+class Presence(Protocol):
+    """Implemented by the session service: a WatchCall stream can hold a participant's presence."""
+
+    async def stream_opened(self, call_type: str, call_id: str, participant_session_id: str) -> None: ...
+
+    async def stream_closed(self, call_type: str, call_id: str, participant_session_id: str) -> None: ...
+
+
+StreamItem = Snapshot | StoredEvent | ProgressMark
+
+
+@dataclass
+class _Follow:
+    """How one kind of stream reads the log and numbers its events."""
+
+    read_after: Callable[[int], Awaitable[list[StoredEvent]]]
+    key: Callable[[StoredEvent], int]
+    # Per-call and per-user numbers are contiguous, so a jump means something was missed.
+    contiguous: bool
+    progress: Callable[[int], int] = field(default=lambda cursor: cursor)
+
+
+class EventStreamService:
+    def __init__(
+        self,
+        store: Store,
+        hub: EventHub,
+        clock: Clock,
+        *,
+        progress_interval: float = 10.0,
+        presence: Presence | None = None,
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._clock = clock
+        self._progress_interval = progress_interval
+        self.presence = presence
+
+    # -- WatchCall ---------------------------------------------------------------------------------
+
+    async def watch_call(
+        self,
+        call_type: str,
+        call_id: str,
+        *,
+        snapshot: bool,
+        after_seq: int | None,
+        participant_session_id: str = "",
+    ) -> AsyncIterator[StreamItem]:
+        problems = ViolationCollector()
+        check_call_key(call_type, call_id, problems)
+        if snapshot and after_seq is not None:
+            problems.add("after_seq", "give snapshot or after_seq, not both")
+        problems.raise_if_any()
+        cid = f"{call_type}:{call_id}"
+        # Subscribe before reading anything, so nothing committed after the read can be missed.
+        subscription = self._hub.subscribe(lambda stored, _r: stored if stored.call_cid == cid else None)
+        holds_presence = False
+        try:
+            if snapshot:
+                state = await self._store.read(lambda tx: self._snapshot(tx, cid))
+                cursor = state.seq
+                yield state
+            else:
+                cursor = await self._store.read(lambda tx: self._call_resume_point(tx, cid, after_seq))
+            if participant_session_id and self.presence is not None:
+                await self.presence.stream_opened(call_type, call_id, participant_session_id)
+                holds_presence = True
+
+            async def read_after(position: int) -> list[StoredEvent]:
+                return await self._store.read(
+                    lambda tx: tx.events.call_events_after(cid, position, CATCH_UP_BATCH)
+                )
+
+            follow = _Follow(read_after=read_after, key=lambda stored: stored.seq, contiguous=True)
+            async for item in self._follow(subscription, cursor, follow):
+                yield item
+        finally:
+            self._hub.unsubscribe(subscription)
+            if holds_presence and self.presence is not None:
+                # Shielded: the client is gone (cancellation), but the leave must still be recorded.
+                await asyncio.shield(self.presence.stream_closed(call_type, call_id, participant_session_id))
+
+    async def _call_resume_point(self, tx: Transaction, cid: str, after_seq: int | None) -> int:
+        bounds = await tx.events.call_seq_bounds(cid)
+        if bounds is None:
+            raise NotFound(f"call {cid!r} does not exist", reason="CALL_NOT_FOUND", metadata={"cid": cid})
+        earliest, last = bounds
+        return _check_resume(after_seq, earliest, last, "after_seq", {"cid": cid})
+
+    async def _snapshot(self, tx: Transaction, cid: str) -> Snapshot:
+        call = await tx.calls.get(cid, for_share=True)
+        if call is None or call.deleted_at is not None:
+            raise NotFound(f"call {cid!r} does not exist", reason="CALL_NOT_FOUND", metadata={"cid": cid})
+        call_type = await tx.call_types.get(call.type)
+        members = (await tx.members.first([cid], SNAPSHOT_MEMBERS))[cid]
+        view = CallView(
+            call, merge_settings(call_type.settings if call_type else {}, call.settings_override), members
+        )
+        session = await tx.sessions.get(call.current_session_id) if call.current_session_id else None
+        participants = await tx.sessions.live_participants(session.id) if session else []
+        return Snapshot(call.last_seq, view, session, participants, list(call.pins), self._clock())
+
+    # -- WatchUser ---------------------------------------------------------------------------------
+
+    async def watch_user(self, user_id: str, *, after_seq: int | None) -> AsyncIterator[StreamItem]:
+        problems = ViolationCollector()
+        check_pattern(user_id, USER_ID, "user_id", "user id", problems)
+        problems.raise_if_any()
+
+        def matcher(stored: StoredEvent, recipients: Recipients) -> StoredEvent | None:
+            for recipient, user_seq in recipients:
+                if recipient == user_id:
+                    copy = type(stored.event)()
+                    copy.CopyFrom(stored.event)
+                    copy.user_seq = user_seq
+                    return StoredEvent(
+                        stored.position, stored.call_cid, stored.call_type, user_seq, stored.type, copy
+                    )
+            return None
+
+        subscription = self._hub.subscribe(matcher, wants_recipients=True)
+        try:
+
+            async def resume(tx: Transaction) -> int:
+                if not await tx.users.existing_ids([user_id]):
+                    raise NotFound(
+                        f"user {user_id!r} does not exist",
+                        reason="USER_NOT_FOUND",
+                        metadata={"user_id": user_id},
+                    )
+                earliest, last = await tx.events.user_seq_bounds(user_id)
+                return _check_resume(after_seq, earliest, last, "after_seq", {"user_id": user_id})
+
+            cursor = await self._store.read(resume)
+
+            async def read_after(position: int) -> list[StoredEvent]:
+                events = await self._store.read(
+                    lambda tx: tx.events.user_events_after(user_id, position, CATCH_UP_BATCH)
+                )
+                return [
+                    StoredEvent(e.position, e.call_cid, e.call_type, e.event.user_seq, e.type, e.event)
+                    for e in events
+                ]
+
+            # For user streams, StoredEvent.seq carries the user_seq (see matcher and read_after).
+            follow = _Follow(read_after=read_after, key=lambda stored: stored.seq, contiguous=True)
+            async for item in self._follow(subscription, cursor, follow):
+                yield item
+        finally:
+            self._hub.unsubscribe(subscription)
+
+    # -- SubscribeEvents ---------------------------------------------------------------------------
+
+    async def subscribe(
+        self, filters: EventFilter, *, after_position: int | None
+    ) -> AsyncIterator[StreamItem]:
+        subscription = self._hub.subscribe(lambda stored, _r: stored if filters.matches(stored) else None)
+        try:
+
+            async def resume(tx: Transaction) -> int:
+                earliest, last = await tx.events.position_bounds()
+                return _check_resume(after_position, earliest, last, "after_position", {})
+
+            cursor = await self._store.read(resume)
+
+            async def read_after(position: int) -> list[StoredEvent]:
+                return await self._store.read(
+                    lambda tx: tx.events.events_after_position(
+                        position,
+                        CATCH_UP_BATCH,
+                        call_types=filters.call_types,
+                        call_cids=filters.call_cids,
+                        event_types=filters.event_types,
+                    )
+                )
+
+            # Filtered positions are not contiguous; progress reports how far the log was scanned.
+            follow = _Follow(
+                read_after=read_after,
+                key=lambda stored: stored.position,
+                contiguous=False,
+                progress=lambda cursor: max(cursor, self._hub.last_position),
+            )
+            async for item in self._follow(subscription, cursor, follow):
+                yield item
+        finally:
+            self._hub.unsubscribe(subscription)
+
+    # -- the one follow loop -----------------------------------------------------------------------
+
+    async def _follow(
+        self, subscription: Subscription, cursor: int, follow: _Follow
+    ) -> AsyncIterator[StreamItem]:
+        catching_up = True
+        while True:
+            if catching_up:
+                # Reset first: anything dispatched from now on is queued, and duplicates of what the
+                # log read returns are skipped by the cursor below.
+                subscription.overflowed = False
+                batch = await follow.read_after(cursor)
+                for stored in batch:
+                    yield stored
+                    cursor = follow.key(stored)
+                if len(batch) == CATCH_UP_BATCH:
+                    continue
+                catching_up = False
+            item = None
+            with contextlib.suppress(TimeoutError):
+                item = await asyncio.wait_for(subscription.queue.get(), self._progress_interval)
+            if item is None:
+                yield ProgressMark(follow.progress(cursor), self._clock())
+                continue
+            if item is CLOSED:
+                raise Unavailable(
+                    "the server is shutting down; reconnect and resume after the last seq you received",
+                    reason="SHUTTING_DOWN",
+                    metadata={"resume_after": cursor},
+                )
+            if item is OVERFLOW:
+                catching_up = True
+                continue
+            assert isinstance(item, StoredEvent)
+            key = follow.key(item)
+            if key <= cursor:
+                continue
+            if follow.contiguous and key != cursor + 1:
+                catching_up = True
+                continue
+            yield item
+            cursor = key
+
+
+def _check_resume(
+    after: int | None, earliest: int, last: int, field: str, metadata: dict[str, object]
+) -> int:
+    if after is None:
+        return last
+    if after > last:
+        raise OutOfRange(
+            f"{field} {after} is in the future; the latest is {last}",
+            reason="RESUME_POINT_IN_FUTURE",
+            metadata={**metadata, field: after, "last": last},
+        )
+    if after + 1 < earliest:
+        raise FailedPrecondition(
+            f"events after {after} are no longer retained; the earliest retained is {earliest}",
+            reason="EVENTS_COMPACTED",
+            metadata={**metadata, field: after, "earliest_seq": earliest},
+        )
+    return after

@@ -1,0 +1,248 @@
+"""The event log: appends events in the writing transaction and reads them back for streams.
+
+Ordering: an event's per-call `seq` is taken by incrementing `calls.last_seq` (the row stays locked until
+commit); its global `position` and each recipient's `user_seq` are taken at the very end of the
+transaction from rows that also stay locked until commit. Numbers are therefore gap-free and in commit
+order on every dialect, and a reader that has seen N can never later find a committed N-1."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from google.protobuf import timestamp_pb2
+from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from callplane.v1 import event_pb2
+from callplane_server.store.models import CallRow, CounterRow, EventRecipientRow, EventRow, UserRow
+
+POSITION_COUNTER = "event_position"
+
+
+@dataclass
+class _Pending:
+    call_cid: str
+    call_type: str
+    seq: int
+    event: event_pb2.Event
+    recipients: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An event as read back: the message with seq, position and (for WatchUser) user_seq filled in."""
+
+    position: int
+    call_cid: str
+    call_type: str
+    seq: int
+    type: str
+    event: event_pb2.Event
+
+
+def _decode(row: EventRow) -> StoredEvent:
+    event = event_pb2.Event.FromString(row.payload)
+    event.position = row.position
+    event.seq = row.seq
+    return StoredEvent(row.position, row.call_cid, row.call_type, row.seq, row.type, event)
+
+
+class EventRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+        self._pending: list[_Pending] = []
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    async def emit(
+        self, call_cid: str, event: event_pb2.Event, created_at: datetime, recipients: Sequence[str] = ()
+    ) -> int:
+        """Appends `event` to the call's log in this transaction and returns its seq. `event.type` and
+        its payload must be set; `recipients` also get it on their WatchUser streams."""
+        result = await self._session.execute(
+            update(CallRow)
+            .where(CallRow.cid == call_cid)
+            .values(last_seq=CallRow.last_seq + 1)
+            .returning(CallRow.last_seq, CallRow.type)
+        )
+        seq, call_type = result.one()
+        event.call_cid = call_cid
+        event.seq = seq
+        stamp = timestamp_pb2.Timestamp()
+        stamp.FromDatetime(created_at)
+        event.created_at.CopyFrom(stamp)
+        self._pending.append(_Pending(call_cid, call_type, int(seq), event, tuple(dict.fromkeys(recipients))))
+        return int(seq)
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    async def flush(self) -> int:
+        """Numbers and writes the pending events; called last, right before commit, so the counter row
+        is locked for as short a time as possible. Returns the last position written (0 if none)."""
+        if not self._pending:
+            return 0
+        pending, self._pending = self._pending, []
+        result = await self._session.execute(
+            update(CounterRow)
+            .where(CounterRow.name == POSITION_COUNTER)
+            .values(value=CounterRow.value + len(pending))
+            .returning(CounterRow.value)
+        )
+        last = int(result.scalar_one())
+        first = last - len(pending) + 1
+        rows = []
+        recipients: dict[str, list[int]] = {}
+        for offset, item in enumerate(pending):
+            position = first + offset
+            item.event.position = 0  # stored in its column; filled in on read
+            rows.append(
+                {
+                    "position": position,
+                    "call_cid": item.call_cid,
+                    "call_type": item.call_type,
+                    "seq": item.seq,
+                    "type": item.event.type,
+                    "created_at": item.event.created_at.ToDatetime(tzinfo=UTC),
+                    "payload": item.event.SerializeToString(),
+                }
+            )
+            for user_id in item.recipients:
+                recipients.setdefault(user_id, []).append(position)
+        await self._session.execute(EventRow.__table__.insert(), rows)
+        # Sorted so concurrent writers lock user rows in the same order (no deadlocks).
+        for user_id in sorted(recipients):
+            positions = recipients[user_id]
+            result = await self._session.execute(
+                update(UserRow)
+                .where(UserRow.id == user_id)
+                .values(last_event_seq=UserRow.last_event_seq + len(positions))
+                .returning(UserRow.last_event_seq)
+            )
+            user_last = result.scalar_one_or_none()
+            if user_last is None:  # the user no longer exists: nobody to deliver to
+                continue
+            user_first = int(user_last) - len(positions) + 1
+            await self._session.execute(
+                EventRecipientRow.__table__.insert(),
+                [
+                    {"user_id": user_id, "user_seq": user_first + index, "position": position}
+                    for index, position in enumerate(positions)
+                ],
+            )
+        return last
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def call_events_after(self, call_cid: str, after_seq: int, limit: int) -> list[StoredEvent]:
+        rows = await self._session.scalars(
+            select(EventRow)
+            .where(EventRow.call_cid == call_cid, EventRow.seq > after_seq)
+            .order_by(EventRow.seq)
+            .limit(limit)
+        )
+        return [_decode(row) for row in rows]
+
+    async def max_seq(self, call_cid: str) -> int:
+        """Highest retained seq of a cid: a recreated (hard-deleted) call continues after it."""
+        return int(
+            await self._session.scalar(select(func.max(EventRow.seq)).where(EventRow.call_cid == call_cid))
+            or 0
+        )
+
+    async def call_seq_bounds(self, call_cid: str) -> tuple[int, int] | None:
+        """(earliest retained seq, last seq) of a call; None if the call never existed. With nothing
+        retained, earliest = last + 1."""
+        last = await self._session.scalar(select(CallRow.last_seq).where(CallRow.cid == call_cid))
+        earliest, newest = (
+            await self._session.execute(
+                select(func.min(EventRow.seq), func.max(EventRow.seq)).where(EventRow.call_cid == call_cid)
+            )
+        ).one()
+        if last is None:
+            if newest is None:
+                return None
+            last = newest  # a hard-deleted call: its retained events still count
+        return (int(earliest) if earliest is not None else int(last) + 1, int(last))
+
+    async def user_events_after(self, user_id: str, after_user_seq: int, limit: int) -> list[StoredEvent]:
+        rows = await self._session.execute(
+            select(EventRow, EventRecipientRow.user_seq)
+            .join(EventRecipientRow, EventRecipientRow.position == EventRow.position)
+            .where(EventRecipientRow.user_id == user_id, EventRecipientRow.user_seq > after_user_seq)
+            .order_by(EventRecipientRow.user_seq)
+            .limit(limit)
+        )
+        events = []
+        for row, user_seq in rows:
+            stored = _decode(row)
+            stored.event.user_seq = user_seq
+            events.append(stored)
+        return events
+
+    async def user_seq_bounds(self, user_id: str) -> tuple[int, int]:
+        last = await self._session.scalar(select(UserRow.last_event_seq).where(UserRow.id == user_id))
+        earliest = await self._session.scalar(
+            select(func.min(EventRecipientRow.user_seq)).where(EventRecipientRow.user_id == user_id)
+        )
+        last = int(last or 0)
+        return (int(earliest) if earliest is not None else last + 1, last)
+
+    async def events_after_position(
+        self,
+        after_position: int,
+        limit: int,
+        *,
+        call_types: Sequence[str] = (),
+        call_cids: Sequence[str] = (),
+        event_types: Sequence[str] = (),
+        up_to: int | None = None,
+    ) -> list[StoredEvent]:
+        conditions = [EventRow.position > after_position]
+        if up_to is not None:
+            conditions.append(EventRow.position <= up_to)
+        if call_types:
+            conditions.append(EventRow.call_type.in_(call_types))
+        if call_cids:
+            conditions.append(EventRow.call_cid.in_(call_cids))
+        if event_types:
+            conditions.append(EventRow.type.in_(event_types))
+        rows = await self._session.scalars(
+            select(EventRow).where(and_(*conditions)).order_by(EventRow.position).limit(limit)
+        )
+        return [_decode(row) for row in rows]
+
+    async def recipients_of(self, positions: Sequence[int]) -> dict[int, list[tuple[str, int]]]:
+        """position → [(user_id, user_seq)] for the given events."""
+        if not positions:
+            return {}
+        rows = await self._session.execute(
+            select(EventRecipientRow.position, EventRecipientRow.user_id, EventRecipientRow.user_seq).where(
+                EventRecipientRow.position.in_(positions)
+            )
+        )
+        found: dict[int, list[tuple[str, int]]] = {}
+        for position, user_id, user_seq in rows:
+            found.setdefault(position, []).append((user_id, user_seq))
+        return found
+
+    async def position_bounds(self) -> tuple[int, int]:
+        """(earliest retained position, last position handed out)."""
+        counter = select(CounterRow.value).where(CounterRow.name == POSITION_COUNTER)
+        last = int(await self._session.scalar(counter) or 0)
+        earliest = await self._session.scalar(select(func.min(EventRow.position)))
+        return (int(earliest) if earliest is not None else last + 1, last)
+
+    async def compact(self, older_than: datetime) -> int:
+        """Deletes events (and their recipient rows) created before `older_than`; returns how many."""
+        newest_old = await self._session.scalar(
+            select(func.max(EventRow.position)).where(EventRow.created_at < older_than)
+        )
+        if newest_old is None:
+            return 0
+        await self._session.execute(delete(EventRecipientRow).where(EventRecipientRow.position <= newest_old))
+        result = await self._session.execute(delete(EventRow).where(EventRow.position <= newest_old))
+        return int(result.rowcount or 0)
