@@ -103,6 +103,8 @@ class RunningServer:
 
 @asynccontextmanager
 async def running_server(backend: str, folder: Path, **config: object) -> AsyncIterator[RunningServer]:
+    # Timers fire only when a test calls server.timers.run_due() after moving the clock.
+    config.setdefault("run_timers", False)
     async with fresh_database(backend, folder) as url:
         clock = TestClock()
         server = CallplaneServer(

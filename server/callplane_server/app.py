@@ -13,24 +13,34 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from callplane.v1 import (
+    call_data_service_pb2,
+    call_data_service_pb2_grpc,
     call_service_pb2,
     call_service_pb2_grpc,
     call_type_service_pb2,
     call_type_service_pb2_grpc,
     event_service_pb2,
     event_service_pb2_grpc,
+    ring_service_pb2,
+    ring_service_pb2_grpc,
+    session_service_pb2,
+    session_service_pb2_grpc,
     user_pb2,
     user_pb2_grpc,
 )
+from callplane_server.api.call_data_servicer import CallDataServicer
 from callplane_server.api.errors import ErrorAndLoggingInterceptor
 from callplane_server.api.event_servicer import EventServicer
+from callplane_server.api.ring_servicer import RingServicer
 from callplane_server.api.servicers import CallServicer, CallTypeServicer, UserServicer
+from callplane_server.api.session_servicer import SessionServicer
 from callplane_server.config import Config
 from callplane_server.events.hub import EventHub
 from callplane_server.services.call_types import CallTypeService
 from callplane_server.services.calls import CallService
 from callplane_server.services.clock import Clock, system_clock
 from callplane_server.services.streams import EventStreamService
+from callplane_server.services.timers import TimerRunner
 from callplane_server.services.users import UserService
 from callplane_server.store import Store
 
@@ -41,6 +51,9 @@ SERVICE_NAMES = (
     user_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
     call_service_pb2.DESCRIPTOR.services_by_name["CallService"].full_name,
     event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+    session_service_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+    ring_service_pb2.DESCRIPTOR.services_by_name["RingService"].full_name,
+    call_data_service_pb2.DESCRIPTOR.services_by_name["CallDataService"].full_name,
 )
 COMPACTION_INTERVAL_SECONDS = 60.0
 
@@ -57,6 +70,10 @@ class CallplaneServer:
         self._health = HealthServicer()
         self.hub: EventHub | None = None
         self.streams: EventStreamService | None = None
+        self.timers: TimerRunner | None = None
+        self.sessions: SessionService | None = None
+        self.ringing: RingingService | None = None
+        self.call_data: CallDataService | None = None
         self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
@@ -70,6 +87,9 @@ class CallplaneServer:
         await self.hub.start()
         self.streams = EventStreamService(
             self.store, self.hub, self.clock, progress_interval=self.config.progress_interval_seconds
+        )
+        self.timers = TimerRunner(
+            self.store, self.clock, poll_interval=self.config.timer_poll_interval_seconds
         )
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
         server = grpc.aio.server(
@@ -85,6 +105,11 @@ class CallplaneServer:
             CallServicer(CallService(self.store, self.clock, limits)), server
         )
         event_service_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(self.streams), server)
+        session_service_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(self.sessions), server)
+        ring_service_pb2_grpc.add_RingServiceServicer_to_server(RingServicer(self.ringing), server)
+        call_data_service_pb2_grpc.add_CallDataServiceServicer_to_server(
+            CallDataServicer(self.call_data), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if self.config.reflection:
             reflection.enable_server_reflection(
@@ -103,6 +128,8 @@ class CallplaneServer:
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._background.append(asyncio.create_task(self._compact_periodically(), name="event-compaction"))
+        if self.config.run_timers:
+            self.timers.start()
         log.info("callplane serving on port %d (%s)", self.port, self.store.database.dialect)
         return self.port
 
@@ -125,6 +152,8 @@ class CallplaneServer:
         await self._health.enter_graceful_shutdown()
         for task in self._background:
             task.cancel()
+        if self.timers is not None:
+            await self.timers.close()
         # Watch streams end now with UNAVAILABLE (clients resume elsewhere); stop() would otherwise wait
         # the whole grace period for them.
         if self.hub is not None:

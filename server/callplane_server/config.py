@@ -29,6 +29,12 @@ class Config:
     event_queue_size: int = 256
     # How often the tailer looks for events committed by other processes (local commits ring at once).
     event_poll_interval_seconds: float = 0.25
+    # How often due timers (inactivity, max duration, ring timeouts, leases) are looked for.
+    timer_poll_interval_seconds: float = 0.5
+    # Tests turn the background timer loop off and fire timers with run_due() and an injected clock.
+    run_timers: bool = True
+    # A participant not renewed (KeepAlive or a presence-holding WatchCall) for this long is removed.
+    lease_ttl_seconds: float = 30.0
 
     @property
     def resolved_database_url(self) -> str:

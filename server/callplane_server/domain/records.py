@@ -164,3 +164,13 @@ class SessionRecord:
     @property
     def custom_etag(self) -> str:
         return f"{self.id[:8]}.{self.custom_version}"
+
+
+@dataclass
+class TimerRecord:
+    id: int
+    kind: str
+    call_cid: str
+    key: str
+    due_at: datetime
+    payload: JSONDict = field(default_factory=dict)

@@ -18,6 +18,7 @@ from callplane_server.store.repositories import (
     UserRepository,
 )
 from callplane_server.store.sessions import SessionRepository
+from callplane_server.store.timers import TimerRepository
 
 T = TypeVar("T")
 
@@ -33,6 +34,7 @@ class Transaction:
         self.secrets = SecretRepository(session)
         self.events = EventRepository(session)
         self.sessions = SessionRepository(session)
+        self.timers = TimerRepository(session)
 
 
 class Store:

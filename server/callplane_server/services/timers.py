@@ -1,0 +1,93 @@
+"""Runs durable timers exactly once: each fires in the transaction that deletes its row, so a crash
+before commit leaves it pending (it fires after the restart) and a commit leaves nothing to fire twice.
+Tests drive it with an injected clock and `run_due()`, never with sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+from callplane_server.domain.records import TimerRecord
+from callplane_server.services.clock import Clock
+from callplane_server.store import Store, Transaction
+
+log = logging.getLogger(__name__)
+
+#: Applies a fired timer's effect inside the transaction that deletes it. `now` is the firing time.
+TimerHandler = Callable[[Transaction, TimerRecord, datetime], Awaitable[None]]
+
+
+class TimerRunner:
+    def __init__(self, store: Store, clock: Clock, *, poll_interval: float = 0.5, batch: int = 100) -> None:
+        self._store = store
+        self._clock = clock
+        self._poll_interval = poll_interval
+        self._batch = batch
+        self._handlers: dict[str, TimerHandler] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wakeup = asyncio.Event()
+
+    def register(self, kind: str, handler: TimerHandler) -> None:
+        self._handlers[kind] = handler
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="timers")
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self._poll_interval)
+            self._wakeup.clear()
+            try:
+                await self.run_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("timer run failed; retrying")
+
+    async def run_due(self) -> int:
+        """Fires every timer due by the clock now; returns how many fired."""
+        fired = 0
+        while True:
+            now = self._clock()
+            due = await self._store.read(lambda tx, now=now: tx.timers.due(now, self._batch))
+            if not due:
+                return fired
+            for timer in due:
+                if await self._fire(timer, now):
+                    fired += 1
+            if len(due) < self._batch:
+                return fired
+
+    async def _fire(self, timer: TimerRecord, now: datetime) -> bool:
+        handler = self._handlers.get(timer.kind)
+        if handler is None:
+            log.error("no handler for timer kind %r; leaving it pending", timer.kind)
+            return False
+
+        async def work(tx: Transaction) -> bool:
+            # Lock order as every writer of a call: the call row first, then the timer row.
+            await tx.calls.get(timer.call_cid, for_update=True)
+            claimed = await tx.timers.claim(timer.id, now)
+            if claimed is None:
+                return False
+            await handler(tx, claimed, now)
+            return True
+
+        try:
+            return await self._store.write(work)
+        except Exception:
+            log.exception("timer %s %s/%s failed; it stays pending", timer.kind, timer.call_cid, timer.key)
+            return False
