@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
 from callplane_server.store import Store, Transaction
-from callplane_server.store.events import StoredEvent
+from callplane_server.store.events import NOTIFY_CHANNEL, StoredEvent
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,15 @@ class EventHub:
         self._subscriptions: set[Subscription] = set()
         self._doorbell = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stop_listening: Callable[[], Awaitable[None]] | None = None
         self.last_position = 0
         self.closed = False
 
     async def start(self) -> None:
         _, self.last_position = await self._store.read(lambda tx: tx.events.position_bounds())
         self._store.commit_listeners.append(self._ring)
+        # Commits by other processes (PostgreSQL replicas) ring through LISTEN/NOTIFY; polling backs it up.
+        self._stop_listening = await self._store.database.listen(NOTIFY_CHANNEL, self.ring)
         self._task = asyncio.create_task(self._run(), name="event-tailer")
 
     def _ring(self, _position: int) -> None:
@@ -95,6 +98,8 @@ class EventHub:
             self._store.commit_listeners.remove(self._ring)
         for subscription in list(self._subscriptions):
             subscription.close()
+        if self._stop_listening is not None:
+            await self._stop_listening()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -146,6 +148,46 @@ class Database:
                 ) from error
             raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def listen(self, channel: str, on_notify: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+        """PostgreSQL only: calls `on_notify` for every NOTIFY on `channel` (a doorbell: it may miss
+        notifications while reconnecting, so callers also poll). Returns an async stop function."""
+        if self.dialect != "postgresql":
+
+            async def nothing() -> None:
+                return None
+
+            return nothing
+        import asyncpg
+
+        dsn = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+        async def keep_listening() -> None:
+            while True:
+                try:
+                    connection = await asyncpg.connect(dsn)
+                    try:
+                        lost = asyncio.Event()
+                        connection.add_termination_listener(lambda _connection, lost=lost: lost.set())
+                        await connection.add_listener(channel, lambda *_args: on_notify())
+                        on_notify()  # anything missed while disconnected is picked up by a poll
+                        await lost.wait()
+                    finally:
+                        await connection.close()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:
+                    log.warning("event notifications unavailable (%s); polling only, retrying", error)
+                    await asyncio.sleep(1.0)
+
+        task = asyncio.create_task(keep_listening(), name=f"listen-{channel}")
+
+        async def stop() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        return stop
 
     async def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision (idempotent; serialized across processes)."""

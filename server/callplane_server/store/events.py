@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
-from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import and_, delete, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from callplane.v1 import event_pb2
 from callplane_server.store.models import CallRow, CounterRow, EventRecipientRow, EventRow, UserRow
 
 POSITION_COUNTER = "event_position"
+NOTIFY_CHANNEL = "callplane_events"
 
 
 @dataclass
@@ -132,6 +133,12 @@ class EventRepository:
                     {"user_id": user_id, "user_seq": user_first + index, "position": position}
                     for index, position in enumerate(positions)
                 ],
+            )
+        if self._session.get_bind().dialect.name == "postgresql":
+            # A doorbell for other server processes; delivered on commit, never on rollback.
+            await self._session.execute(
+                text("SELECT pg_notify(:channel, :position)"),
+                {"channel": NOTIFY_CHANNEL, "position": str(last)},
             )
         return last
 
