@@ -113,4 +113,5 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         event_poll_interval_seconds=float(
             env.get("CALLPLANE_EVENT_POLL_INTERVAL_SECONDS") or defaults.event_poll_interval_seconds
         ),
+        lease_ttl_seconds=float(env.get("CALLPLANE_LEASE_TTL_SECONDS") or defaults.lease_ttl_seconds),
     )
