@@ -36,13 +36,16 @@ from callplane_server.api.servicers import CallServicer, CallTypeServicer, UserS
 from callplane_server.api.session_servicer import SessionServicer
 from callplane_server.config import Config
 from callplane_server.events.hub import EventHub
+from callplane_server.services.call_data import CallDataService
 from callplane_server.services.call_types import CallTypeService
 from callplane_server.services.calls import CallService
 from callplane_server.services.clock import Clock, system_clock
+from callplane_server.services.ringing import RingingService
+from callplane_server.services.sessions import SessionService
 from callplane_server.services.streams import EventStreamService
 from callplane_server.services.timers import TimerRunner
 from callplane_server.services.users import UserService
-from callplane_server.store import Store
+from callplane_server.store import Store, Transaction
 
 log = logging.getLogger("callplane")
 
@@ -91,6 +94,16 @@ class CallplaneServer:
         self.timers = TimerRunner(
             self.store, self.clock, poll_interval=self.config.timer_poll_interval_seconds
         )
+        self.sessions = SessionService(
+            self.store,
+            self.clock,
+            limits,
+            self.timers,
+            lease_ttl=timedelta(seconds=self.config.lease_ttl_seconds),
+        )
+        self.streams.presence = self.sessions
+        self.ringing = RingingService(self.store, self.clock, self.timers)
+        self.call_data = CallDataService(self.store, self.clock, limits)
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
         server = grpc.aio.server(
             interceptors=[ErrorAndLoggingInterceptor()], options=[("grpc.so_reuseport", 0)]
@@ -137,7 +150,13 @@ class CallplaneServer:
         """Drops events older than the retention period (by the injected clock); returns how many."""
         assert self.store is not None
         cutoff = self.clock() - timedelta(seconds=self.config.event_retention_seconds)
-        return await self.store.write(lambda tx: tx.events.compact(cutoff))
+
+        async def compact(tx: Transaction) -> int:
+            # Idempotency keys live as long as the events they point at.
+            await tx.idempotency.compact(cutoff)
+            return await tx.events.compact(cutoff)
+
+        return await self.store.write(compact)
 
     async def _compact_periodically(self) -> None:
         while True:
@@ -154,6 +173,9 @@ class CallplaneServer:
             task.cancel()
         if self.timers is not None:
             await self.timers.close()
+        # Before the streams end: a stream ended by shutdown must not count as its participant leaving.
+        if self.sessions is not None:
+            await self.sessions.close()
         # Watch streams end now with UNAVAILABLE (clients resume elsewhere); stop() would otherwise wait
         # the whole grace period for them.
         if self.hub is not None:

@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
-from callplane.v1 import ring_service_pb2_grpc
+import grpc
+
+from callplane.v1 import ring_service_pb2, ring_service_pb2_grpc
 from callplane_server.services.ringing import RingingService
+
+Context = grpc.aio.ServicerContext
 
 
 class RingServicer(ring_service_pb2_grpc.RingServiceServicer):
     def __init__(self, service: RingingService) -> None:
         self._service = service
+
+    async def RingCall(self, request, context: Context):
+        result = await self._service.ring(
+            request.type, request.id, request.user_id, list(request.members_ids), request.video
+        )
+        return ring_service_pb2.RingCallResponse(members_ids=result.members_ids, call=result.call)
+
+    async def AcceptCall(self, request, context: Context):
+        await self._service.accept(request.type, request.id, request.user_id)
+        return ring_service_pb2.AcceptCallResponse()
+
+    async def RejectCall(self, request, context: Context):
+        await self._service.reject(request.type, request.id, request.user_id, request.reason)
+        return ring_service_pb2.RejectCallResponse()

@@ -108,6 +108,9 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
                 team=data.team,
             ),
             request.members_limit,
+            ring=request.ring,
+            notify=request.notify,
+            video=request.video,
         )
         return call_service_pb2.GetOrCreateCallResponse(
             call=call_message(view), members=[member_message(m) for m in view.members], created=view.created

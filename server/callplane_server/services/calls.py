@@ -32,6 +32,8 @@ from callplane_server.messages import call_message, event, member_message
 from callplane_server.services.call_types import call_type_not_found
 from callplane_server.services.clock import Clock
 from callplane_server.services.limits import Limits
+from callplane_server.services.ringing import cancel_rings, ring_created_call
+from callplane_server.services.session_rules import end_running_session, reschedule_max_duration
 from callplane_server.store import Store, Transaction
 
 
@@ -150,8 +152,18 @@ class CallService:
     # -- RPCs -------------------------------------------------------------------------------------
 
     async def get_or_create(
-        self, call_type: str, call_id: str, data: CallData, members_limit: int
+        self,
+        call_type: str,
+        call_id: str,
+        data: CallData,
+        members_limit: int,
+        *,
+        ring: bool = False,
+        notify: bool = False,
+        video: bool = False,
     ) -> CallView:
+        """With `ring` / `notify` (only when this request creates the call): rings or notifies every
+        member except the creator, in the creating transaction."""
         problems = ViolationCollector()
         check_call_key(call_type, call_id, problems)
         limit = resolve_limit(
@@ -164,6 +176,8 @@ class CallService:
         self._check_members(data.members, "data.members", problems)
         check_custom_size(data.custom, self._limits.max_call_custom_bytes, "data.custom", problems)
         validate_settings(data.settings_override, "data.settings_override", problems)
+        if (ring or notify) and not data.created_by_id:
+            problems.add("data.created_by_id", "is required with ring or notify (the caller)")
         problems.raise_if_any()
         cid = f"{call_type}:{call_id}"
 
@@ -213,6 +227,9 @@ class CallService:
                 call=call_message(view), members=[member_message(m) for m in members]
             )
             await tx.events.emit(cid, event("call.created", call_created=created), now)
+            await ring_created_call(
+                tx, view, [m.user_id for m in members], ring=ring, notify=notify, video=video, now=now
+            )
             return view
 
         return await self._store.write(work)
@@ -286,10 +303,18 @@ class CallService:
             if changed:
                 call.custom = custom
                 if override != call.settings_override:
-                    call.settings_override = override
                     type_record = await tx.call_types.get(call.type)
-                    effective = merge_settings(type_record.settings if type_record else {}, override)
-                    call.backstage = bool(effective.get("backstage", {}).get("enabled"))
+                    base = type_record.settings if type_record else {}
+                    before = merge_settings(base, call.settings_override)
+                    effective = merge_settings(base, override)
+                    call.settings_override = override
+                    # Only a change of backstage.enabled itself moves the call in or out of backstage;
+                    # other settings changes must not undo a GoLive.
+                    was = bool(before.get("backstage", {}).get("enabled"))
+                    now_enabled = bool(effective.get("backstage", {}).get("enabled"))
+                    if was != now_enabled:
+                        call.backstage = now_enabled
+                    await reschedule_max_duration(tx, call, effective)
                 if change.starts_at is not None:
                     call.starts_at = change.starts_at
                 call.version += 1
@@ -316,6 +341,9 @@ class CallService:
                     f"call {cid!r} already ended", reason="CALL_ENDED", metadata={"cid": cid}
                 )
             now = self._clock()
+            # Rings are cancelled, everyone leaves (call_ended) and the session ends before call.ended.
+            await cancel_rings(tx, call, now)
+            await end_running_session(tx, call, now)
             call.ended_at = now
             call.ongoing = False
             call.updated_at = now
@@ -338,12 +366,18 @@ class CallService:
             call = await tx.calls.get(cid, for_update=True)
             if call is None or (call.deleted_at is not None and not hard):
                 raise call_not_found(cid)
-            view = await self._view(tx, call, 0)
             now = self._clock()
+            if call.deleted_at is None:
+                await cancel_rings(tx, call, now)
+                await end_running_session(tx, call, now)
+            view = await self._view(tx, call, 0)
             if hard:
                 # The event goes first: it takes its seq from the call row that is about to go.
                 deleted = event_pb2.CallDeletedEvent(call=call_message(view), hard=True)
                 await tx.events.emit(cid, event("call.deleted", call_deleted=deleted), now)
+                await tx.sessions.delete_for_call(cid)
+                # A recreated call of this cid must not mistake old request ids for retries.
+                await tx.idempotency.forget_call(cid)
                 await tx.calls.hard_delete(cid)
                 return view
             call.deleted_at = now

@@ -1,13 +1,137 @@
-"""Sessions and participants: joins, leaves, leases, inactivity and max-duration timers, backstage."""
+"""Sessions and participants: joins, leaves, leases, inactivity and max-duration timers, backstage.
+
+Presence never leaks: every live participant holds a lease with a durable `participant_lease` timer.
+KeepAlive, or a WatchCall stream opened with the participant's id, renews it; when that stream ends the
+participant leaves at once; if its process dies instead, the lease runs out and the timer (fired by any
+replica) removes it."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import asyncio
+import contextlib
+import logging
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
 
+from callplane.v1 import event_pb2
+from callplane_server.domain.call_types import merge_settings
+from callplane_server.domain.records import (
+    CallRecord,
+    CallView,
+    Page,
+    PageRequest,
+    ParticipantRecord,
+    SessionRecord,
+    TimerRecord,
+)
+from callplane_server.domain.validation import USER_ID, check_call_key, check_custom_size, check_pattern
+from callplane_server.errors import (
+    CallplaneError,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    ViolationCollector,
+)
+from callplane_server.messages import (
+    TRACK_NAMES,
+    call_message,
+    event,
+    participant_message,
+    session_message,
+)
+from callplane_server.services.calls import CallData, CallService, call_not_found
 from callplane_server.services.clock import Clock
 from callplane_server.services.limits import Limits
+from callplane_server.services.session_rules import (
+    DISCONNECTED,
+    END_INACTIVITY,
+    END_MAX_DURATION,
+    INACTIVITY_TIMER,
+    LEASE_EXPIRED,
+    LEASE_TIMER,
+    LEFT,
+    MAX_DURATION,
+    MAX_DURATION_TIMER,
+    emit_counts,
+    end_session,
+    inactivity_timeout_seconds,
+    mark_left,
+    max_duration_seconds,
+)
 from callplane_server.services.timers import TimerRunner
-from callplane_server.store import Store
+from callplane_server.store import Store, Transaction
+
+log = logging.getLogger(__name__)
+
+PARTICIPANT_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass
+class JoinResult:
+    view: CallView
+    session: SessionRecord
+    participants: list[ParticipantRecord]
+    participant: ParticipantRecord
+    seq: int
+    now: datetime
+
+
+@dataclass
+class ParticipantsPage:
+    page: Page[ParticipantRecord]
+    session_id: str
+    total: int
+    by_role: dict[str, int]
+    now: datetime
+
+
+@dataclass
+class SessionsPage:
+    page: Page[SessionRecord]
+    participants: dict[str, list[ParticipantRecord]] = field(default_factory=dict)
+    now: datetime | None = None
+
+
+def participant_not_found(cid: str, participant_session_id: str) -> NotFound:
+    return NotFound(
+        f"participant {participant_session_id!r} is not in call {cid!r}",
+        reason="PARTICIPANT_NOT_FOUND",
+        metadata={"cid": cid, "participant_session_id": participant_session_id},
+    )
+
+
+def _participant_left(cid: str, participant: ParticipantRecord) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"participant {participant.participant_session_id!r} already left call {cid!r} "
+        f"({participant.left_reason}); join again",
+        reason="PARTICIPANT_LEFT",
+        metadata={
+            "cid": cid,
+            "participant_session_id": participant.participant_session_id,
+            "left_reason": participant.left_reason,
+        },
+    )
+
+
+def _call_ended(cid: str) -> FailedPrecondition:
+    return FailedPrecondition(f"call {cid!r} has ended", reason="CALL_ENDED", metadata={"cid": cid})
+
+
+async def _live_call(tx: Transaction, cid: str, *, for_update: bool = False) -> CallRecord:
+    call = await tx.calls.get(cid, for_update=for_update)
+    if call is None or call.deleted_at is not None:
+        raise call_not_found(cid)
+    return call
+
+
+async def _view(tx: Transaction, call: CallRecord, members_limit: int = 0) -> CallView:
+    type_record = await tx.call_types.get(call.type)
+    settings = merge_settings(type_record.settings if type_record else {}, call.settings_override)
+    members = (await tx.members.first([call.cid], members_limit))[call.cid] if members_limit else []
+    return CallView(call, settings, members)
 
 
 class SessionService:
@@ -21,9 +145,471 @@ class SessionService:
         self._limits = limits
         self._timers = timers
         self._lease_ttl = lease_ttl
+        self._calls = CallService(store, clock, limits)
+        # Participants whose presence a WatchCall stream of this process holds: (cid, id) → open streams.
+        self._held: dict[tuple[str, str], int] = {}
+        self._renewer: asyncio.Task[None] | None = None
+        self._closing = False
+        timers.register(LEASE_TIMER, self._on_lease_expired)
+        timers.register(INACTIVITY_TIMER, self._on_inactivity)
+        timers.register(MAX_DURATION_TIMER, self._on_max_duration)
+
+    @property
+    def lease_ttl(self) -> timedelta:
+        return self._lease_ttl
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    async def _renew_lease(self, tx: Transaction, participant: ParticipantRecord, now: datetime) -> None:
+        participant.lease_expires_at = now + self._lease_ttl
+        await tx.sessions.save_participant(participant)
+        await tx.timers.schedule(
+            LEASE_TIMER,
+            participant.call_cid,
+            participant.lease_expires_at,
+            key=participant.participant_session_id,
+            payload={"session_id": participant.session_id},
+        )
+
+    async def _current_participant(
+        self, tx: Transaction, call: CallRecord, participant_session_id: str
+    ) -> ParticipantRecord:
+        """The live participant, or NOT_FOUND / FAILED_PRECONDITION (PARTICIPANT_LEFT)."""
+        participant = None
+        if call.current_session_id:
+            participant = await tx.sessions.get_participant(call.current_session_id, participant_session_id)
+        if participant is None:
+            participant = await tx.sessions.find_participant(call.cid, participant_session_id)
+        if participant is None:
+            raise participant_not_found(call.cid, participant_session_id)
+        if participant.left_at is not None:
+            raise _participant_left(call.cid, participant)
+        return participant
+
+    async def _leave(
+        self, tx: Transaction, call: CallRecord, participant: ParticipantRecord, reason: str, now: datetime
+    ) -> int:
+        """One participant leaves; when the session is left empty, its inactivity timer starts."""
+        await mark_left(tx, participant, reason, now)
+        seq = await emit_counts(tx, call.cid, participant.session_id, now)
+        running = call.current_session_id == participant.session_id
+        if running and not await tx.sessions.live_participants(participant.session_id):
+            settings = (await _view(tx, call)).settings
+            due = now + timedelta(seconds=inactivity_timeout_seconds(settings))
+            await tx.timers.schedule(
+                INACTIVITY_TIMER, call.cid, due, payload={"session_id": participant.session_id}
+            )
+        return seq
+
+    @staticmethod
+    def _key_problems(call_type: str, call_id: str, participant_session_id: str) -> ViolationCollector:
+        problems = ViolationCollector()
+        check_call_key(call_type, call_id, problems)
+        check_pattern(
+            participant_session_id,
+            PARTICIPANT_SESSION_ID,
+            "participant_session_id",
+            "participant session id (1..64 of A-Z a-z 0-9 _ -)",
+            problems,
+        )
+        return problems
+
+    # -- JoinCall ----------------------------------------------------------------------------------
+
+    async def join(
+        self,
+        call_type: str,
+        call_id: str,
+        user_id: str,
+        *,
+        participant_session_id: str = "",
+        custom: dict[str, Any] | None = None,
+        create: bool = False,
+        data: CallData | None = None,
+    ) -> JoinResult:
+        problems = ViolationCollector()
+        check_call_key(call_type, call_id, problems)
+        check_pattern(user_id, USER_ID, "user_id", "user id", problems)
+        if participant_session_id and not PARTICIPANT_SESSION_ID.fullmatch(participant_session_id):
+            problems.add(
+                "participant_session_id",
+                f"{participant_session_id!r} is not a valid participant session id"
+                " (1..64 of A-Z a-z 0-9 _ -)",
+            )
+        custom = custom or {}
+        check_custom_size(custom, self._limits.max_participant_custom_bytes, "custom", problems)
+        problems.raise_if_any()
+        cid = f"{call_type}:{call_id}"
+        if create:
+            # The same rules (and the same call.created event) as GetOrCreateCall; the joining user is the
+            # creator unless `data` names one.
+            data = data or CallData()
+            if not data.created_by_id:
+                data.created_by_id = user_id
+            await self._calls.get_or_create(call_type, call_id, data, 0)
+        psid = participant_session_id or uuid.uuid4().hex
+
+        async def work(tx: Transaction) -> JoinResult:
+            call = await _live_call(tx, cid, for_update=True)
+            now = self._clock()
+            users = await tx.users.get_many([user_id])
+            user = users.get(user_id)
+            if user is None:
+                raise NotFound(
+                    f"user {user_id!r} does not exist", reason="USER_NOT_FOUND", metadata={"user_id": user_id}
+                )
+            if call.current_session_id:
+                existing = await tx.sessions.get_participant(call.current_session_id, psid)
+                if existing is not None:
+                    if existing.user_id != user_id:
+                        raise FailedPrecondition(
+                            f"participant session id {psid!r} belongs to another user in call {cid!r}",
+                            reason="PARTICIPANT_SESSION_ID_TAKEN",
+                            metadata={"cid": cid, "participant_session_id": psid},
+                        )
+                    if existing.left_at is not None:
+                        raise FailedPrecondition(
+                            f"participant {psid!r} already left call {cid!r}; join with a new "
+                            "participant_session_id",
+                            reason="PARTICIPANT_LEFT",
+                            metadata={
+                                "cid": cid,
+                                "participant_session_id": psid,
+                                "left_reason": existing.left_reason,
+                            },
+                        )
+                    # Idempotent re-join: the same participant, its lease renewed, no events.
+                    await self._renew_lease(tx, existing, now)
+                    session = await tx.sessions.get(call.current_session_id)
+                    assert session is not None
+                    live = await tx.sessions.live_participants(session.id)
+                    return JoinResult(await _view(tx, call), session, live, existing, call.last_seq, now)
+            if call.ended_at is not None:
+                raise _call_ended(cid)
+            view = await _view(tx, call)
+            settings = view.settings
+            if call.backstage:
+                ahead = int(settings.get("backstage", {}).get("join_ahead_time_seconds") or 0)
+                opens_at = call.starts_at - timedelta(seconds=ahead) if call.starts_at else None
+                if opens_at is None or now < opens_at:
+                    metadata: dict[str, object] = {"cid": cid}
+                    if opens_at is not None:
+                        metadata["joinable_from"] = opens_at.isoformat()
+                    raise FailedPrecondition(
+                        f"call {cid!r} is in backstage; it can be joined once it goes live"
+                        + (f" or from {opens_at.isoformat()}" if opens_at else ""),
+                        reason="CALL_IN_BACKSTAGE",
+                        metadata=metadata,
+                    )
+            session: SessionRecord | None = None
+            if call.current_session_id:
+                session = await tx.sessions.get(call.current_session_id)
+            live = await tx.sessions.live_participants(session.id) if session else []
+            maximum = int(settings.get("limits", {}).get("max_participants") or 0)
+            if maximum and len(live) >= maximum:
+                raise ResourceExhausted(
+                    f"call {cid!r} is full ({maximum} participants)",
+                    reason="CALL_FULL",
+                    metadata={"cid": cid, "max_participants": maximum},
+                )
+            if session is None:
+                session = SessionRecord(id=str(uuid.uuid4()), call_cid=cid, started_at=now)
+                seconds = max_duration_seconds(settings)
+                if seconds > 0:
+                    session.timer_ends_at = now + timedelta(seconds=seconds)
+                await tx.sessions.insert(session)
+                if session.timer_ends_at is not None:
+                    await tx.timers.schedule(
+                        MAX_DURATION_TIMER, cid, session.timer_ends_at, payload={"session_id": session.id}
+                    )
+                call.current_session_id = session.id
+                call.ongoing = True
+                await tx.calls.save(call)
+                started = event_pb2.SessionEvent(session=session_message(session, [], now))
+                await tx.events.emit(cid, event("call.session_started", call_session_started=started), now)
+            await tx.timers.cancel(INACTIVITY_TIMER, cid)
+            member = (await tx.members.get_many(cid, [user_id])).get(user_id)
+            participant = ParticipantRecord(
+                session_id=session.id,
+                participant_session_id=psid,
+                call_cid=cid,
+                user_id=user_id,
+                role=member.role if member else user.role,
+                custom=custom,
+                custom_version=1,
+                published_tracks=[],
+                joined_at=now,
+                lease_expires_at=now + self._lease_ttl,
+            )
+            await tx.sessions.insert_participant(participant)
+            await self._renew_lease(tx, participant, now)
+            joined = event_pb2.ParticipantEvent(
+                session_id=session.id, participant=participant_message(participant, now)
+            )
+            await tx.events.emit(
+                cid, event("call.session_participant_joined", call_session_participant_joined=joined), now
+            )
+            seq = await emit_counts(tx, cid, session.id, now)
+            live = await tx.sessions.live_participants(session.id)
+            return JoinResult(view, session, live, participant, seq, now)
+
+        return await self._store.write(work)
+
+    # -- LeaveCall / KeepAlive / UpdateParticipant ------------------------------------------------
+
+    async def leave(
+        self, call_type: str, call_id: str, participant_session_id: str, *, reason: str = LEFT
+    ) -> None:
+        self._key_problems(call_type, call_id, participant_session_id).raise_if_any()
+        cid = f"{call_type}:{call_id}"
+
+        async def work(tx: Transaction) -> None:
+            call = await _live_call(tx, cid, for_update=True)
+            try:
+                participant = await self._current_participant(tx, call, participant_session_id)
+            except FailedPrecondition:
+                return  # already left: leaving is idempotent
+            await self._leave(tx, call, participant, reason, self._clock())
+
+        await self._store.write(work)
+
+    async def keep_alive(
+        self, call_type: str, call_id: str, participant_session_id: str
+    ) -> ParticipantRecord:
+        self._key_problems(call_type, call_id, participant_session_id).raise_if_any()
+        cid = f"{call_type}:{call_id}"
+
+        async def work(tx: Transaction) -> ParticipantRecord:
+            call = await _live_call(tx, cid, for_update=True)
+            participant = await self._current_participant(tx, call, participant_session_id)
+            await self._renew_lease(tx, participant, self._clock())
+            return participant
+
+        return await self._store.write(work)
+
+    async def update_participant(
+        self, call_type: str, call_id: str, participant_session_id: str, published_tracks: list[int]
+    ) -> tuple[ParticipantRecord, datetime]:
+        problems = self._key_problems(call_type, call_id, participant_session_id)
+        names: list[str] = []
+        for index, value in enumerate(published_tracks):
+            name = TRACK_NAMES.get(value)  # type: ignore[call-overload]
+            if name is None:
+                problems.add(f"published_tracks[{index}]", f"{value} is not a track type")
+            elif name not in names:
+                names.append(name)
+        problems.raise_if_any()
+        # One canonical order (the enum's), so that reporting the same set twice is no change.
+        names.sort(key=lambda name: list(TRACK_NAMES.values()).index(name))
+        cid = f"{call_type}:{call_id}"
+
+        async def work(tx: Transaction) -> tuple[ParticipantRecord, datetime]:
+            call = await _live_call(tx, cid, for_update=True)
+            participant = await self._current_participant(tx, call, participant_session_id)
+            now = self._clock()
+            if participant.published_tracks != names:
+                participant.published_tracks = names
+                await tx.sessions.save_participant(participant)
+                updated = event_pb2.ParticipantEvent(
+                    session_id=participant.session_id, participant=participant_message(participant, now)
+                )
+                await tx.events.emit(
+                    cid,
+                    event("call.session_participant_updated", call_session_participant_updated=updated),
+                    now,
+                )
+            return participant, now
+
+        return await self._store.write(work)
+
+    # -- queries -----------------------------------------------------------------------------------
+
+    async def query_participants(self, call_type: str, call_id: str, page: PageRequest) -> ParticipantsPage:
+        problems = ViolationCollector()
+        check_call_key(call_type, call_id, problems)
+        problems.raise_if_any()
+        cid = f"{call_type}:{call_id}"
+
+        async def work(tx: Transaction) -> ParticipantsPage:
+            call = await _live_call(tx, cid)
+            now = self._clock()
+            session_id = call.current_session_id or ""
+            if not session_id:
+                # Still validate the filter, sort and cursor so a bad query fails the same way always.
+                found = await tx.sessions.query_live_participants("", page, self._store.signer)
+                return ParticipantsPage(found, "", 0, {}, now)
+            found = await tx.sessions.query_live_participants(session_id, page, self._store.signer)
+            by_role = await tx.sessions.live_counts_by_role(session_id)
+            return ParticipantsPage(found, session_id, sum(by_role.values()), by_role, now)
+
+        return await self._store.read(work)
+
+    async def query_sessions(self, call_type: str, call_id: str, page: PageRequest) -> SessionsPage:
+        problems = ViolationCollector()
+        check_call_key(call_type, call_id, problems)
+        problems.raise_if_any()
+        cid = f"{call_type}:{call_id}"
+
+        async def work(tx: Transaction) -> SessionsPage:
+            await _live_call(tx, cid)
+            found = await tx.sessions.query_sessions(cid, page, self._store.signer)
+            people = await tx.sessions.participants([s.id for s in found.items])
+            return SessionsPage(found, people, self._clock())
+
+        return await self._store.read(work)
+
+    # -- backstage ---------------------------------------------------------------------------------
+
+    async def go_live(self, call_type: str, call_id: str) -> CallView:
+        return await self._set_backstage(call_type, call_id, backstage=False)
+
+    async def stop_live(self, call_type: str, call_id: str) -> CallView:
+        return await self._set_backstage(call_type, call_id, backstage=True)
+
+    async def _set_backstage(self, call_type: str, call_id: str, *, backstage: bool) -> CallView:
+        problems = ViolationCollector()
+        check_call_key(call_type, call_id, problems)
+        problems.raise_if_any()
+        cid = f"{call_type}:{call_id}"
+
+        async def work(tx: Transaction) -> CallView:
+            call = await _live_call(tx, cid, for_update=True)
+            if call.ended_at is not None:
+                raise _call_ended(cid)
+            if call.backstage == backstage:
+                if backstage:
+                    raise FailedPrecondition(
+                        f"call {cid!r} is already in backstage", reason="CALL_NOT_LIVE", metadata={"cid": cid}
+                    )
+                raise FailedPrecondition(
+                    f"call {cid!r} is already live (not in backstage)",
+                    reason="CALL_ALREADY_LIVE",
+                    metadata={"cid": cid},
+                )
+            now = self._clock()
+            call.backstage = backstage
+            call.version += 1
+            call.updated_at = now
+            await tx.calls.save(call)
+            view = await _view(tx, call)
+            if backstage:
+                payload = event_pb2.CallUpdatedEvent(call=call_message(view))
+                await tx.events.emit(cid, event("call.updated", call_updated=payload), now)
+            else:
+                live = event_pb2.CallLiveStartedEvent(call=call_message(view))
+                await tx.events.emit(cid, event("call.live_started", call_live_started=live), now)
+            return view
+
+        return await self._store.write(work)
+
+    # -- timers ------------------------------------------------------------------------------------
+
+    async def _on_lease_expired(self, tx: Transaction, timer: TimerRecord, now: datetime) -> None:
+        call = await tx.calls.get(timer.call_cid)
+        if call is None:
+            return
+        session_id = str(timer.payload.get("session_id", ""))
+        participant = await tx.sessions.get_participant(session_id, timer.key)
+        if participant is None or participant.left_at is not None:
+            return
+        if (call.cid, participant.participant_session_id) in self._held and not self._closing:
+            # A stream of this process holds the presence: the lease runs on.
+            await self._renew_lease(tx, participant, now)
+            return
+        if participant.lease_expires_at is not None and participant.lease_expires_at > now:
+            # Renewed meanwhile (renewals move the timer, so this is only a safety net).
+            await tx.timers.schedule(
+                LEASE_TIMER,
+                call.cid,
+                participant.lease_expires_at,
+                key=timer.key,
+                payload={"session_id": session_id},
+            )
+            return
+        await self._leave(tx, call, participant, LEASE_EXPIRED, now)
+
+    async def _on_inactivity(self, tx: Transaction, timer: TimerRecord, now: datetime) -> None:
+        call = await tx.calls.get(timer.call_cid)
+        session_id = str(timer.payload.get("session_id", ""))
+        if call is None or call.current_session_id != session_id:
+            return
+        session = await tx.sessions.get(session_id)
+        if session is None or session.ended_at is not None:
+            return
+        if await tx.sessions.live_participants(session_id):
+            return  # someone joined (a join cancels this timer; this is only a safety net)
+        await end_session(tx, call, session, END_INACTIVITY, LEFT, now)
+
+    async def _on_max_duration(self, tx: Transaction, timer: TimerRecord, now: datetime) -> None:
+        call = await tx.calls.get(timer.call_cid)
+        session_id = str(timer.payload.get("session_id", ""))
+        if call is None or call.deleted_at is not None or call.current_session_id != session_id:
+            return
+        session = await tx.sessions.get(session_id)
+        if session is None or session.ended_at is not None:
+            return
+        await end_session(tx, call, session, END_MAX_DURATION, MAX_DURATION, now)
+        if call.ended_at is None:
+            call.ended_at = now
+            call.ongoing = False
+            call.updated_at = now
+            call.version += 1
+            await tx.calls.save(call)
+            view = await _view(tx, call)
+            ended = event_pb2.CallEndedEvent(call=call_message(view), reason="max_duration")
+            await tx.events.emit(call.cid, event("call.ended", call_ended=ended), now)
+
+    # -- presence (WatchCall streams) --------------------------------------------------------------
 
     async def stream_opened(self, call_type: str, call_id: str, participant_session_id: str) -> None:
-        return None
+        """A WatchCall stream now holds this participant: its lease is renewed now and while it stays open."""
+        participant = await self.keep_alive(call_type, call_id, participant_session_id)
+        key = (participant.call_cid, participant_session_id)
+        self._held[key] = self._held.get(key, 0) + 1
+        if self._renewer is None and not self._closing:
+            self._renewer = asyncio.create_task(self._renew_held(), name="participant-leases")
 
     async def stream_closed(self, call_type: str, call_id: str, participant_session_id: str) -> None:
-        return None
+        """The holding stream ended: the participant leaves ("disconnected"), unless another stream of
+        this process still holds it or the server is shutting down (then the lease decides, so that a
+        client reconnecting to another replica keeps its place)."""
+        key = (f"{call_type}:{call_id}", participant_session_id)
+        remaining = self._held.get(key, 0) - 1
+        if remaining > 0:
+            self._held[key] = remaining
+            return
+        self._held.pop(key, None)
+        if self._closing:
+            return
+        try:
+            await self.leave(call_type, call_id, participant_session_id, reason=DISCONNECTED)
+        except CallplaneError:
+            pass  # the call or participant is gone already
+        except Exception:
+            log.exception("could not record that %s left %s:%s", participant_session_id, call_type, call_id)
+
+    async def _renew_held(self) -> None:
+        """Keeps the leases of stream-held participants fresh in the database, so that the lease timer
+        does not fire on another replica while the stream is open here."""
+        interval = max(self._lease_ttl.total_seconds() / 3, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            for call_cid, participant_session_id in list(self._held):
+                call_type, _, call_id = call_cid.partition(":")
+                try:
+                    await self.keep_alive(call_type, call_id, participant_session_id)
+                except CallplaneError:
+                    self._held.pop((call_cid, participant_session_id), None)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("lease renewal failed for %s in %s", participant_session_id, call_cid)
+
+    async def close(self) -> None:
+        """Server shutdown: stop renewing; open streams end without leaving (leases decide)."""
+        self._closing = True
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None

@@ -20,7 +20,10 @@ from callplane_server.services.clock import Clock
 from callplane_server.store import Store, Transaction
 from callplane_server.store.events import StoredEvent
 
+# A catching-up stream holds at most one batch while its client is slow to read: bounded in count and
+# bytes, so one slow reader of large events cannot hold much memory.
 CATCH_UP_BATCH = 200
+CATCH_UP_BYTES = 256 * 1024
 SNAPSHOT_MEMBERS = 100
 
 
@@ -113,23 +116,28 @@ class EventStreamService:
         subscription = self._hub.subscribe(lambda stored, _r: stored if stored.call_cid == cid else None)
         holds_presence = False
         try:
+            # Presence is taken before the first message, so a client that leaves right after it
+            # still leaves through this stream's end rather than waiting for its lease.
+            if participant_session_id and self.presence is not None:
+                await self.presence.stream_opened(call_type, call_id, participant_session_id)
+                holds_presence = True
             if snapshot:
                 state = await self._store.read(lambda tx: self._snapshot(tx, cid))
                 cursor = state.seq
                 yield state
             else:
                 cursor = await self._store.read(lambda tx: self._call_resume_point(tx, cid, after_seq))
-            if participant_session_id and self.presence is not None:
-                await self.presence.stream_opened(call_type, call_id, participant_session_id)
-                holds_presence = True
 
             async def read_after(position: int) -> list[StoredEvent]:
                 return await self._store.read(
-                    lambda tx: tx.events.call_events_after(cid, position, CATCH_UP_BATCH)
+                    lambda tx: tx.events.call_events_after(
+                        cid, position, CATCH_UP_BATCH, max_bytes=CATCH_UP_BYTES
+                    )
                 )
 
             follow = _Follow(read_after=read_after, key=lambda stored: stored.seq, contiguous=True)
-            async for item in self._follow(subscription, cursor, follow):
+            from_now = not snapshot and after_seq is None
+            async for item in self._follow(subscription, cursor, follow, announce_start=from_now):
                 yield item
         finally:
             self._hub.unsubscribe(subscription)
@@ -192,16 +200,20 @@ class EventStreamService:
 
             async def read_after(position: int) -> list[StoredEvent]:
                 events = await self._store.read(
-                    lambda tx: tx.events.user_events_after(user_id, position, CATCH_UP_BATCH)
+                    lambda tx: tx.events.user_events_after(
+                        user_id, position, CATCH_UP_BATCH, max_bytes=CATCH_UP_BYTES
+                    )
                 )
                 return [
-                    StoredEvent(e.position, e.call_cid, e.call_type, e.event.user_seq, e.type, e.event)
+                    StoredEvent(
+                        e.position, e.call_cid, e.call_type, e.event.user_seq, e.type, e.event, e.size
+                    )
                     for e in events
                 ]
 
             # For user streams, StoredEvent.seq carries the user_seq (see matcher and read_after).
             follow = _Follow(read_after=read_after, key=lambda stored: stored.seq, contiguous=True)
-            async for item in self._follow(subscription, cursor, follow):
+            async for item in self._follow(subscription, cursor, follow, announce_start=after_seq is None):
                 yield item
         finally:
             self._hub.unsubscribe(subscription)
@@ -228,6 +240,7 @@ class EventStreamService:
                         call_types=filters.call_types,
                         call_cids=filters.call_cids,
                         event_types=filters.event_types,
+                        max_bytes=CATCH_UP_BYTES,
                     )
                 )
 
@@ -238,7 +251,9 @@ class EventStreamService:
                 contiguous=False,
                 progress=lambda cursor: max(cursor, self._hub.last_position),
             )
-            async for item in self._follow(subscription, cursor, follow):
+            async for item in self._follow(
+                subscription, cursor, follow, announce_start=after_position is None
+            ):
                 yield item
         finally:
             self._hub.unsubscribe(subscription)
@@ -246,9 +261,13 @@ class EventStreamService:
     # -- the one follow loop -----------------------------------------------------------------------
 
     async def _follow(
-        self, subscription: Subscription, cursor: int, follow: _Follow
+        self, subscription: Subscription, cursor: int, follow: _Follow, *, announce_start: bool = False
     ) -> AsyncIterator[StreamItem]:
         catching_up = True
+        if announce_start:
+            # A stream that starts "from now" tells the client where that is at once, so a connection
+            # lost before the first event can still resume exactly.
+            yield ProgressMark(follow.progress(cursor), self._clock())
         while True:
             if catching_up:
                 # Reset first: anything dispatched from now on is queued, and duplicates of what the
@@ -258,13 +277,17 @@ class EventStreamService:
                 for stored in batch:
                     yield stored
                     cursor = follow.key(stored)
-                if len(batch) == CATCH_UP_BATCH:
-                    continue
+                if len(batch) == CATCH_UP_BATCH or sum(stored.size for stored in batch) >= CATCH_UP_BYTES:
+                    continue  # maybe more in the log
                 catching_up = False
             item = None
             with contextlib.suppress(TimeoutError):
                 item = await asyncio.wait_for(subscription.queue.get(), self._progress_interval)
             if item is None:
+                if not subscription.queue.empty():
+                    # An item arrived as the wait timed out (wait_for then cancels the get and leaves it
+                    # queued): deliver it first, or the progress below could claim a position not yet sent.
+                    continue
                 yield ProgressMark(follow.progress(cursor), self._clock())
                 continue
             if item is CLOSED:

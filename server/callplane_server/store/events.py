@@ -7,7 +7,7 @@ order on every dialect, and a reader that has seen N can never later find a comm
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -41,13 +41,27 @@ class StoredEvent:
     seq: int
     type: str
     event: event_pb2.Event
+    # Bytes of the stored payload: lets readers bound what they hold in memory.
+    size: int = 0
 
 
 def _decode(row: EventRow) -> StoredEvent:
     event = event_pb2.Event.FromString(row.payload)
     event.position = row.position
     event.seq = row.seq
-    return StoredEvent(row.position, row.call_cid, row.call_type, row.seq, row.type, event)
+    return StoredEvent(row.position, row.call_cid, row.call_type, row.seq, row.type, event, len(row.payload))
+
+
+def _within_budget(events: Iterable[StoredEvent], max_bytes: int | None) -> list[StoredEvent]:
+    """Takes events until their payloads reach `max_bytes` (always at least one)."""
+    taken: list[StoredEvent] = []
+    total = 0
+    for stored in events:
+        taken.append(stored)
+        total += stored.size
+        if max_bytes is not None and total >= max_bytes:
+            break
+    return taken
 
 
 class EventRepository:
@@ -144,14 +158,16 @@ class EventRepository:
 
     # -- reading ---------------------------------------------------------------------------------
 
-    async def call_events_after(self, call_cid: str, after_seq: int, limit: int) -> list[StoredEvent]:
+    async def call_events_after(
+        self, call_cid: str, after_seq: int, limit: int, *, max_bytes: int | None = None
+    ) -> list[StoredEvent]:
         rows = await self._session.scalars(
             select(EventRow)
             .where(EventRow.call_cid == call_cid, EventRow.seq > after_seq)
             .order_by(EventRow.seq)
             .limit(limit)
         )
-        return [_decode(row) for row in rows]
+        return _within_budget((_decode(row) for row in rows), max_bytes)
 
     async def max_seq(self, call_cid: str) -> int:
         """Highest retained seq of a cid: a recreated (hard-deleted) call continues after it."""
@@ -175,7 +191,9 @@ class EventRepository:
             last = newest  # a hard-deleted call: its retained events still count
         return (int(earliest) if earliest is not None else int(last) + 1, int(last))
 
-    async def user_events_after(self, user_id: str, after_user_seq: int, limit: int) -> list[StoredEvent]:
+    async def user_events_after(
+        self, user_id: str, after_user_seq: int, limit: int, *, max_bytes: int | None = None
+    ) -> list[StoredEvent]:
         rows = await self._session.execute(
             select(EventRow, EventRecipientRow.user_seq)
             .join(EventRecipientRow, EventRecipientRow.position == EventRow.position)
@@ -188,7 +206,7 @@ class EventRepository:
             stored = _decode(row)
             stored.event.user_seq = user_seq
             events.append(stored)
-        return events
+        return _within_budget(events, max_bytes)
 
     async def user_seq_bounds(self, user_id: str) -> tuple[int, int]:
         last = await self._session.scalar(select(UserRow.last_event_seq).where(UserRow.id == user_id))
@@ -207,6 +225,7 @@ class EventRepository:
         call_cids: Sequence[str] = (),
         event_types: Sequence[str] = (),
         up_to: int | None = None,
+        max_bytes: int | None = None,
     ) -> list[StoredEvent]:
         conditions = [EventRow.position > after_position]
         if up_to is not None:
@@ -220,7 +239,7 @@ class EventRepository:
         rows = await self._session.scalars(
             select(EventRow).where(and_(*conditions)).order_by(EventRow.position).limit(limit)
         )
-        return [_decode(row) for row in rows]
+        return _within_budget((_decode(row) for row in rows), max_bytes)
 
     async def recipients_of(self, positions: Sequence[int]) -> dict[int, list[tuple[str, int]]]:
         """position → [(user_id, user_seq)] for the given events."""

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from callplane_server.domain.records import ParticipantRecord, SessionRecord
+from callplane_server.domain.records import Page, PageRequest, ParticipantRecord, SessionRecord
 from callplane_server.store.models import CallSessionRow, ParticipantRow
+from callplane_server.store.query import CursorSigner, fetch_page
+from callplane_server.store.query.entities import PARTICIPANTS, SESSIONS
 
 _SESSION_FIELDS = (
     "call_cid",
@@ -133,3 +135,49 @@ class SessionRepository:
             )
             .values(**{f: getattr(record, f) for f in _PARTICIPANT_FIELDS})
         )
+
+    async def find_participant(self, call_cid: str, participant_session_id: str) -> ParticipantRecord | None:
+        """The latest participant of the call with this connection id, in any session."""
+        row = await self._session.scalar(
+            select(ParticipantRow)
+            .where(
+                ParticipantRow.call_cid == call_cid,
+                ParticipantRow.participant_session_id == participant_session_id,
+            )
+            .order_by(ParticipantRow.joined_at.desc())
+            .limit(1)
+        )
+        return participant_record(row) if row else None
+
+    async def live_counts_by_role(self, session_id: str) -> dict[str, int]:
+        rows = await self._session.execute(
+            select(ParticipantRow.role, func.count())
+            .where(ParticipantRow.session_id == session_id, ParticipantRow.left_at.is_(None))
+            .group_by(ParticipantRow.role)
+        )
+        return {role: int(count) for role, count in rows.all()}
+
+    async def query_live_participants(
+        self, session_id: str, page: PageRequest, signer: CursorSigner
+    ) -> Page[ParticipantRecord]:
+        base = select(ParticipantRow).where(
+            ParticipantRow.session_id == session_id, ParticipantRow.left_at.is_(None)
+        )
+        rows, next_cursor, prev_cursor = await fetch_page(
+            self._session, base, PARTICIPANTS, page, signer, scope=session_id
+        )
+        return Page([participant_record(row) for row in rows], next_cursor, prev_cursor)
+
+    async def query_sessions(
+        self, call_cid: str, page: PageRequest, signer: CursorSigner
+    ) -> Page[SessionRecord]:
+        base = select(CallSessionRow).where(CallSessionRow.call_cid == call_cid)
+        rows, next_cursor, prev_cursor = await fetch_page(
+            self._session, base, SESSIONS, page, signer, scope=call_cid
+        )
+        return Page([session_record(row) for row in rows], next_cursor, prev_cursor)
+
+    async def delete_for_call(self, call_cid: str) -> None:
+        """Drops a hard-deleted call's sessions and participants."""
+        await self._session.execute(delete(ParticipantRow).where(ParticipantRow.call_cid == call_cid))
+        await self._session.execute(delete(CallSessionRow).where(CallSessionRow.call_cid == call_cid))

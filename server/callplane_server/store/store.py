@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from callplane_server.store.database import Database
 from callplane_server.store.events import EventRepository
+from callplane_server.store.idempotency import IdempotencyRepository
 from callplane_server.store.query import CursorSigner
 from callplane_server.store.repositories import (
     CallRepository,
@@ -17,6 +18,7 @@ from callplane_server.store.repositories import (
     SecretRepository,
     UserRepository,
 )
+from callplane_server.store.rings import RingRepository
 from callplane_server.store.sessions import SessionRepository
 from callplane_server.store.timers import TimerRepository
 
@@ -35,6 +37,8 @@ class Transaction:
         self.events = EventRepository(session)
         self.sessions = SessionRepository(session)
         self.timers = TimerRepository(session)
+        self.rings = RingRepository(session)
+        self.idempotency = IdempotencyRepository(session)
 
 
 class Store:

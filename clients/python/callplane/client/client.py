@@ -22,11 +22,17 @@ from callplane.client.convert import (
 )
 from callplane.client.errors import CallplaneError
 from callplane.client.models import CallState, CallTypeInfo, QueryPage, UserInfo
+from callplane.client.streams import EventStream, Reconnect
 from callplane.v1 import (
+    call_data_service_pb2_grpc,
     call_service_pb2,
     call_service_pb2_grpc,
     call_type_service_pb2,
     call_type_service_pb2_grpc,
+    event_service_pb2,
+    event_service_pb2_grpc,
+    ring_service_pb2_grpc,
+    session_service_pb2_grpc,
     user_pb2,
     user_pb2_grpc,
 )
@@ -48,7 +54,8 @@ class CallplaneClient:
     `credentials`); pass `channel` to use your own (it is then not closed by `close()`). `token` is a
     string or a (sync or async) callable returning one, sent as ``authorization: Bearer <token>`` on
     every call; `metadata` is sent on every call too. `timeout` (seconds, None = no deadline) applies
-    to each RPC. Every failed RPC raises `CallplaneError`.
+    to each RPC (not to event streams, which stay open). Every failed RPC raises `CallplaneError`.
+    `reconnect` says how event streams reconnect after a dropped connection (see `Reconnect`).
     """
 
     def __init__(
@@ -61,9 +68,12 @@ class CallplaneClient:
         metadata: MetadataLike | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         options: Sequence[tuple[str, Any]] | None = None,
+        reconnect: Reconnect | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
+        #: How event streams reconnect after a dropped connection.
+        self.reconnect = reconnect or Reconnect()
         self._token = token
         self._metadata: tuple[tuple[str, str], ...] = _normalize_metadata(metadata)
         self._owns_channel = channel is None
@@ -77,6 +87,10 @@ class CallplaneClient:
         self.user_service = user_pb2_grpc.UserServiceStub(channel)
         self.call_service = call_service_pb2_grpc.CallServiceStub(channel)
         self.call_type_service = call_type_service_pb2_grpc.CallTypeServiceStub(channel)
+        self.session_service = session_service_pb2_grpc.SessionServiceStub(channel)
+        self.ring_service = ring_service_pb2_grpc.RingServiceStub(channel)
+        self.call_data_service = call_data_service_pb2_grpc.CallDataServiceStub(channel)
+        self.event_service = event_service_pb2_grpc.EventServiceStub(channel)
 
     async def __aenter__(self) -> CallplaneClient:
         return self
@@ -103,6 +117,7 @@ class CallplaneClient:
             token=self._token if token is _KEEP else token,
             metadata=self._metadata if metadata is _KEEP else metadata,
             timeout=self.timeout if timeout is _KEEP else timeout,
+            reconnect=self.reconnect,
         )
         return clone
 
@@ -257,6 +272,81 @@ class CallplaneClient:
             response.prev or None,
             response,
         )
+
+    # Event streams
+
+    def watch_user(
+        self,
+        user_id: str,
+        *,
+        after_seq: int | None = None,
+        include_progress: bool = True,
+        reconnect: Reconnect | None = None,
+    ) -> EventStream:
+        """Follow the events addressed to `user_id` (incoming ring, notification, missed, accepted and
+        rejected) in `user_seq` order: ``async for message in client.watch_user("alice")``. With
+        `after_seq` it starts exactly after that user_seq (0: from the first retained); without, from
+        now on. Dropped connections are resumed transparently after the last user_seq seen."""
+
+        def make_request(cursor: int | None) -> event_service_pb2.WatchUserRequest:
+            request = event_service_pb2.WatchUserRequest(user_id=user_id)
+            if cursor is not None:
+                request.after_seq = cursor
+            return request
+
+        return EventStream(
+            self,
+            self.event_service.WatchUser,
+            make_request,
+            lambda event: event.user_seq,
+            cursor=after_seq,
+            reconnect=reconnect or self.reconnect,
+            include_progress=include_progress,
+        )
+
+    def subscribe_events(
+        self,
+        *,
+        call_types: Iterable[str] | None = None,
+        call_cids: Iterable[str] | None = None,
+        event_types: Iterable[str] | None = None,
+        after_position: int | None = None,
+        include_progress: bool = True,
+        reconnect: Reconnect | None = None,
+    ) -> EventStream:
+        """The backend firehose over all calls, filtered by call type, cid and event type (each an
+        AND-ed list; empty matches all), in global `position` order. With `after_position` it starts
+        exactly after it (0: from the first retained); without, from now on. Progress messages advance
+        the resume point past filtered-out events; dropped connections resume transparently."""
+        filters = {
+            "call_types": _as_list(call_types),
+            "call_cids": _as_list(call_cids),
+            "event_types": _as_list(event_types),
+        }
+
+        def make_request(cursor: int | None) -> event_service_pb2.SubscribeEventsRequest:
+            request = event_service_pb2.SubscribeEventsRequest(**filters)
+            if cursor is not None:
+                request.after_position = cursor
+            return request
+
+        return EventStream(
+            self,
+            self.event_service.SubscribeEvents,
+            make_request,
+            lambda event: event.position,
+            cursor=after_position,
+            reconnect=reconnect or self.reconnect,
+            include_progress=include_progress,
+        )
+
+
+def _as_list(values: Iterable[str] | None) -> list[str]:
+    if values is None:
+        return []
+    if isinstance(values, str):
+        return [values]
+    return list(values)
 
 
 def _normalize_metadata(metadata: MetadataLike | None) -> tuple[tuple[str, str], ...]:

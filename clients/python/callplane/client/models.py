@@ -9,9 +9,30 @@ from typing import Any, Generic, TypeVar
 
 from callplane.client.convert import from_timestamp, grants_to_dict, settings_to_dict, struct_to_dict
 from callplane.client.custom import CustomData
-from callplane.v1 import call_pb2, call_type_pb2, user_pb2
+from callplane.v1 import call_pb2, call_type_pb2, event_pb2, session_pb2, user_pb2
 
-__all__ = ["CallInfo", "CallState", "CallTypeInfo", "MemberInfo", "MembersUpdate", "QueryPage", "UserInfo"]
+__all__ = [
+    "CallInfo",
+    "CallSnapshotMessage",
+    "CallState",
+    "CallTypeInfo",
+    "EventMessage",
+    "JoinInfo",
+    "MemberInfo",
+    "MembersUpdate",
+    "ParticipantInfo",
+    "ParticipantsPage",
+    "PinInfo",
+    "ProgressMessage",
+    "QueryPage",
+    "RingResult",
+    "SentEvent",
+    "SessionInfo",
+    "StreamMessage",
+    "UserInfo",
+    "to_track",
+    "track_name",
+]
 
 T = TypeVar("T")
 
@@ -197,3 +218,234 @@ class QueryPage(Generic[T]):
     @property
     def has_prev(self) -> bool:
         return bool(self.prev)
+
+
+# Sessions, participants, pins
+
+
+@dataclass(frozen=True)
+class ParticipantInfo:
+    """One connection of a user to a call's session."""
+
+    participant_session_id: str
+    user_id: str
+    role: str
+    custom: CustomData
+    custom_etag: str
+    published_tracks: list[str]
+    joined_at: _dt.datetime | None
+    left_at: _dt.datetime | None
+    duration_seconds: float
+    lease_expires_at: _dt.datetime | None
+    proto: session_pb2.Participant = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, msg: session_pb2.Participant) -> ParticipantInfo:
+        return cls(
+            participant_session_id=msg.participant_session_id,
+            user_id=msg.user_id,
+            role=msg.role,
+            custom=CustomData(struct_to_dict(msg.custom)),
+            custom_etag=msg.custom_etag,
+            published_tracks=[track_name(t) for t in msg.published_tracks],
+            joined_at=from_timestamp(msg, "joined_at"),
+            left_at=from_timestamp(msg, "left_at"),
+            duration_seconds=msg.duration_seconds,
+            lease_expires_at=from_timestamp(msg, "lease_expires_at"),
+            proto=msg,
+        )
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A session of a call: live participants while it runs, history after it ended."""
+
+    id: str
+    call_cid: str
+    started_at: _dt.datetime | None
+    ended_at: _dt.datetime | None
+    timer_ends_at: _dt.datetime | None
+    custom: CustomData
+    custom_etag: str
+    accepted_by: list[str]
+    rejected_by: dict[str, str]
+    missed_by: list[str]
+    participants: list[ParticipantInfo]
+    participant_count: int
+    end_reason: str
+    proto: session_pb2.CallSession = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, msg: session_pb2.CallSession) -> SessionInfo:
+        return cls(
+            id=msg.id,
+            call_cid=msg.call_cid,
+            started_at=from_timestamp(msg, "started_at"),
+            ended_at=from_timestamp(msg, "ended_at"),
+            timer_ends_at=from_timestamp(msg, "timer_ends_at"),
+            custom=CustomData(struct_to_dict(msg.custom)),
+            custom_etag=msg.custom_etag,
+            accepted_by=list(msg.accepted_by),
+            rejected_by=dict(msg.rejected_by),
+            missed_by=list(msg.missed_by),
+            participants=[ParticipantInfo.from_proto(p) for p in msg.participants],
+            participant_count=msg.participant_count,
+            end_reason=msg.end_reason,
+            proto=msg,
+        )
+
+
+@dataclass(frozen=True)
+class PinInfo:
+    """A pinned participant (pins are kept in order)."""
+
+    participant_session_id: str
+    user_id: str
+    pinned_at: _dt.datetime | None
+    proto: session_pb2.Pin = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, msg: session_pb2.Pin) -> PinInfo:
+        return cls(msg.participant_session_id, msg.user_id, from_timestamp(msg, "pinned_at"), msg)
+
+
+@dataclass(frozen=True)
+class JoinInfo:
+    """Result of `Call.join`: the call, the running session, this participant, its lease and the call's
+    seq after the join (pass it to `Call.watch(after_seq=...)`)."""
+
+    call: CallInfo
+    session: SessionInfo
+    participant: ParticipantInfo
+    lease_ttl_seconds: float
+    seq: int
+    proto: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> JoinInfo:
+        return cls(
+            call=CallInfo.from_proto(msg.call),
+            session=SessionInfo.from_proto(msg.session),
+            participant=ParticipantInfo.from_proto(msg.participant),
+            lease_ttl_seconds=msg.lease_ttl.ToTimedelta().total_seconds(),
+            seq=msg.seq,
+            proto=msg,
+        )
+
+
+@dataclass(frozen=True)
+class ParticipantsPage(QueryPage[ParticipantInfo]):
+    """A page of live participants, with counts over the whole session (not just this page)."""
+
+    total_participants: int = 0
+    participants_by_role: dict[str, int] = field(default_factory=dict)
+    session_id: str = ""
+
+
+@dataclass(frozen=True)
+class SentEvent:
+    """Result of `Call.send_event`: the event's seq, and whether the request was a retry (sent once)."""
+
+    seq: int
+    duplicate: bool
+    proto: Any = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class RingResult:
+    """Result of `Call.ring`: the users now ringing and the call."""
+
+    members_ids: list[str]
+    call: CallInfo
+    proto: Any = field(default=None, repr=False, compare=False)
+
+
+def track_name(track: int) -> str:
+    """`TRACK_TYPE_SCREEN_SHARE` → `"screen_share"`."""
+    return session_pb2.TrackType.Name(track).removeprefix("TRACK_TYPE_").lower()
+
+
+def to_track(track: str | int) -> int:
+    """`"screen_share"` (or `TRACK_TYPE_SCREEN_SHARE`, or the enum number) → the TrackType number."""
+    if isinstance(track, int):
+        return track
+    name = track.upper()
+    if not name.startswith("TRACK_TYPE_"):
+        name = f"TRACK_TYPE_{name}"
+    try:
+        return session_pb2.TrackType.Value(name)
+    except ValueError:
+        raise ValueError(f"unknown track type {track!r}") from None
+
+
+# Streams
+
+
+@dataclass(frozen=True)
+class CallSnapshotMessage:
+    """The first message of `Call.watch(snapshot=True)`: the call's state at `seq`."""
+
+    seq: int
+    call: CallInfo
+    members: list[MemberInfo]
+    session: SessionInfo | None
+    pins: list[PinInfo]
+    proto: Any = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> CallSnapshotMessage:
+        return cls(
+            seq=msg.seq,
+            call=CallInfo.from_proto(msg.call),
+            members=[MemberInfo.from_proto(m) for m in msg.members],
+            session=SessionInfo.from_proto(msg.session) if msg.HasField("session") else None,
+            pins=[PinInfo.from_proto(p) for p in msg.pins],
+            proto=msg,
+        )
+
+
+@dataclass(frozen=True)
+class EventMessage:
+    """One event. `type` is Stream's name (`call.updated`); `payload` the typed message in `proto`."""
+
+    type: str
+    call_cid: str
+    seq: int
+    position: int
+    user_seq: int
+    created_at: _dt.datetime | None
+    proto: event_pb2.Event = field(repr=False, compare=False)
+
+    @property
+    def payload(self) -> Any:
+        """The event's typed payload message (e.g. `CallUpdatedEvent`), or None."""
+        kind = self.proto.WhichOneof("payload")
+        return getattr(self.proto, kind) if kind else None
+
+    @classmethod
+    def from_proto(cls, msg: event_pb2.Event) -> EventMessage:
+        return cls(
+            type=msg.type,
+            call_cid=msg.call_cid,
+            seq=msg.seq,
+            position=msg.position,
+            user_seq=msg.user_seq,
+            created_at=from_timestamp(msg, "created_at"),
+            proto=msg,
+        )
+
+
+@dataclass(frozen=True)
+class ProgressMessage:
+    """Nothing happened up to `seq` (the stream's seq, user_seq or position): a safe resume point."""
+
+    seq: int
+    at: _dt.datetime | None
+    proto: Any = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> ProgressMessage:
+        return cls(seq=msg.seq, at=from_timestamp(msg, "at"), proto=msg)
+
+
+StreamMessage = CallSnapshotMessage | EventMessage | ProgressMessage

@@ -426,7 +426,10 @@ class ParticipantEvent(_message.Message):
     session_id: _builtins.str
     """The session."""
     reason: _builtins.str
-    """For call.session_participant_left: "left", "lease_expired", "max_duration", "call_ended", "kicked"."""
+    """For call.session_participant_left: "left" (LeaveCall, or still present when the session ended),
+    "disconnected" (the WatchCall stream holding its presence ended), "lease_expired", "max_duration",
+    "call_ended", "kicked".
+    """
     @_builtins.property
     def participant(self) -> _session_pb2.Participant:
         """The participant after the change."""

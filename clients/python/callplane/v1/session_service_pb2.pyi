@@ -45,7 +45,9 @@ class JoinCallRequest(_message.Message):
     """The joining user (an existing user)."""
     participant_session_id: _builtins.str
     """Optional client-chosen connection id (1..64 of A-Z a-z 0-9 _ -); generated when empty. Joining again
-    with the same id is idempotent.
+    with the same id while that participant is in the session is idempotent (same participant, lease
+    renewed, no events); an id that already left the running session is FAILED_PRECONDITION
+    `PARTICIPANT_LEFT` (join with a new id), and one held by another user `PARTICIPANT_SESSION_ID_TAKEN`.
     """
     create: _builtins.bool
     """Create the call (as GetOrCreateCall with `data`) if it does not exist."""

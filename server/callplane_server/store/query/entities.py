@@ -11,7 +11,15 @@ from sqlalchemy import ColumnElement, Exists, exists
 from sqlalchemy.orm import QueryableAttribute
 
 from callplane_server.domain.records import SortInput
-from callplane_server.store.models import Base, CallMemberRow, CallRow, UserRow, UserTeamRow
+from callplane_server.store.models import (
+    Base,
+    CallMemberRow,
+    CallRow,
+    CallSessionRow,
+    ParticipantRow,
+    UserRow,
+    UserTeamRow,
+)
 
 CUSTOM_PREFIX = "custom."
 
@@ -45,13 +53,22 @@ class ArrayField:
 
 
 @dataclass(frozen=True)
+class JsonArrayField:
+    """A JSON array of strings kept in the entity's own row (a participant's published_tracks), whose
+    elements come from a closed set `values`. Takes the array operators; tested with JSON containment."""
+
+    column: QueryableAttribute[Any]
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class EntitySpec:
     """One queryable entity. `tiebreak` must be unique within every query's scope (e.g. `user_id`
     within one call's members) and is appended to every ORDER BY so keyset pagination is total."""
 
     name: str
     model: type[Base]
-    filter_fields: Mapping[str, ScalarField | ArrayField]
+    filter_fields: Mapping[str, ScalarField | ArrayField | JsonArrayField]
     sort_fields: Mapping[str, ScalarField]
     custom: QueryableAttribute[Any]
     tiebreak: str
@@ -141,4 +158,47 @@ USERS = EntitySpec(
     tiebreak="id",
     default_sort=(SortInput("created_at", "asc"),),
     max_sort_keys=2,
+)
+
+TRACK_TYPES = ("audio", "video", "screen_share", "screen_share_audio")
+
+_PARTICIPANT_FIELDS: dict[str, ScalarField] = {
+    "user_id": _s(ParticipantRow.user_id),
+    "role": _s(ParticipantRow.role),
+    "joined_at": _t(ParticipantRow.joined_at),
+    "participant_session_id": _s(ParticipantRow.participant_session_id),
+}
+
+# Live participants of one session (the query's scope is the session id).
+PARTICIPANTS = EntitySpec(
+    name="participants",
+    model=ParticipantRow,
+    filter_fields={
+        "user_id": _PARTICIPANT_FIELDS["user_id"],
+        "role": _PARTICIPANT_FIELDS["role"],
+        "published_tracks": JsonArrayField(ParticipantRow.published_tracks, TRACK_TYPES),
+    },
+    sort_fields=_PARTICIPANT_FIELDS,
+    custom=ParticipantRow.custom,
+    tiebreak="participant_session_id",
+    default_sort=(SortInput("joined_at", "asc"),),
+    max_sort_keys=1,
+)
+
+_SESSION_FIELDS: dict[str, ScalarField] = {
+    "id": _s(CallSessionRow.id),
+    "started_at": _t(CallSessionRow.started_at),
+    "ended_at": _t(CallSessionRow.ended_at, nullable=True),
+}
+
+# Session history of one call (the query's scope is the call cid).
+SESSIONS = EntitySpec(
+    name="sessions",
+    model=CallSessionRow,
+    filter_fields=_SESSION_FIELDS,
+    sort_fields=_SESSION_FIELDS,
+    custom=CallSessionRow.custom,
+    tiebreak="id",
+    default_sort=(SortInput("started_at", "desc"),),
+    max_sort_keys=1,
 )

@@ -25,6 +25,7 @@ from callplane_server.store.query.entities import (
     ArrayField,
     EntitySpec,
     FieldKind,
+    JsonArrayField,
     ScalarField,
 )
 from callplane_server.store.query.jsonsql import JsonArrayContains, JsonScalar, JsonTypeIs, ScalarKind
@@ -220,9 +221,8 @@ class _FilterCompiler:
             # A bare value is shorthand for $eq; the violation path stays at the field.
             operations = [("$eq", value)]
             op_paths = [path]
-        allowed = _ALLOWED[
-            "custom" if custom is not None else "array" if isinstance(field, ArrayField) else field.kind  # type: ignore[union-attr]
-        ]
+        is_array = isinstance(field, ArrayField | JsonArrayField)
+        allowed = _ALLOWED["custom" if custom is not None else "array" if is_array else field.kind]  # type: ignore[union-attr]
         parts: list[ColumnElement[bool]] = []
         for (op, operand), op_path in zip(operations, op_paths, strict=True):
             self.count += 1
@@ -241,6 +241,8 @@ class _FilterCompiler:
                     parts.append(self._custom(custom, op, operand, op_path))
                 elif isinstance(field, ArrayField):
                     parts.append(self._array(field, op, operand, op_path))
+                elif isinstance(field, JsonArrayField):
+                    parts.append(self._json_array(field, op, operand, op_path))
                 else:
                     assert isinstance(field, ScalarField)
                     parts.append(self._scalar(field, op, operand, op_path))
@@ -349,6 +351,28 @@ class _FilterCompiler:
             raise self._fail(path, "must be a single element; use $in / $nin to test several")
         contains = field.exists(element == self._string(operand, path))
         return ~contains if op == "$ne" else contains
+
+    def _json_array(self, field: JsonArrayField, op: str, operand: Any, path: str) -> ColumnElement[bool]:
+        def element(item: Any, item_path: str) -> str:
+            if item not in field.values:
+                raise self._fail(item_path, f"must be one of {', '.join(field.values)}")
+            return item  # type: ignore[no-any-return]
+
+        def contains_any(values: Sequence[str]) -> ColumnElement[bool]:
+            tests = [JsonArrayContains(field.column, (), "string", value) for value in values]
+            return or_(*tests) if tests else false()
+
+        if op == "$exists":
+            # Present means a non-empty array: it holds at least one of the known values.
+            present = contains_any(field.values)
+            return present if self._bool(operand, path) else not_(present)
+        if op in ("$in", "$nin"):
+            hit = contains_any(self._list(operand, path, element))
+            return hit if op == "$in" else not_(hit)
+        if isinstance(operand, list):
+            raise self._fail(path, "must be a single element; use $in / $nin to test several")
+        hit = contains_any([element(operand, path)])
+        return not_(hit) if op == "$ne" else hit
 
     def _custom(self, segments: Sequence[str], op: str, operand: Any, path: str) -> ColumnElement[bool]:
         doc = self.entity.custom
