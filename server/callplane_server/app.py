@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable
 from datetime import timedelta
 
 import grpc
@@ -167,27 +168,39 @@ class CallplaneServer:
                 log.exception("event compaction failed")
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful: health says NOT_SERVING first so balancers stop routing, then in-flight RPCs drain."""
-        await self._health.enter_graceful_shutdown()
+        """Graceful: health says NOT_SERVING first so balancers stop routing, then in-flight RPCs drain.
+        Every step is bounded, so a stuck component is logged by name instead of hanging shutdown."""
+        await _bounded("health", self._health.enter_graceful_shutdown())
         for task in self._background:
             task.cancel()
         if self.timers is not None:
-            await self.timers.close()
+            await _bounded("timers", self.timers.close())
         # Before the streams end: a stream ended by shutdown must not count as its participant leaving.
         if self.sessions is not None:
-            await self.sessions.close()
+            await _bounded("sessions", self.sessions.close())
         # Watch streams end now with UNAVAILABLE (clients resume elsewhere); stop() would otherwise wait
         # the whole grace period for them.
         if self.hub is not None:
-            await self.hub.close()
+            await _bounded("event hub", self.hub.close())
         if self._server is not None:
-            await self._server.stop(self.config.shutdown_grace_seconds if grace is None else grace)
+            drain = self.config.shutdown_grace_seconds if grace is None else grace
+            await _bounded("grpc server", self._server.stop(drain), drain + STEP_TIMEOUT_SECONDS)
         if self.store is not None:
-            await self.store.close()
+            await _bounded("store", self.store.close())
 
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+STEP_TIMEOUT_SECONDS = 10.0
+
+
+async def _bounded(step: str, work: Awaitable[object], limit: float = STEP_TIMEOUT_SECONDS) -> None:
+    try:
+        await asyncio.wait_for(work, limit)
+    except TimeoutError:
+        log.error("shutdown step %r did not finish within %.0fs; going on", step, limit)
 
 
 async def serve(config: Config) -> None:
