@@ -14,10 +14,48 @@ import grpc
 import pytest
 
 from callplane_server.app import CallplaneServer
+from callplane_server.auth.tokens import create_token
 from callplane_server.config import Config
 
 POSTGRES_ENV = "CALLPLANE_TEST_POSTGRES_URL"
 BACKENDS = ("sqlite", "postgres")
+
+# Every server the tests start signs tokens with this secret (subprocess servers get it through
+# CALLPLANE_API_SECRET); channels carry a server token unless a test says otherwise.
+TEST_SECRET = "callplane-test-secret-" + "0" * 48
+SERVER_TOKEN = create_token(TEST_SECRET, ttl=timedelta(days=1))
+
+
+def user_token(user_id: str, ttl: timedelta = timedelta(hours=1), **claims: object) -> str:
+    return create_token(TEST_SECRET, user_id=user_id, ttl=ttl, **claims)  # type: ignore[arg-type]
+
+
+class _BearerHeader:
+    """Adds `authorization: Bearer <token>` to a call's metadata."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = [*(details.metadata or ()), self._header]
+        return details._replace(metadata=metadata)  # type: ignore[attr-defined]
+
+
+# grpc.aio files each interceptor under one call kind only, hence one class per kind.
+class _UnaryBearer(_BearerHeader, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._with_token(client_call_details), request)
+
+
+class _StreamBearer(_BearerHeader, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._with_token(client_call_details), request)
+
+
+def channel(target: str, token: str | None = SERVER_TOKEN, **options: object) -> grpc.aio.Channel:
+    """An insecure loopback channel that authenticates every call with `token` (None: no token)."""
+    interceptors = [_UnaryBearer(token), _StreamBearer(token)] if token else None
+    return grpc.aio.insecure_channel(target, interceptors=interceptors, **options)  # type: ignore[arg-type]
 
 
 def in_ci() -> bool:
@@ -105,6 +143,7 @@ class RunningServer:
 async def running_server(backend: str, folder: Path, **config: object) -> AsyncIterator[RunningServer]:
     # Timers fire only when a test calls server.timers.run_due() after moving the clock.
     config.setdefault("run_timers", False)
+    config.setdefault("api_secret", TEST_SECRET)
     async with fresh_database(backend, folder) as url:
         clock = TestClock()
         server = CallplaneServer(
@@ -112,9 +151,9 @@ async def running_server(backend: str, folder: Path, **config: object) -> AsyncI
             clock=clock,
         )
         await server.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        authed = channel(f"127.0.0.1:{server.port}")
         try:
-            yield RunningServer(backend, server, clock, channel)
+            yield RunningServer(backend, server, clock, authed)
         finally:
-            await channel.close()
+            await authed.close()
             await server.stop(grace=0)

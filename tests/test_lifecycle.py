@@ -9,23 +9,25 @@ import signal
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from callplane.v1 import call_service_pb2, call_service_pb2_grpc
 from callplane_server.app import CallplaneServer
 from callplane_server.config import Config
-from tests.support import BACKENDS, TestClock, fresh_database
+from tests.support import BACKENDS, TEST_SECRET, TestClock, fresh_database
+from tests.support import channel as authed_channel
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_restart_migrates_idempotently_and_keeps_data(backend: str, tmp_path: Path) -> None:
     async with fresh_database(backend, tmp_path) as url:
         for attempt in range(2):
-            server = CallplaneServer(Config(listen="127.0.0.1:0", database_url=url), clock=TestClock())
+            server = CallplaneServer(
+                Config(api_secret=TEST_SECRET, listen="127.0.0.1:0", database_url=url), clock=TestClock()
+            )
             port = await server.start()
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            async with authed_channel(f"127.0.0.1:{port}") as channel:
                 stub = call_service_pb2_grpc.CallServiceStub(channel)
                 response = await stub.GetOrCreateCall(
                     call_service_pb2.GetOrCreateCallRequest(type="default", id="kept")
@@ -61,11 +63,11 @@ async def test_sigterm_drains_logs_and_exits_zero(tmp_path: Path) -> None:
         "--shutdown-grace",
         "5",
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "CALLPLANE_API_SECRET": TEST_SECRET},
     )
     try:
         port, lines = await _wait_for_port(process)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with authed_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             reply = await health.Check(health_pb2.HealthCheckRequest(service="callplane.v1.CallService"))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING

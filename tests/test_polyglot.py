@@ -32,6 +32,7 @@ import pytest_asyncio
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support import channel as authed_channel
 from tests.support import fresh_database, in_ci
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +80,8 @@ class ServerProcess:
     port: int
     process: asyncio.subprocess.Process
     log_path: Path
+    # A server token from `callplane token --server` for the development secret in the data folder.
+    token: str = ""
 
     @property
     def target(self) -> str:
@@ -94,7 +97,7 @@ class ServerProcess:
 
 async def _wait_serving(server: ServerProcess) -> None:
     last_error: Exception | None = None
-    async with grpc.aio.insecure_channel(server.target) as channel:
+    async with authed_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for _ in range(STARTUP_TIMEOUT_S * 5):
             if server.process.returncode is not None:
@@ -129,6 +132,18 @@ async def served(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Asyn
         server = ServerProcess(backend, port, process, log_path)
         try:
             await _wait_serving(server)
+            minter = await asyncio.create_subprocess_exec(
+                _callplane_command(),
+                "token",
+                "--server",
+                "--data-dir",
+                str(data_dir),
+                env=_server_env(),
+                stdout=asyncio.subprocess.PIPE,
+            )
+            minted, _ = await asyncio.wait_for(minter.communicate(), TOOL_TIMEOUT_S)
+            assert minter.returncode == 0, "callplane token --server failed"
+            server.token = minted.decode().strip()
             yield server
         finally:
             if process.returncode is None:
@@ -154,7 +169,7 @@ def test_node_client_suite(served: ServerProcess) -> None:
     result = subprocess.run(
         [node, "--test", "--test-reporter=tap", *map(str, NODE_TESTS)],
         cwd=NODE_DIR,
-        env={**os.environ, "CALLPLANE_TARGET": served.target},
+        env={**os.environ, "CALLPLANE_TARGET": served.target, "CALLPLANE_TOKEN": served.token},
         capture_output=True,
         text=True,
         timeout=TOOL_TIMEOUT_S,
@@ -180,8 +195,12 @@ def _buf(*args: str, data: object | None = None) -> subprocess.CompletedProcess[
     return subprocess.run(command, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, cwd=ROOT)
 
 
+def _auth(served: ServerProcess) -> tuple[str, str]:
+    return ("-H", f"authorization: Bearer {served.token}")
+
+
 def _buf_ok(served: ServerProcess, method: str, data: object) -> dict[str, object]:
-    result = _buf(f"{served.url}/{method}", data=data)
+    result = _buf(*_auth(served), f"{served.url}/{method}", data=data)
     assert result.returncode == 0, f"buf curl {method} failed ({result.returncode}):\n{result.stderr}"
     return json.loads(result.stdout)
 
@@ -247,6 +266,7 @@ def test_buf_curl_error_carries_status_details(served: ServerProcess) -> None:
     run = uuid.uuid4().hex[:10]
     ghost = f"ghost-{run}"
     result = _buf(
+        *_auth(served),
         f"{served.url}/callplane.v1.CallService/GetOrCreateCall",
         data={"type": "default", "id": f"bad-{run}", "data": {"members": [{"user_id": ghost}]}},
     )
@@ -265,3 +285,17 @@ def test_buf_curl_error_carries_status_details(served: ServerProcess) -> None:
     info = error_details_pb2.ErrorInfo.FromString(base64.b64decode(encoded + "=" * (-len(encoded) % 4)))
     assert info.domain == "callplane", info
     assert re.fullmatch(r"[A-Z][A-Z0-9_]*", info.reason), info
+
+
+def test_buf_curl_without_a_token_is_unauthenticated(served: ServerProcess) -> None:
+    result = _buf(f"{served.url}/callplane.v1.CallService/QueryCalls", data={})
+    assert result.returncode == grpc.StatusCode.UNAUTHENTICATED.value[0] << 3, (
+        result.returncode,
+        result.stderr,
+    )
+    error = json.loads(result.stderr)
+    assert error["code"] == "unauthenticated", error
+    details = {detail["type"]: detail["value"] for detail in error.get("details", [])}
+    encoded = details["google.rpc.ErrorInfo"]
+    info = error_details_pb2.ErrorInfo.FromString(base64.b64decode(encoded + "=" * (-len(encoded) % 4)))
+    assert info.reason == "TOKEN_MISSING", info

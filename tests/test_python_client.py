@@ -38,6 +38,7 @@ from callplane.client.convert import (
 )
 from callplane.client.custom import from_plain
 from callplane.v1 import call_type_pb2, query_pb2, user_pb2, user_pb2_grpc
+from tests.support import SERVER_TOKEN
 
 # --------------------------------------------------------------------------------------------------
 # Part 1: no server
@@ -434,7 +435,7 @@ def _uid(prefix: str = "") -> str:
 
 @pytest.fixture
 async def client(grpc_target: str) -> AsyncIterator[CallplaneClient]:
-    async with CallplaneClient(grpc_target) as c:
+    async with CallplaneClient(grpc_target, token=SERVER_TOKEN) as c:
         yield c
 
 

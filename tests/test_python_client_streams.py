@@ -29,7 +29,7 @@ from callplane.client.models import to_track, track_name
 from callplane.v1 import session_pb2
 from callplane_server.app import CallplaneServer
 from callplane_server.config import Config
-from tests.support import RunningServer, TestClock, fresh_database, running_server
+from tests.support import SERVER_TOKEN, TEST_SECRET, RunningServer, TestClock, fresh_database, running_server
 
 FAST_RECONNECT = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -78,7 +78,7 @@ class Collector:
 
 @pytest.fixture
 async def client(server: RunningServer) -> AsyncIterator[CallplaneClient]:
-    async with CallplaneClient(server.target, timeout=10) as client:
+    async with CallplaneClient(server.target, token=SERVER_TOKEN, timeout=10) as client:
         yield client
 
 
@@ -136,7 +136,7 @@ async def test_stream_errors_are_callplane_errors(client: CallplaneClient, serve
 
 async def test_compacted_resume_point_raises(backend: str, tmp_path: Path) -> None:
     async with running_server(backend, tmp_path, event_retention_seconds=60) as running:
-        client = CallplaneClient(running.target)
+        client = CallplaneClient(running.target, token=SERVER_TOKEN)
         call = client.call("default", new_id())
         await call.get_or_create()
         running.clock.advance(timedelta(seconds=120))
@@ -159,6 +159,7 @@ async def test_iterators_resume_across_a_server_restart(backend: str, tmp_path: 
 
         def config(listen: str) -> Config:
             return Config(
+                api_secret=TEST_SECRET,
                 listen=listen,
                 database_url=url,
                 data_dir=tmp_path,
@@ -174,6 +175,7 @@ async def test_iterators_resume_across_a_server_restart(backend: str, tmp_path: 
         try:
             async with CallplaneClient(
                 f"127.0.0.1:{port}",
+                token=SERVER_TOKEN,
                 options=FAST_RECONNECT,
                 reconnect=Reconnect(initial_backoff=0.05, max_backoff=0.3, give_up_after=30),
             ) as client:
@@ -203,7 +205,7 @@ async def test_iterators_resume_across_a_server_restart(backend: str, tmp_path: 
                 servers.append(second)
                 # Another client writes (this one's unary calls fail fast until its channel reconnects;
                 # only its streams retry by themselves).
-                async with CallplaneClient(f"127.0.0.1:{port}") as writer:
+                async with CallplaneClient(f"127.0.0.1:{port}", token=SERVER_TOKEN) as writer:
                     other = writer.call(call.type, call.id)
                     for n in (4, 5, 6):
                         await other.update(set_custom={"n": n})
@@ -264,12 +266,19 @@ async def emit_to_user(server: CallplaneServer, cid: str, user_id: str, k: int) 
 async def test_a_stream_gives_up_after_the_configured_time(backend: str, tmp_path: Path) -> None:
     async with fresh_database(backend, tmp_path) as url:
         server = CallplaneServer(
-            Config(listen="127.0.0.1:0", database_url=url, data_dir=tmp_path, run_timers=False),
+            Config(
+                api_secret=TEST_SECRET,
+                listen="127.0.0.1:0",
+                database_url=url,
+                data_dir=tmp_path,
+                run_timers=False,
+            ),
             clock=TestClock(),
         )
         port = await server.start()
         async with CallplaneClient(
             f"127.0.0.1:{port}",
+            token=SERVER_TOKEN,
             options=FAST_RECONNECT,
             reconnect=Reconnect(initial_backoff=0.05, max_backoff=0.1, give_up_after=0.5),
         ) as client:

@@ -5,25 +5,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import grpc
 import pytest
 
 from callplane.v1 import call_service_pb2, call_service_pb2_grpc, event_service_pb2, event_service_pb2_grpc
 from callplane_server.app import CallplaneServer
 from callplane_server.config import Config
-from tests.support import BACKENDS, TestClock, fresh_database
+from tests.support import BACKENDS, TEST_SECRET, TestClock, fresh_database
+from tests.support import channel as authed_channel
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_watcher_on_one_replica_sees_writes_through_another(backend: str, tmp_path: Path) -> None:
     async with fresh_database(backend, tmp_path) as url:
-        config = Config(listen="127.0.0.1:0", database_url=url, run_timers=False)
+        config = Config(api_secret=TEST_SECRET, listen="127.0.0.1:0", database_url=url, run_timers=False)
         replicas = [CallplaneServer(config, clock=TestClock()) for _ in range(2)]
         ports = [await replica.start() for replica in replicas]
         try:
             async with (
-                grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as writer_channel,
-                grpc.aio.insecure_channel(f"127.0.0.1:{ports[1]}") as watcher_channel,
+                authed_channel(f"127.0.0.1:{ports[0]}") as writer_channel,
+                authed_channel(f"127.0.0.1:{ports[1]}") as watcher_channel,
             ):
                 writer = call_service_pb2_grpc.CallServiceStub(writer_channel)
                 create = call_service_pb2.GetOrCreateCallRequest(type="default", id="shared")

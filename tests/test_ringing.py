@@ -32,7 +32,8 @@ from callplane.v1 import (
 from callplane_server.app import CallplaneServer
 from callplane_server.config import Config
 from tests.errors import expect_error
-from tests.support import RunningServer, TestClock, fresh_database, running_server
+from tests.support import TEST_SECRET, RunningServer, TestClock, fresh_database, running_server
+from tests.support import channel as authed_channel
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
@@ -459,10 +460,17 @@ async def test_a_ring_timer_pending_across_a_restart_fires_once(backend: str, tm
     clock = TestClock()
     async with fresh_database(backend, tmp_path) as url:
         first = CallplaneServer(
-            Config(listen="127.0.0.1:0", database_url=url, data_dir=tmp_path, run_timers=False), clock=clock
+            Config(
+                api_secret=TEST_SECRET,
+                listen="127.0.0.1:0",
+                database_url=url,
+                data_dir=tmp_path,
+                run_timers=False,
+            ),
+            clock=clock,
         )
         await first.start()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel:
+        async with authed_channel(f"127.0.0.1:{first.port}") as channel:
             caller, alice = "caller", "alice"
             await user_pb2_grpc.UserServiceStub(channel).UpsertUsers(
                 user_pb2.UpsertUsersRequest(
@@ -478,6 +486,7 @@ async def test_a_ring_timer_pending_across_a_restart_fires_once(backend: str, tm
         clock.advance(timedelta(milliseconds=INCOMING_MS + 1) - (clock.current - start))
         second = CallplaneServer(
             Config(
+                api_secret=TEST_SECRET,
                 listen="127.0.0.1:0",
                 database_url=url,
                 data_dir=tmp_path,
@@ -494,7 +503,7 @@ async def test_a_ring_timer_pending_across_a_restart_fires_once(backend: str, tm
             clock.advance(timedelta(milliseconds=MISSED_MS - INCOMING_MS))
             assert await second.timers.run_due() == 1
             assert await second.timers.run_due() == 0
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as channel:
+            async with authed_channel(f"127.0.0.1:{second.port}") as channel:
                 await expect_error(
                     accept(ring_service_pb2_grpc.RingServiceStub(channel), "restart", alice),
                     PRECONDITION,

@@ -23,7 +23,8 @@ from callplane_server import errors
 from callplane_server.api.errors import status_code_for
 from callplane_server.services.limits import Limits
 from tests.errors import expect_error
-from tests.support import fresh_database, running_server
+from tests.support import TEST_SECRET, fresh_database, running_server
+from tests.support import channel as authed_channel
 
 SERVICES = ("callplane.v1.CallTypeService", "callplane.v1.UserService", "callplane.v1.CallService")
 REPO = Path(__file__).resolve().parent.parent
@@ -111,6 +112,7 @@ async def test_sigterm_drains_and_exits(backend, tmp_path):
             "CALLPLANE_DATABASE_URL": url,
             "CALLPLANE_LISTEN": "127.0.0.1:1",  # the flag below wins
             "CALLPLANE_LOG_LEVEL": "info",
+            "CALLPLANE_API_SECRET": TEST_SECRET,
             "PYTHONPATH": os.pathsep.join(
                 [str(REPO / "server"), str(REPO / "clients" / "python"), str(REPO)]
             ),
@@ -138,7 +140,7 @@ async def test_sigterm_drains_and_exits(backend, tmp_path):
                 match = re.search(r"serving on port (\d+)", log[-1])
                 if match:
                     port = int(match.group(1))
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            async with authed_channel(f"127.0.0.1:{port}") as channel:
                 health = health_pb2_grpc.HealthStub(channel)
                 watch = health.Watch(health_pb2.HealthCheckRequest())
                 assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
@@ -404,10 +406,12 @@ async def test_database_unreachable_is_unavailable(backend, tmp_path):
         proxy = _Proxy(parsed.host or "127.0.0.1", parsed.port or 5432)
         await proxy.start()
         proxied = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-        server = CallplaneServer(Config(listen="127.0.0.1:0", database_url=proxied, data_dir=tmp_path))
+        server = CallplaneServer(
+            Config(api_secret=TEST_SECRET, listen="127.0.0.1:0", database_url=proxied, data_dir=tmp_path)
+        )
         await server.start()
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            async with authed_channel(f"127.0.0.1:{server.port}") as channel:
                 stub = call_type_service_pb2_grpc.CallTypeServiceStub(channel)
                 await stub.ListCallTypes(call_type_service_pb2.ListCallTypesRequest())
                 await proxy.cut()

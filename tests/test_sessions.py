@@ -30,7 +30,8 @@ from callplane.v1 import (
 from callplane_server.app import CallplaneServer
 from callplane_server.config import Config
 from tests.errors import expect_error
-from tests.support import RunningServer, TestClock, fresh_database, running_server
+from tests.support import TEST_SECRET, RunningServer, TestClock, fresh_database, running_server
+from tests.support import channel as authed_channel
 
 LEASE_TTL = 600.0  # longer than every timer these tests run past, so leases only expire where intended
 INACTIVITY = 30  # the default call type's session.inactivity_timeout_seconds
@@ -499,10 +500,16 @@ async def test_watch_with_unknown_participant_fails(sessions, watch, calls, user
 async def test_inactivity_timer_pending_across_restart(backend: str, tmp_path: Path) -> None:
     async with fresh_database(backend, tmp_path) as url:
         clock = TestClock()
-        config = Config(listen="127.0.0.1:0", database_url=url, data_dir=tmp_path, run_timers=False)
+        config = Config(
+            api_secret=TEST_SECRET,
+            listen="127.0.0.1:0",
+            database_url=url,
+            data_dir=tmp_path,
+            run_timers=False,
+        )
         first = CallplaneServer(config, clock=clock)
         port = await first.start()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with authed_channel(f"127.0.0.1:{port}") as channel:
             await user_stub_upsert(channel, "alice")
             stub = session_service_pb2_grpc.SessionServiceStub(channel)
             joined = await join(stub, "kept", "alice", create=True)
@@ -517,7 +524,7 @@ async def test_inactivity_timer_pending_across_restart(backend: str, tmp_path: P
             assert second.timers is not None
             assert await second.timers.run_due() == 1
             assert await second.timers.run_due() == 0
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            async with authed_channel(f"127.0.0.1:{port}") as channel:
                 stub = session_service_pb2_grpc.SessionServiceStub(channel)
                 found = (await history(stub, "kept")).sessions
                 assert [(s.id, s.end_reason) for s in found] == [(joined.session.id, "inactivity")]

@@ -39,7 +39,8 @@ from callplane_server.app import CallplaneServer
 from callplane_server.config import Config
 from callplane_server.services.limits import Limits
 from tests.errors import decode, expect_error
-from tests.support import RunningServer, TestClock, fresh_database, running_server
+from tests.support import TEST_SECRET, RunningServer, TestClock, fresh_database, running_server
+from tests.support import channel as authed_channel
 
 READ_TIMEOUT = 15.0
 
@@ -597,6 +598,7 @@ async def test_shutdown_ends_streams_with_unavailable_then_resume_is_exact(
 ) -> None:
     async with fresh_database(backend, tmp_path) as url:
         config = Config(
+            api_secret=TEST_SECRET,
             listen="127.0.0.1:0",
             database_url=url,
             data_dir=tmp_path,
@@ -607,7 +609,7 @@ async def test_shutdown_ends_streams_with_unavailable_then_resume_is_exact(
         clock = TestClock()
         first = CallplaneServer(config, clock=clock)
         await first.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{first.port}")
+        channel = authed_channel(f"127.0.0.1:{first.port}")
         api = Calls(RunningServer(backend, first, clock, channel))
         call_id = new_id()
         cid = await api.create(call_id)
@@ -642,7 +644,7 @@ async def test_shutdown_ends_streams_with_unavailable_then_resume_is_exact(
         second = CallplaneServer(config, clock=clock)
         await second.start()
         try:
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{second.port}")
+            channel = authed_channel(f"127.0.0.1:{second.port}")
             api = Calls(RunningServer(backend, second, clock, channel))
             await api.update(call_id, n=2)
             await api.emit_to_users(cid, ["shut-alice"], k=2)
@@ -752,8 +754,8 @@ async def test_a_watcher_that_never_reads_cannot_grow_server_memory(backend: str
         start_seq = len(await api.log(cid))
 
         # The fast watcher and the slow one each get their own connection, as separate clients would.
-        fast_channel = grpc.aio.insecure_channel(running.target)
-        slow_channel = grpc.aio.insecure_channel(running.target, options=[("grpc.http2.bdp_probe", 0)])
+        fast_channel = authed_channel(running.target)
+        slow_channel = authed_channel(running.target, options=[("grpc.http2.bdp_probe", 0)])
         try:
             fast = StreamReader(
                 event_service_pb2_grpc.EventServiceStub(fast_channel).WatchCall(

@@ -30,11 +30,12 @@ from callplane.v1 import (
     user_pb2_grpc,
 )
 from callplane_server.api.call_data_servicer import CallDataServicer
-from callplane_server.api.errors import ErrorAndLoggingInterceptor
+from callplane_server.api.errors import Authenticator, ErrorAndLoggingInterceptor
 from callplane_server.api.event_servicer import EventServicer
 from callplane_server.api.ring_servicer import RingServicer
 from callplane_server.api.servicers import CallServicer, CallTypeServicer, UserServicer
 from callplane_server.api.session_servicer import SessionServicer
+from callplane_server.auth.tokens import load_or_create_secret
 from callplane_server.config import Config
 from callplane_server.events.hub import EventHub
 from callplane_server.services.call_data import CallDataService
@@ -78,6 +79,7 @@ class CallplaneServer:
         self.sessions: SessionService | None = None
         self.ringing: RingingService | None = None
         self.call_data: CallDataService | None = None
+        self.api_secret = ""
         self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
@@ -106,9 +108,9 @@ class CallplaneServer:
         self.ringing = RingingService(self.store, self.clock, self.timers)
         self.call_data = CallDataService(self.store, self.clock, limits)
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
-        server = grpc.aio.server(
-            interceptors=[ErrorAndLoggingInterceptor()], options=[("grpc.so_reuseport", 0)]
-        )
+        self.api_secret = self.config.api_secret or load_or_create_secret(self.config.data_dir)
+        interceptor = ErrorAndLoggingInterceptor(Authenticator(self.api_secret))
+        server = grpc.aio.server(interceptors=[interceptor], options=[("grpc.so_reuseport", 0)])
         call_type_service_pb2_grpc.add_CallTypeServiceServicer_to_server(
             CallTypeServicer(CallTypeService(self.store, self.clock)), server
         )

@@ -6,8 +6,23 @@ import argparse
 import asyncio
 import logging
 import sys
+from datetime import timedelta
 
 from callplane_server import config as config_module
+from callplane_server.auth.tokens import create_token, load_or_create_secret
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90s`, `15m`, `1h`, `7d` (a bare number is seconds)."""
+    value = text.strip().lower()
+    unit = _UNITS.get(value[-1:])
+    number = value[:-1] if unit else value
+    try:
+        return timedelta(seconds=float(number) * (unit or 1))
+    except ValueError:
+        raise SystemExit(f"callplane: bad duration {text!r}; use e.g. 30s, 15m, 1h, 7d") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,7 +30,24 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="run the gRPC server")
     config_module.add_arguments(serve_parser)
+    token_parser = commands.add_parser("token", help="print a bearer token signed with the configured secret")
+    who = token_parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="a user token acting as this user id")
+    who.add_argument("--server", action="store_true", help="a server token (may do everything)")
+    token_parser.add_argument("--ttl", default="1h", help="lifetime, e.g. 30s, 15m, 1h, 7d (default 1h)")
+    token_parser.add_argument("--call", action="append", dest="call_cids", help="limit a user token to a cid")
+    token_parser.add_argument("--data-dir", help="where the development secret lives (default data)")
+    token_parser.add_argument(
+        "--api-secret-file", help="file holding the secret (CALLPLANE_API_SECRET[_FILE])"
+    )
     args = parser.parse_args(argv)
+
+    if args.command == "token":
+        config = config_module.load(args)
+        secret = config.api_secret or load_or_create_secret(config.data_dir)
+        ttl = parse_duration(args.ttl)
+        print(create_token(secret, user_id=args.user, ttl=ttl, call_cids=args.call_cids))
+        return 0
 
     if args.command == "serve":
         config = config_module.load(args)

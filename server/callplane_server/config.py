@@ -35,6 +35,9 @@ class Config:
     run_timers: bool = True
     # A participant not renewed (KeepAlive or a presence-holding WatchCall) for this long is removed.
     lease_ttl_seconds: float = 30.0
+    # HS256 secret for bearer tokens. Empty: CALLPLANE_API_SECRET, else a development secret generated
+    # once and kept in data_dir/api_secret (replicas sharing a database must share the secret).
+    api_secret: str = ""
 
     @property
     def resolved_database_url(self) -> str:
@@ -43,6 +46,12 @@ class Config:
 
 def _bool(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _secret(secret_file: str | None, env: Mapping[str, str]) -> str:
+    if secret_file:
+        return Path(secret_file).read_text().strip()
+    return env.get("CALLPLANE_API_SECRET", "")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,4 +123,5 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
             env.get("CALLPLANE_EVENT_POLL_INTERVAL_SECONDS") or defaults.event_poll_interval_seconds
         ),
         lease_ttl_seconds=float(env.get("CALLPLANE_LEASE_TTL_SECONDS") or defaults.lease_ttl_seconds),
+        api_secret=_secret(pick("api_secret_file", "CALLPLANE_API_SECRET_FILE"), env),
     )

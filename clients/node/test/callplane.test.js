@@ -1,6 +1,6 @@
 'use strict';
 // End-to-end test of the Node client against a running server:
-//   CALLPLANE_TARGET=127.0.0.1:50051 npm test
+//   CALLPLANE_TARGET=127.0.0.1:50051 CALLPLANE_TOKEN=$(callplane token --server) npm test
 // Skipped when CALLPLANE_TARGET is not set. Every run uses fresh ids, so it can be repeated against
 // the same server. tests/test_polyglot.py starts a server and runs this file.
 
@@ -30,7 +30,7 @@ describe('callplane server', { skip: !TARGET && 'CALLPLANE_TARGET (host:port of 
   let etag;
 
   before(async () => {
-    cp = connect(TARGET, { timeoutMs: 10_000 });
+    cp = connect(TARGET, { timeoutMs: 10_000, token: process.env.CALLPLANE_TOKEN });
     await cp.waitForReady(10_000);
   });
 

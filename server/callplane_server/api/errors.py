@@ -15,6 +15,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from callplane_server import errors
+from callplane_server.auth.context import set_principal
+from callplane_server.auth.tokens import parse_bearer, verify_token
 
 log = logging.getLogger("callplane.rpc")
 
@@ -70,9 +72,30 @@ def _classify(error: BaseException) -> errors.CallplaneError:
     return errors.CallplaneError("internal error; see the server log", reason="INTERNAL")
 
 
+# Health checks and reflection stay open to everyone (reflection can be switched off by config).
+_OPEN_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+
+
+class Authenticator:
+    """Turns the `authorization` metadata of an RPC into its principal."""
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+
+    def authenticate(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        if method.startswith(_OPEN_PREFIXES):
+            return
+        metadata = {key: value for key, value in (context.invocation_metadata() or ())}
+        token = parse_bearer(metadata.get("authorization"))
+        set_principal(verify_token(self._secret, token))
+
+
 class ErrorAndLoggingInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every handler: domain errors → status with details, unexpected ones → INTERNAL, and a
-    log line with method, status code and duration."""
+    """Wraps every handler: authentication first, domain errors → status with details, unexpected ones
+    → INTERNAL, and a log line with method, status code and duration."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._authenticator = authenticator
 
     async def intercept_service(
         self,
@@ -85,16 +108,16 @@ class ErrorAndLoggingInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),
+                _wrap_unary(method, handler.unary_unary, self._authenticator),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             behavior = handler.unary_stream
             wrapped = (
-                _wrap_stream(method, behavior)
+                _wrap_stream(method, behavior, self._authenticator)
                 if inspect.isasyncgenfunction(behavior)
-                else _wrap_unary(method, behavior)  # handlers that write with context.write()
+                else _wrap_unary(method, behavior, self._authenticator)  # handlers using context.write()
             )
             return grpc.unary_stream_rpc_method_handler(
                 wrapped,
@@ -115,10 +138,13 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> Non
     await context.abort_with_status(to_rpc_status(_classify(error)))
 
 
-def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _wrap_unary(
+    method: str, behavior: Callable[..., Awaitable[Any]], authenticator: Authenticator
+) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
         try:
+            authenticator.authenticate(method, context)
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -131,11 +157,12 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[..., AsyncIterator[Any]]
+    method: str, behavior: Callable[..., AsyncIterator[Any]], authenticator: Authenticator
 ) -> Callable[..., AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         started = time.perf_counter()
         try:
+            authenticator.authenticate(method, context)
             async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:

@@ -1,0 +1,1 @@
+"""Authentication (JWT bearer tokens) and who is calling."""
