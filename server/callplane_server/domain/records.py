@@ -52,6 +52,7 @@ class CallRecord:
     current_session_id: str | None = None
     # Ordered pins: [{"participant_session_id", "user_id", "pinned_at" (ISO string)}].
     pins: list[JSONDict] = field(default_factory=list)
+    blocked_user_ids: list[str] = field(default_factory=list)
 
     @property
     def cid(self) -> str:

@@ -99,6 +99,10 @@ class CallRow(Base):
     pins: Mapped[list[dict[str, Any]]] = mapped_column(
         JSONDocument, nullable=False, default=list, server_default=text("'[]'")
     )
+    # Users blocked from this call (BlockUser).
+    blocked_user_ids: Mapped[list[str]] = mapped_column(
+        JSONDocument, nullable=False, default=list, server_default=text("'[]'")
+    )
 
 
 class CallMemberRow(Base):
@@ -247,3 +251,14 @@ class IdempotencyKeyRow(Base):
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     result: Mapped[dict[str, Any]] = mapped_column(JSONDocument, nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+
+
+class PermissionOverrideRow(Base):
+    """Capabilities granted to or revoked from one user in one call, on top of the role grants."""
+
+    __tablename__ = "call_permission_overrides"
+
+    call_cid: Mapped[str] = mapped_column(String(129), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    granted: Mapped[list[str]] = mapped_column(JSONDocument, nullable=False, default=list)
+    revoked: Mapped[list[str]] = mapped_column(JSONDocument, nullable=False, default=list)

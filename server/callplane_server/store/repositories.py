@@ -49,6 +49,7 @@ def _call_record(row: CallRow) -> CallRecord:
         deleted_at=row.deleted_at,
         current_session_id=row.current_session_id,
         pins=list(row.pins or []),
+        blocked_user_ids=list(row.blocked_user_ids or []),
     )
 
 
@@ -261,6 +262,7 @@ def _call_columns(record: CallRecord) -> dict[str, Any]:
         "deleted_at": record.deleted_at,
         "current_session_id": record.current_session_id,
         "pins": record.pins,
+        "blocked_user_ids": record.blocked_user_ids,
     }
 
 

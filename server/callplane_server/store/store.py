@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from callplane_server.store.database import Database
 from callplane_server.store.events import EventRepository
 from callplane_server.store.idempotency import IdempotencyRepository
+from callplane_server.store.permissions import PermissionRepository
 from callplane_server.store.query import CursorSigner
 from callplane_server.store.repositories import (
     CallRepository,
@@ -35,6 +36,7 @@ class Transaction:
         self.members = MemberRepository(session, signer, self.users)
         self.secrets = SecretRepository(session)
         self.events = EventRepository(session)
+        self.permissions = PermissionRepository(session)
         self.sessions = SessionRepository(session)
         self.timers = TimerRepository(session)
         self.rings = RingRepository(session)

@@ -28,7 +28,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61llplane/v1/call.proto\x12\x0c\x63\x61llplane.v1\x1a\x1c\x63\x61llplane/v1/call_type.proto\x1a\x17\x63\x61llplane/v1/user.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xea\x03\n\x04\x43\x61ll\x12\x0b\n\x03\x63id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x1a\n\x12\x63reated_by_user_id\x18\x04 \x01(\t\x12\x0c\n\x04team\x18\x05 \x01(\t\x12\'\n\x06\x63ustom\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12,\n\x08settings\x18\x07 \x01(\x0b\x32\x1a.callplane.v1.CallSettings\x12\x35\n\x11settings_override\x18\x08 \x01(\x0b\x32\x1a.callplane.v1.CallSettings\x12\x11\n\tbackstage\x18\t \x01(\x08\x12\x0f\n\x07ongoing\x18\n \x01(\x08\x12\x14\n\x0cmember_count\x18\x0b \x01(\x05\x12\x0c\n\x04\x65tag\x18\x0c \x01(\t\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tstarts_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd2\x01\n\x06Member\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12 \n\x04user\x18\x02 \x01(\x0b\x32\x12.callplane.v1.User\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\'\n\x06\x63ustom\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"W\n\rMemberRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\'\n\x06\x63ustom\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"T\n\tCallState\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\x12%\n\x07members\x18\x02 \x03(\x0b\x32\x14.callplane.v1.Memberb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61llplane/v1/call.proto\x12\x0c\x63\x61llplane.v1\x1a\x1c\x63\x61llplane/v1/call_type.proto\x1a\x17\x63\x61llplane/v1/user.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x04\n\x04\x43\x61ll\x12\x0b\n\x03\x63id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x1a\n\x12\x63reated_by_user_id\x18\x04 \x01(\t\x12\x0c\n\x04team\x18\x05 \x01(\t\x12\'\n\x06\x63ustom\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12,\n\x08settings\x18\x07 \x01(\x0b\x32\x1a.callplane.v1.CallSettings\x12\x35\n\x11settings_override\x18\x08 \x01(\x0b\x32\x1a.callplane.v1.CallSettings\x12\x11\n\tbackstage\x18\t \x01(\x08\x12\x0f\n\x07ongoing\x18\n \x01(\x08\x12\x14\n\x0cmember_count\x18\x0b \x01(\x05\x12\x0c\n\x04\x65tag\x18\x0c \x01(\t\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tstarts_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x62locked_user_ids\x18\x11 \x03(\t\"\xd2\x01\n\x06Member\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12 \n\x04user\x18\x02 \x01(\x0b\x32\x12.callplane.v1.User\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\'\n\x06\x63ustom\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"W\n\rMemberRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\'\n\x06\x63ustom\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"n\n\tCallState\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\x12%\n\x07members\x18\x02 \x03(\x0b\x32\x14.callplane.v1.Member\x12\x18\n\x10own_capabilities\x18\x03 \x03(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'callplane.v1.call_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CALL']._serialized_start=160
-  _globals['_CALL']._serialized_end=650
-  _globals['_MEMBER']._serialized_start=653
-  _globals['_MEMBER']._serialized_end=863
-  _globals['_MEMBERREQUEST']._serialized_start=865
-  _globals['_MEMBERREQUEST']._serialized_end=952
-  _globals['_CALLSTATE']._serialized_start=954
-  _globals['_CALLSTATE']._serialized_end=1038
+  _globals['_CALL']._serialized_end=676
+  _globals['_MEMBER']._serialized_start=679
+  _globals['_MEMBER']._serialized_end=889
+  _globals['_MEMBERREQUEST']._serialized_start=891
+  _globals['_MEMBERREQUEST']._serialized_end=978
+  _globals['_CALLSTATE']._serialized_start=980
+  _globals['_CALLSTATE']._serialized_end=1090
 # @@protoc_insertion_point(module_scope)

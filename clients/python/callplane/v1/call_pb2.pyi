@@ -44,6 +44,7 @@ class Call(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     STARTS_AT_FIELD_NUMBER: _builtins.int
     ENDED_AT_FIELD_NUMBER: _builtins.int
+    BLOCKED_USER_IDS_FIELD_NUMBER: _builtins.int
     cid: _builtins.str
     """`type:id`."""
     type: _builtins.str
@@ -90,6 +91,10 @@ class Call(_message.Message):
     def ended_at(self) -> _timestamp_pb2.Timestamp:
         """When the call was ended, if it was."""
 
+    @_builtins.property
+    def blocked_user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Users blocked from this call (BlockUser): they cannot join it."""
+
     def __init__(
         self,
         *,
@@ -109,10 +114,11 @@ class Call(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         starts_at: _timestamp_pb2.Timestamp | None = ...,
         ended_at: _timestamp_pb2.Timestamp | None = ...,
+        blocked_user_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "custom", b"custom", "ended_at", b"ended_at", "settings", b"settings", "settings_override", b"settings_override", "starts_at", b"starts_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backstage", b"backstage", "cid", b"cid", "created_at", b"created_at", "created_by_user_id", b"created_by_user_id", "custom", b"custom", "ended_at", b"ended_at", "etag", b"etag", "id", b"id", "member_count", b"member_count", "ongoing", b"ongoing", "settings", b"settings", "settings_override", b"settings_override", "starts_at", b"starts_at", "team", b"team", "type", b"type", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backstage", b"backstage", "blocked_user_ids", b"blocked_user_ids", "cid", b"cid", "created_at", b"created_at", "created_by_user_id", b"created_by_user_id", "custom", b"custom", "ended_at", b"ended_at", "etag", b"etag", "id", b"id", "member_count", b"member_count", "ongoing", b"ongoing", "settings", b"settings", "settings_override", b"settings_override", "starts_at", b"starts_at", "team", b"team", "type", b"type", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -208,6 +214,7 @@ class CallState(_message.Message):
 
     CALL_FIELD_NUMBER: _builtins.int
     MEMBERS_FIELD_NUMBER: _builtins.int
+    OWN_CAPABILITIES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def call(self) -> Global___Call:
         """The call."""
@@ -216,15 +223,20 @@ class CallState(_message.Message):
     def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___Member]:
         """Members, oldest first, at most `members_limit`."""
 
+    @_builtins.property
+    def own_capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the caller may do in this call (all capabilities for a server token)."""
+
     def __init__(
         self,
         *,
         call: Global___Call | None = ...,
         members: _abc.Iterable[Global___Member] | None = ...,
+        own_capabilities: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "members", b"members"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "members", b"members", "own_capabilities", b"own_capabilities"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

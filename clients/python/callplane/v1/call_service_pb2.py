@@ -29,7 +29,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63\x61llplane/v1/call_service.proto\x12\x0c\x63\x61llplane.v1\x1a\x17\x63\x61llplane/v1/call.proto\x1a\x1c\x63\x61llplane/v1/call_type.proto\x1a\x18\x63\x61llplane/v1/query.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xec\x01\n\x08\x43\x61llData\x12\x15\n\rcreated_by_id\x18\x01 \x01(\t\x12,\n\x07members\x18\x02 \x03(\x0b\x32\x1b.callplane.v1.MemberRequest\x12\'\n\x06\x63ustom\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x35\n\x11settings_override\x18\x04 \x01(\x0b\x32\x1a.callplane.v1.CallSettings\x12-\n\tstarts_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x06 \x01(\t\"\x9c\x01\n\x16GetOrCreateCallRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12$\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x16.callplane.v1.CallData\x12\x15\n\rmembers_limit\x18\x04 \x01(\x05\x12\x0c\n\x04ring\x18\x05 \x01(\x08\x12\x0e\n\x06notify\x18\x06 \x01(\x08\x12\r\n\x05video\x18\x07 \x01(\x08\"s\n\x17GetOrCreateCallResponse\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\x12%\n\x07members\x18\x02 \x03(\x0b\x32\x14.callplane.v1.Member\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"A\n\x0eGetCallRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x15\n\rmembers_limit\x18\x03 \x01(\x05\"Z\n\x0fGetCallResponse\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\x12%\n\x07members\x18\x02 \x03(\x0b\x32\x14.callplane.v1.Member\"\xa4\x02\n\x11UpdateCallRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\'\n\x06\x63ustom\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nset_custom\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0cunset_custom\x18\x05 \x03(\t\x12\x35\n\x11settings_override\x18\x06 \x01(\x0b\x32\x1a.callplane.v1.CallSettings\x12-\n\tstarts_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x08 \x01(\t\x12\x15\n\rmembers_limit\x18\t \x01(\x05\"]\n\x12UpdateCallResponse\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\x12%\n\x07members\x18\x02 \x03(\x0b\x32\x14.callplane.v1.Member\"*\n\x0e\x45ndCallRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"3\n\x0f\x45ndCallResponse\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\";\n\x11\x44\x65leteCallRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04hard\x18\x03 \x01(\x08\"6\n\x12\x44\x65leteCallResponse\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\"\xb0\x01\n\x11QueryCallsRequest\x12\x32\n\x11\x66ilter_conditions\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12%\n\x04sort\x18\x02 \x03(\x0b\x32\x17.callplane.v1.SortParam\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x0c\n\x04next\x18\x04 \x01(\t\x12\x0c\n\x04prev\x18\x05 \x01(\t\x12\x15\n\rmembers_limit\x18\x06 \x01(\x05\"X\n\x12QueryCallsResponse\x12&\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x17.callplane.v1.CallState\x12\x0c\n\x04next\x18\x02 \x01(\t\x12\x0c\n\x04prev\x18\x03 \x01(\t\"\x81\x01\n\x18UpdateCallMembersRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x33\n\x0eupdate_members\x18\x03 \x03(\x0b\x32\x1b.callplane.v1.MemberRequest\x12\x16\n\x0eremove_members\x18\x04 \x03(\t\"\\\n\x19UpdateCallMembersResponse\x12%\n\x07members\x18\x01 \x03(\x0b\x32\x14.callplane.v1.Member\x12\x18\n\x10removed_user_ids\x18\x02 \x03(\t\"\xb5\x01\n\x13QueryMembersRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x32\n\x11\x66ilter_conditions\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12%\n\x04sort\x18\x04 \x03(\x0b\x32\x17.callplane.v1.SortParam\x12\r\n\x05limit\x18\x05 \x01(\x05\x12\x0c\n\x04next\x18\x06 \x01(\t\x12\x0c\n\x04prev\x18\x07 \x01(\t\"Y\n\x14QueryMembersResponse\x12%\n\x07members\x18\x01 \x03(\x0b\x32\x14.callplane.v1.Member\x12\x0c\n\x04next\x18\x02 \x01(\t\x12\x0c\n\x04prev\x18\x03 \x01(\t2\xad\x05\n\x0b\x43\x61llService\x12^\n\x0fGetOrCreateCall\x12$.callplane.v1.GetOrCreateCallRequest\x1a%.callplane.v1.GetOrCreateCallResponse\x12\x46\n\x07GetCall\x12\x1c.callplane.v1.GetCallRequest\x1a\x1d.callplane.v1.GetCallResponse\x12O\n\nUpdateCall\x12\x1f.callplane.v1.UpdateCallRequest\x1a .callplane.v1.UpdateCallResponse\x12\x46\n\x07\x45ndCall\x12\x1c.callplane.v1.EndCallRequest\x1a\x1d.callplane.v1.EndCallResponse\x12O\n\nDeleteCall\x12\x1f.callplane.v1.DeleteCallRequest\x1a .callplane.v1.DeleteCallResponse\x12O\n\nQueryCalls\x12\x1f.callplane.v1.QueryCallsRequest\x1a .callplane.v1.QueryCallsResponse\x12\x64\n\x11UpdateCallMembers\x12&.callplane.v1.UpdateCallMembersRequest\x1a\'.callplane.v1.UpdateCallMembersResponse\x12U\n\x0cQueryMembers\x12!.callplane.v1.QueryMembersRequest\x1a\".callplane.v1.QueryMembersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63\x61llplane/v1/call_service.proto\x12\x0c\x63\x61llplane.v1\x1a\x17\x63\x61llplane/v1/call.proto\x1a\x1c\x63\x61llplane/v1/call_type.proto\x1a\x18\x63\x61llplane/v1/query.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xec\x01\n\x08\x43\x61llData\x12\x15\n\rcreated_by_id\x18\x01 \x01(\t\x12,\n\x07members\x18\x02 \x03(\x0b\x32\x1b.callplane.v1.MemberRequest\x12\'\n\x06\x63ustom\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x35\n\x11settings_override\x18\x04 \x01(\x0b\x32\x1a.callplane.v1.CallSettings\x12-\n\tstarts_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x06 \x01(\t\"\x9c\x01\n\x16GetOrCreateCallRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12$\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x16.callplane.v1.CallData\x12\x15\n\rmembers_limit\x18\x04 \x01(\x05\x12\x0c\n\x04ring\x18\x05 \x01(\x08\x12\x0e\n\x06notify\x18\x06 \x01(\x08\x12\r\n\x05video\x18\x07 \x01(\x08\"\x8d\x01\n\x17GetOrCreateCallResponse\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\x12%\n\x07members\x18\x02 \x03(\x0b\x32\x14.callplane.v1.Member\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\x12\x18\n\x10own_capabilities\x18\x04 \x03(\t\"A\n\x0eGetCallRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x15\n\rmembers_limit\x18\x03 \x01(\x05\"t\n\x0fGetCallResponse\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\x12%\n\x07members\x18\x02 \x03(\x0b\x32\x14.callplane.v1.Member\x12\x18\n\x10own_capabilities\x18\x03 \x03(\t\"\xa4\x02\n\x11UpdateCallRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\'\n\x06\x63ustom\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nset_custom\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0cunset_custom\x18\x05 \x03(\t\x12\x35\n\x11settings_override\x18\x06 \x01(\x0b\x32\x1a.callplane.v1.CallSettings\x12-\n\tstarts_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x08 \x01(\t\x12\x15\n\rmembers_limit\x18\t \x01(\x05\"]\n\x12UpdateCallResponse\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\x12%\n\x07members\x18\x02 \x03(\x0b\x32\x14.callplane.v1.Member\"*\n\x0e\x45ndCallRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"3\n\x0f\x45ndCallResponse\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\";\n\x11\x44\x65leteCallRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04hard\x18\x03 \x01(\x08\"6\n\x12\x44\x65leteCallResponse\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\"\xb0\x01\n\x11QueryCallsRequest\x12\x32\n\x11\x66ilter_conditions\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12%\n\x04sort\x18\x02 \x03(\x0b\x32\x17.callplane.v1.SortParam\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x0c\n\x04next\x18\x04 \x01(\t\x12\x0c\n\x04prev\x18\x05 \x01(\t\x12\x15\n\rmembers_limit\x18\x06 \x01(\x05\"X\n\x12QueryCallsResponse\x12&\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x17.callplane.v1.CallState\x12\x0c\n\x04next\x18\x02 \x01(\t\x12\x0c\n\x04prev\x18\x03 \x01(\t\"\x81\x01\n\x18UpdateCallMembersRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x33\n\x0eupdate_members\x18\x03 \x03(\x0b\x32\x1b.callplane.v1.MemberRequest\x12\x16\n\x0eremove_members\x18\x04 \x03(\t\"\\\n\x19UpdateCallMembersResponse\x12%\n\x07members\x18\x01 \x03(\x0b\x32\x14.callplane.v1.Member\x12\x18\n\x10removed_user_ids\x18\x02 \x03(\t\"\xb5\x01\n\x13QueryMembersRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x32\n\x11\x66ilter_conditions\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12%\n\x04sort\x18\x04 \x03(\x0b\x32\x17.callplane.v1.SortParam\x12\r\n\x05limit\x18\x05 \x01(\x05\x12\x0c\n\x04next\x18\x06 \x01(\t\x12\x0c\n\x04prev\x18\x07 \x01(\t\"Y\n\x14QueryMembersResponse\x12%\n\x07members\x18\x01 \x03(\x0b\x32\x14.callplane.v1.Member\x12\x0c\n\x04next\x18\x02 \x01(\t\x12\x0c\n\x04prev\x18\x03 \x01(\t2\xad\x05\n\x0b\x43\x61llService\x12^\n\x0fGetOrCreateCall\x12$.callplane.v1.GetOrCreateCallRequest\x1a%.callplane.v1.GetOrCreateCallResponse\x12\x46\n\x07GetCall\x12\x1c.callplane.v1.GetCallRequest\x1a\x1d.callplane.v1.GetCallResponse\x12O\n\nUpdateCall\x12\x1f.callplane.v1.UpdateCallRequest\x1a .callplane.v1.UpdateCallResponse\x12\x46\n\x07\x45ndCall\x12\x1c.callplane.v1.EndCallRequest\x1a\x1d.callplane.v1.EndCallResponse\x12O\n\nDeleteCall\x12\x1f.callplane.v1.DeleteCallRequest\x1a .callplane.v1.DeleteCallResponse\x12O\n\nQueryCalls\x12\x1f.callplane.v1.QueryCallsRequest\x1a .callplane.v1.QueryCallsResponse\x12\x64\n\x11UpdateCallMembers\x12&.callplane.v1.UpdateCallMembersRequest\x1a\'.callplane.v1.UpdateCallMembersResponse\x12U\n\x0cQueryMembers\x12!.callplane.v1.QueryMembersRequest\x1a\".callplane.v1.QueryMembersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,36 +40,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CALLDATA']._serialized_end=430
   _globals['_GETORCREATECALLREQUEST']._serialized_start=433
   _globals['_GETORCREATECALLREQUEST']._serialized_end=589
-  _globals['_GETORCREATECALLRESPONSE']._serialized_start=591
-  _globals['_GETORCREATECALLRESPONSE']._serialized_end=706
-  _globals['_GETCALLREQUEST']._serialized_start=708
-  _globals['_GETCALLREQUEST']._serialized_end=773
-  _globals['_GETCALLRESPONSE']._serialized_start=775
-  _globals['_GETCALLRESPONSE']._serialized_end=865
-  _globals['_UPDATECALLREQUEST']._serialized_start=868
-  _globals['_UPDATECALLREQUEST']._serialized_end=1160
-  _globals['_UPDATECALLRESPONSE']._serialized_start=1162
-  _globals['_UPDATECALLRESPONSE']._serialized_end=1255
-  _globals['_ENDCALLREQUEST']._serialized_start=1257
-  _globals['_ENDCALLREQUEST']._serialized_end=1299
-  _globals['_ENDCALLRESPONSE']._serialized_start=1301
-  _globals['_ENDCALLRESPONSE']._serialized_end=1352
-  _globals['_DELETECALLREQUEST']._serialized_start=1354
-  _globals['_DELETECALLREQUEST']._serialized_end=1413
-  _globals['_DELETECALLRESPONSE']._serialized_start=1415
-  _globals['_DELETECALLRESPONSE']._serialized_end=1469
-  _globals['_QUERYCALLSREQUEST']._serialized_start=1472
-  _globals['_QUERYCALLSREQUEST']._serialized_end=1648
-  _globals['_QUERYCALLSRESPONSE']._serialized_start=1650
-  _globals['_QUERYCALLSRESPONSE']._serialized_end=1738
-  _globals['_UPDATECALLMEMBERSREQUEST']._serialized_start=1741
-  _globals['_UPDATECALLMEMBERSREQUEST']._serialized_end=1870
-  _globals['_UPDATECALLMEMBERSRESPONSE']._serialized_start=1872
-  _globals['_UPDATECALLMEMBERSRESPONSE']._serialized_end=1964
-  _globals['_QUERYMEMBERSREQUEST']._serialized_start=1967
-  _globals['_QUERYMEMBERSREQUEST']._serialized_end=2148
-  _globals['_QUERYMEMBERSRESPONSE']._serialized_start=2150
-  _globals['_QUERYMEMBERSRESPONSE']._serialized_end=2239
-  _globals['_CALLSERVICE']._serialized_start=2242
-  _globals['_CALLSERVICE']._serialized_end=2927
+  _globals['_GETORCREATECALLRESPONSE']._serialized_start=592
+  _globals['_GETORCREATECALLRESPONSE']._serialized_end=733
+  _globals['_GETCALLREQUEST']._serialized_start=735
+  _globals['_GETCALLREQUEST']._serialized_end=800
+  _globals['_GETCALLRESPONSE']._serialized_start=802
+  _globals['_GETCALLRESPONSE']._serialized_end=918
+  _globals['_UPDATECALLREQUEST']._serialized_start=921
+  _globals['_UPDATECALLREQUEST']._serialized_end=1213
+  _globals['_UPDATECALLRESPONSE']._serialized_start=1215
+  _globals['_UPDATECALLRESPONSE']._serialized_end=1308
+  _globals['_ENDCALLREQUEST']._serialized_start=1310
+  _globals['_ENDCALLREQUEST']._serialized_end=1352
+  _globals['_ENDCALLRESPONSE']._serialized_start=1354
+  _globals['_ENDCALLRESPONSE']._serialized_end=1405
+  _globals['_DELETECALLREQUEST']._serialized_start=1407
+  _globals['_DELETECALLREQUEST']._serialized_end=1466
+  _globals['_DELETECALLRESPONSE']._serialized_start=1468
+  _globals['_DELETECALLRESPONSE']._serialized_end=1522
+  _globals['_QUERYCALLSREQUEST']._serialized_start=1525
+  _globals['_QUERYCALLSREQUEST']._serialized_end=1701
+  _globals['_QUERYCALLSRESPONSE']._serialized_start=1703
+  _globals['_QUERYCALLSRESPONSE']._serialized_end=1791
+  _globals['_UPDATECALLMEMBERSREQUEST']._serialized_start=1794
+  _globals['_UPDATECALLMEMBERSREQUEST']._serialized_end=1923
+  _globals['_UPDATECALLMEMBERSRESPONSE']._serialized_start=1925
+  _globals['_UPDATECALLMEMBERSRESPONSE']._serialized_end=2017
+  _globals['_QUERYMEMBERSREQUEST']._serialized_start=2020
+  _globals['_QUERYMEMBERSREQUEST']._serialized_end=2201
+  _globals['_QUERYMEMBERSRESPONSE']._serialized_start=2203
+  _globals['_QUERYMEMBERSRESPONSE']._serialized_end=2292
+  _globals['_CALLSERVICE']._serialized_start=2295
+  _globals['_CALLSERVICE']._serialized_end=2980
 # @@protoc_insertion_point(module_scope)

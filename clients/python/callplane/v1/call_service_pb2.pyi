@@ -130,6 +130,7 @@ class GetOrCreateCallResponse(_message.Message):
     CALL_FIELD_NUMBER: _builtins.int
     MEMBERS_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
+    OWN_CAPABILITIES_FIELD_NUMBER: _builtins.int
     created: _builtins.bool
     """Whether this request created the call."""
     @_builtins.property
@@ -140,16 +141,21 @@ class GetOrCreateCallResponse(_message.Message):
     def members(self) -> _containers.RepeatedCompositeFieldContainer[_call_pb2.Member]:
         """Members, oldest first, at most `members_limit`."""
 
+    @_builtins.property
+    def own_capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the caller may do in this call (all capabilities for a server token)."""
+
     def __init__(
         self,
         *,
         call: _call_pb2.Call | None = ...,
         members: _abc.Iterable[_call_pb2.Member] | None = ...,
         created: _builtins.bool = ...,
+        own_capabilities: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "created", b"created", "members", b"members"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "created", b"created", "members", b"members", "own_capabilities", b"own_capabilities"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -193,6 +199,7 @@ class GetCallResponse(_message.Message):
 
     CALL_FIELD_NUMBER: _builtins.int
     MEMBERS_FIELD_NUMBER: _builtins.int
+    OWN_CAPABILITIES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def call(self) -> _call_pb2.Call:
         """The call."""
@@ -201,15 +208,20 @@ class GetCallResponse(_message.Message):
     def members(self) -> _containers.RepeatedCompositeFieldContainer[_call_pb2.Member]:
         """Members, oldest first, at most `members_limit`."""
 
+    @_builtins.property
+    def own_capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the caller may do in this call (all capabilities for a server token)."""
+
     def __init__(
         self,
         *,
         call: _call_pb2.Call | None = ...,
         members: _abc.Iterable[_call_pb2.Member] | None = ...,
+        own_capabilities: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "members", b"members"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "members", b"members", "own_capabilities", b"own_capabilities"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

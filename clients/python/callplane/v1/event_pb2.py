@@ -28,7 +28,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x61llplane/v1/event.proto\x12\x0c\x63\x61llplane.v1\x1a\x17\x63\x61llplane/v1/call.proto\x1a\x1a\x63\x61llplane/v1/session.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9a\x0c\n\x05\x45vent\x12\x10\n\x08\x63\x61ll_cid\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\x04\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x05 \x01(\t\x12\x10\n\x08user_seq\x18\x06 \x01(\x04\x12\x36\n\x0c\x63\x61ll_created\x18\n \x01(\x0b\x32\x1e.callplane.v1.CallCreatedEventH\x00\x12\x36\n\x0c\x63\x61ll_updated\x18\x0b \x01(\x0b\x32\x1e.callplane.v1.CallUpdatedEventH\x00\x12\x32\n\ncall_ended\x18\x0c \x01(\x0b\x32\x1c.callplane.v1.CallEndedEventH\x00\x12\x36\n\x0c\x63\x61ll_deleted\x18\r \x01(\x0b\x32\x1e.callplane.v1.CallDeletedEventH\x00\x12?\n\x11\x63\x61ll_live_started\x18\x0e \x01(\x0b\x32\".callplane.v1.CallLiveStartedEventH\x00\x12\x37\n\x11\x63\x61ll_member_added\x18\x0f \x01(\x0b\x32\x1a.callplane.v1.MembersEventH\x00\x12\x39\n\x13\x63\x61ll_member_updated\x18\x10 \x01(\x0b\x32\x1a.callplane.v1.MembersEventH\x00\x12@\n\x13\x63\x61ll_member_removed\x18\x11 \x01(\x0b\x32!.callplane.v1.MembersRemovedEventH\x00\x12:\n\x14\x63\x61ll_session_started\x18\x12 \x01(\x0b\x32\x1a.callplane.v1.SessionEventH\x00\x12\x38\n\x12\x63\x61ll_session_ended\x18\x13 \x01(\x0b\x32\x1a.callplane.v1.SessionEventH\x00\x12I\n\x1f\x63\x61ll_session_participant_joined\x18\x14 \x01(\x0b\x32\x1e.callplane.v1.ParticipantEventH\x00\x12G\n\x1d\x63\x61ll_session_participant_left\x18\x15 \x01(\x0b\x32\x1e.callplane.v1.ParticipantEventH\x00\x12J\n call_session_participant_updated\x18\x16 \x01(\x0b\x32\x1e.callplane.v1.ParticipantEventH\x00\x12U\n&call_session_participant_count_updated\x18\x17 \x01(\x0b\x32#.callplane.v1.ParticipantCountEventH\x00\x12,\n\tcall_ring\x18\x18 \x01(\x0b\x32\x17.callplane.v1.RingEventH\x00\x12\x34\n\x11\x63\x61ll_notification\x18\x19 \x01(\x0b\x32\x17.callplane.v1.RingEventH\x00\x12\x38\n\rcall_accepted\x18\x1a \x01(\x0b\x32\x1f.callplane.v1.RingResponseEventH\x00\x12\x38\n\rcall_rejected\x18\x1b \x01(\x0b\x32\x1f.callplane.v1.RingResponseEventH\x00\x12\x36\n\x0b\x63\x61ll_missed\x18\x1c \x01(\x0b\x32\x1f.callplane.v1.RingResponseEventH\x00\x12+\n\x06\x63ustom\x18\x1d \x01(\x0b\x32\x19.callplane.v1.CustomEventH\x00\x12I\n\x1f\x63\x61ll_participant_custom_updated\x18\x1e \x01(\x0b\x32\x1e.callplane.v1.ParticipantEventH\x00\x12G\n\x1b\x63\x61ll_session_custom_updated\x18\x1f \x01(\x0b\x32 .callplane.v1.SessionCustomEventH\x00\x12\x34\n\x11\x63\x61ll_pins_updated\x18  \x01(\x0b\x32\x17.callplane.v1.PinsEventH\x00\x42\t\n\x07payload\"[\n\x10\x43\x61llCreatedEvent\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\x12%\n\x07members\x18\x02 \x03(\x0b\x32\x14.callplane.v1.Member\"4\n\x10\x43\x61llUpdatedEvent\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\"B\n\x0e\x43\x61llEndedEvent\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\x12\x0e\n\x06reason\x18\x02 \x01(\t\"B\n\x10\x43\x61llDeletedEvent\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\x12\x0c\n\x04hard\x18\x02 \x01(\x08\"8\n\x14\x43\x61llLiveStartedEvent\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\"5\n\x0cMembersEvent\x12%\n\x07members\x18\x01 \x03(\x0b\x32\x14.callplane.v1.Member\"\'\n\x13MembersRemovedEvent\x12\x10\n\x08user_ids\x18\x01 \x03(\t\":\n\x0cSessionEvent\x12*\n\x07session\x18\x01 \x01(\x0b\x32\x19.callplane.v1.CallSession\"f\n\x10ParticipantEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\x0bparticipant\x18\x02 \x01(\x0b\x32\x19.callplane.v1.Participant\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xe9\x01\n\x15ParticipantCountEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11participant_count\x18\x02 \x01(\x05\x12\x62\n\x19participant_count_by_role\x18\x03 \x03(\x0b\x32?.callplane.v1.ParticipantCountEvent.ParticipantCountByRoleEntry\x1a=\n\x1bParticipantCountByRoleEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"f\n\tRingEvent\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\x12\x16\n\x0e\x63\x61ller_user_id\x18\x02 \x01(\t\x12\x10\n\x08user_ids\x18\x03 \x03(\t\x12\r\n\x05video\x18\x04 \x01(\x08\"4\n\x11RingResponseEvent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x82\x01\n\x0b\x43ustomEvent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\'\n\x06\x63ustom\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0bto_user_ids\x18\x03 \x03(\t\x12\x10\n\x08to_roles\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x82\x01\n\x12SessionCustomEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x06\x63ustom\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0b\x63ustom_etag\x18\x03 \x01(\t\x12\x1a\n\x12updated_by_user_id\x18\x04 \x01(\t\",\n\tPinsEvent\x12\x1f\n\x04pins\x18\x01 \x03(\x0b\x32\x11.callplane.v1.Pinb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x61llplane/v1/event.proto\x12\x0c\x63\x61llplane.v1\x1a\x17\x63\x61llplane/v1/call.proto\x1a\x1a\x63\x61llplane/v1/session.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe3\x0e\n\x05\x45vent\x12\x10\n\x08\x63\x61ll_cid\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\x04\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x05 \x01(\t\x12\x10\n\x08user_seq\x18\x06 \x01(\x04\x12\x36\n\x0c\x63\x61ll_created\x18\n \x01(\x0b\x32\x1e.callplane.v1.CallCreatedEventH\x00\x12\x36\n\x0c\x63\x61ll_updated\x18\x0b \x01(\x0b\x32\x1e.callplane.v1.CallUpdatedEventH\x00\x12\x32\n\ncall_ended\x18\x0c \x01(\x0b\x32\x1c.callplane.v1.CallEndedEventH\x00\x12\x36\n\x0c\x63\x61ll_deleted\x18\r \x01(\x0b\x32\x1e.callplane.v1.CallDeletedEventH\x00\x12?\n\x11\x63\x61ll_live_started\x18\x0e \x01(\x0b\x32\".callplane.v1.CallLiveStartedEventH\x00\x12\x37\n\x11\x63\x61ll_member_added\x18\x0f \x01(\x0b\x32\x1a.callplane.v1.MembersEventH\x00\x12\x39\n\x13\x63\x61ll_member_updated\x18\x10 \x01(\x0b\x32\x1a.callplane.v1.MembersEventH\x00\x12@\n\x13\x63\x61ll_member_removed\x18\x11 \x01(\x0b\x32!.callplane.v1.MembersRemovedEventH\x00\x12:\n\x14\x63\x61ll_session_started\x18\x12 \x01(\x0b\x32\x1a.callplane.v1.SessionEventH\x00\x12\x38\n\x12\x63\x61ll_session_ended\x18\x13 \x01(\x0b\x32\x1a.callplane.v1.SessionEventH\x00\x12I\n\x1f\x63\x61ll_session_participant_joined\x18\x14 \x01(\x0b\x32\x1e.callplane.v1.ParticipantEventH\x00\x12G\n\x1d\x63\x61ll_session_participant_left\x18\x15 \x01(\x0b\x32\x1e.callplane.v1.ParticipantEventH\x00\x12J\n call_session_participant_updated\x18\x16 \x01(\x0b\x32\x1e.callplane.v1.ParticipantEventH\x00\x12U\n&call_session_participant_count_updated\x18\x17 \x01(\x0b\x32#.callplane.v1.ParticipantCountEventH\x00\x12,\n\tcall_ring\x18\x18 \x01(\x0b\x32\x17.callplane.v1.RingEventH\x00\x12\x34\n\x11\x63\x61ll_notification\x18\x19 \x01(\x0b\x32\x17.callplane.v1.RingEventH\x00\x12\x38\n\rcall_accepted\x18\x1a \x01(\x0b\x32\x1f.callplane.v1.RingResponseEventH\x00\x12\x38\n\rcall_rejected\x18\x1b \x01(\x0b\x32\x1f.callplane.v1.RingResponseEventH\x00\x12\x36\n\x0b\x63\x61ll_missed\x18\x1c \x01(\x0b\x32\x1f.callplane.v1.RingResponseEventH\x00\x12+\n\x06\x63ustom\x18\x1d \x01(\x0b\x32\x19.callplane.v1.CustomEventH\x00\x12I\n\x1f\x63\x61ll_participant_custom_updated\x18\x1e \x01(\x0b\x32\x1e.callplane.v1.ParticipantEventH\x00\x12G\n\x1b\x63\x61ll_session_custom_updated\x18\x1f \x01(\x0b\x32 .callplane.v1.SessionCustomEventH\x00\x12\x34\n\x11\x63\x61ll_pins_updated\x18  \x01(\x0b\x32\x17.callplane.v1.PinsEventH\x00\x12G\n\x17\x63\x61ll_permission_request\x18! \x01(\x0b\x32$.callplane.v1.PermissionRequestEventH\x00\x12I\n\x18\x63\x61ll_permissions_updated\x18\" \x01(\x0b\x32%.callplane.v1.PermissionsUpdatedEventH\x00\x12:\n\x11\x63\x61ll_blocked_user\x18# \x01(\x0b\x32\x1d.callplane.v1.ModerationEventH\x00\x12<\n\x13\x63\x61ll_unblocked_user\x18$ \x01(\x0b\x32\x1d.callplane.v1.ModerationEventH\x00\x12\x39\n\x10\x63\x61ll_kicked_user\x18% \x01(\x0b\x32\x1d.callplane.v1.ModerationEventH\x00\x42\t\n\x07payload\"[\n\x10\x43\x61llCreatedEvent\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\x12%\n\x07members\x18\x02 \x03(\x0b\x32\x14.callplane.v1.Member\"4\n\x10\x43\x61llUpdatedEvent\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\"B\n\x0e\x43\x61llEndedEvent\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\x12\x0e\n\x06reason\x18\x02 \x01(\t\"B\n\x10\x43\x61llDeletedEvent\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\x12\x0c\n\x04hard\x18\x02 \x01(\x08\"8\n\x14\x43\x61llLiveStartedEvent\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\"5\n\x0cMembersEvent\x12%\n\x07members\x18\x01 \x03(\x0b\x32\x14.callplane.v1.Member\"\'\n\x13MembersRemovedEvent\x12\x10\n\x08user_ids\x18\x01 \x03(\t\":\n\x0cSessionEvent\x12*\n\x07session\x18\x01 \x01(\x0b\x32\x19.callplane.v1.CallSession\"f\n\x10ParticipantEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\x0bparticipant\x18\x02 \x01(\x0b\x32\x19.callplane.v1.Participant\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xe9\x01\n\x15ParticipantCountEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11participant_count\x18\x02 \x01(\x05\x12\x62\n\x19participant_count_by_role\x18\x03 \x03(\x0b\x32?.callplane.v1.ParticipantCountEvent.ParticipantCountByRoleEntry\x1a=\n\x1bParticipantCountByRoleEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"f\n\tRingEvent\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\x12\x16\n\x0e\x63\x61ller_user_id\x18\x02 \x01(\t\x12\x10\n\x08user_ids\x18\x03 \x03(\t\x12\r\n\x05video\x18\x04 \x01(\x08\"4\n\x11RingResponseEvent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x82\x01\n\x0b\x43ustomEvent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\'\n\x06\x63ustom\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0bto_user_ids\x18\x03 \x03(\t\x12\x10\n\x08to_roles\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x82\x01\n\x12SessionCustomEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x06\x63ustom\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0b\x63ustom_etag\x18\x03 \x01(\t\x12\x1a\n\x12updated_by_user_id\x18\x04 \x01(\t\",\n\tPinsEvent\x12\x1f\n\x04pins\x18\x01 \x03(\x0b\x32\x11.callplane.v1.Pin\">\n\x16PermissionRequestEvent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x13\n\x0bpermissions\x18\x02 \x03(\t\"D\n\x17PermissionsUpdatedEvent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x18\n\x10own_capabilities\x18\x02 \x03(\t\"6\n\x0fModerationEvent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nby_user_id\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,37 +38,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PARTICIPANTCOUNTEVENT_PARTICIPANTCOUNTBYROLEENTRY']._loaded_options = None
   _globals['_PARTICIPANTCOUNTEVENT_PARTICIPANTCOUNTBYROLEENTRY']._serialized_options = b'8\001'
   _globals['_EVENT']._serialized_start=159
-  _globals['_EVENT']._serialized_end=1721
-  _globals['_CALLCREATEDEVENT']._serialized_start=1723
-  _globals['_CALLCREATEDEVENT']._serialized_end=1814
-  _globals['_CALLUPDATEDEVENT']._serialized_start=1816
-  _globals['_CALLUPDATEDEVENT']._serialized_end=1868
-  _globals['_CALLENDEDEVENT']._serialized_start=1870
-  _globals['_CALLENDEDEVENT']._serialized_end=1936
-  _globals['_CALLDELETEDEVENT']._serialized_start=1938
-  _globals['_CALLDELETEDEVENT']._serialized_end=2004
-  _globals['_CALLLIVESTARTEDEVENT']._serialized_start=2006
-  _globals['_CALLLIVESTARTEDEVENT']._serialized_end=2062
-  _globals['_MEMBERSEVENT']._serialized_start=2064
-  _globals['_MEMBERSEVENT']._serialized_end=2117
-  _globals['_MEMBERSREMOVEDEVENT']._serialized_start=2119
-  _globals['_MEMBERSREMOVEDEVENT']._serialized_end=2158
-  _globals['_SESSIONEVENT']._serialized_start=2160
-  _globals['_SESSIONEVENT']._serialized_end=2218
-  _globals['_PARTICIPANTEVENT']._serialized_start=2220
-  _globals['_PARTICIPANTEVENT']._serialized_end=2322
-  _globals['_PARTICIPANTCOUNTEVENT']._serialized_start=2325
-  _globals['_PARTICIPANTCOUNTEVENT']._serialized_end=2558
-  _globals['_PARTICIPANTCOUNTEVENT_PARTICIPANTCOUNTBYROLEENTRY']._serialized_start=2497
-  _globals['_PARTICIPANTCOUNTEVENT_PARTICIPANTCOUNTBYROLEENTRY']._serialized_end=2558
-  _globals['_RINGEVENT']._serialized_start=2560
-  _globals['_RINGEVENT']._serialized_end=2662
-  _globals['_RINGRESPONSEEVENT']._serialized_start=2664
-  _globals['_RINGRESPONSEEVENT']._serialized_end=2716
-  _globals['_CUSTOMEVENT']._serialized_start=2719
-  _globals['_CUSTOMEVENT']._serialized_end=2849
-  _globals['_SESSIONCUSTOMEVENT']._serialized_start=2852
-  _globals['_SESSIONCUSTOMEVENT']._serialized_end=2982
-  _globals['_PINSEVENT']._serialized_start=2984
-  _globals['_PINSEVENT']._serialized_end=3028
+  _globals['_EVENT']._serialized_end=2050
+  _globals['_CALLCREATEDEVENT']._serialized_start=2052
+  _globals['_CALLCREATEDEVENT']._serialized_end=2143
+  _globals['_CALLUPDATEDEVENT']._serialized_start=2145
+  _globals['_CALLUPDATEDEVENT']._serialized_end=2197
+  _globals['_CALLENDEDEVENT']._serialized_start=2199
+  _globals['_CALLENDEDEVENT']._serialized_end=2265
+  _globals['_CALLDELETEDEVENT']._serialized_start=2267
+  _globals['_CALLDELETEDEVENT']._serialized_end=2333
+  _globals['_CALLLIVESTARTEDEVENT']._serialized_start=2335
+  _globals['_CALLLIVESTARTEDEVENT']._serialized_end=2391
+  _globals['_MEMBERSEVENT']._serialized_start=2393
+  _globals['_MEMBERSEVENT']._serialized_end=2446
+  _globals['_MEMBERSREMOVEDEVENT']._serialized_start=2448
+  _globals['_MEMBERSREMOVEDEVENT']._serialized_end=2487
+  _globals['_SESSIONEVENT']._serialized_start=2489
+  _globals['_SESSIONEVENT']._serialized_end=2547
+  _globals['_PARTICIPANTEVENT']._serialized_start=2549
+  _globals['_PARTICIPANTEVENT']._serialized_end=2651
+  _globals['_PARTICIPANTCOUNTEVENT']._serialized_start=2654
+  _globals['_PARTICIPANTCOUNTEVENT']._serialized_end=2887
+  _globals['_PARTICIPANTCOUNTEVENT_PARTICIPANTCOUNTBYROLEENTRY']._serialized_start=2826
+  _globals['_PARTICIPANTCOUNTEVENT_PARTICIPANTCOUNTBYROLEENTRY']._serialized_end=2887
+  _globals['_RINGEVENT']._serialized_start=2889
+  _globals['_RINGEVENT']._serialized_end=2991
+  _globals['_RINGRESPONSEEVENT']._serialized_start=2993
+  _globals['_RINGRESPONSEEVENT']._serialized_end=3045
+  _globals['_CUSTOMEVENT']._serialized_start=3048
+  _globals['_CUSTOMEVENT']._serialized_end=3178
+  _globals['_SESSIONCUSTOMEVENT']._serialized_start=3181
+  _globals['_SESSIONCUSTOMEVENT']._serialized_end=3311
+  _globals['_PINSEVENT']._serialized_start=3313
+  _globals['_PINSEVENT']._serialized_end=3357
+  _globals['_PERMISSIONREQUESTEVENT']._serialized_start=3359
+  _globals['_PERMISSIONREQUESTEVENT']._serialized_end=3421
+  _globals['_PERMISSIONSUPDATEDEVENT']._serialized_start=3423
+  _globals['_PERMISSIONSUPDATEDEVENT']._serialized_end=3491
+  _globals['_MODERATIONEVENT']._serialized_start=3493
+  _globals['_MODERATIONEVENT']._serialized_end=3547
 # @@protoc_insertion_point(module_scope)

@@ -59,6 +59,11 @@ class Event(_message.Message):
     CALL_PARTICIPANT_CUSTOM_UPDATED_FIELD_NUMBER: _builtins.int
     CALL_SESSION_CUSTOM_UPDATED_FIELD_NUMBER: _builtins.int
     CALL_PINS_UPDATED_FIELD_NUMBER: _builtins.int
+    CALL_PERMISSION_REQUEST_FIELD_NUMBER: _builtins.int
+    CALL_PERMISSIONS_UPDATED_FIELD_NUMBER: _builtins.int
+    CALL_BLOCKED_USER_FIELD_NUMBER: _builtins.int
+    CALL_UNBLOCKED_USER_FIELD_NUMBER: _builtins.int
+    CALL_KICKED_USER_FIELD_NUMBER: _builtins.int
     call_cid: _builtins.str
     """The call, `type:id`."""
     seq: _builtins.int
@@ -165,6 +170,26 @@ class Event(_message.Message):
     def call_pins_updated(self) -> Global___PinsEvent:
         """call.pins_updated"""
 
+    @_builtins.property
+    def call_permission_request(self) -> Global___PermissionRequestEvent:
+        """call.permission_request"""
+
+    @_builtins.property
+    def call_permissions_updated(self) -> Global___PermissionsUpdatedEvent:
+        """call.permissions_updated"""
+
+    @_builtins.property
+    def call_blocked_user(self) -> Global___ModerationEvent:
+        """call.blocked_user"""
+
+    @_builtins.property
+    def call_unblocked_user(self) -> Global___ModerationEvent:
+        """call.unblocked_user"""
+
+    @_builtins.property
+    def call_kicked_user(self) -> Global___ModerationEvent:
+        """call.kicked_user"""
+
     def __init__(
         self,
         *,
@@ -197,12 +222,17 @@ class Event(_message.Message):
         call_participant_custom_updated: Global___ParticipantEvent | None = ...,
         call_session_custom_updated: Global___SessionCustomEvent | None = ...,
         call_pins_updated: Global___PinsEvent | None = ...,
+        call_permission_request: Global___PermissionRequestEvent | None = ...,
+        call_permissions_updated: Global___PermissionsUpdatedEvent | None = ...,
+        call_blocked_user: Global___ModerationEvent | None = ...,
+        call_unblocked_user: Global___ModerationEvent | None = ...,
+        call_kicked_user: Global___ModerationEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call_accepted", b"call_accepted", "call_created", b"call_created", "call_deleted", b"call_deleted", "call_ended", b"call_ended", "call_live_started", b"call_live_started", "call_member_added", b"call_member_added", "call_member_removed", b"call_member_removed", "call_member_updated", b"call_member_updated", "call_missed", b"call_missed", "call_notification", b"call_notification", "call_participant_custom_updated", b"call_participant_custom_updated", "call_pins_updated", b"call_pins_updated", "call_rejected", b"call_rejected", "call_ring", b"call_ring", "call_session_custom_updated", b"call_session_custom_updated", "call_session_ended", b"call_session_ended", "call_session_participant_count_updated", b"call_session_participant_count_updated", "call_session_participant_joined", b"call_session_participant_joined", "call_session_participant_left", b"call_session_participant_left", "call_session_participant_updated", b"call_session_participant_updated", "call_session_started", b"call_session_started", "call_updated", b"call_updated", "created_at", b"created_at", "custom", b"custom", "payload", b"payload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call_accepted", b"call_accepted", "call_blocked_user", b"call_blocked_user", "call_created", b"call_created", "call_deleted", b"call_deleted", "call_ended", b"call_ended", "call_kicked_user", b"call_kicked_user", "call_live_started", b"call_live_started", "call_member_added", b"call_member_added", "call_member_removed", b"call_member_removed", "call_member_updated", b"call_member_updated", "call_missed", b"call_missed", "call_notification", b"call_notification", "call_participant_custom_updated", b"call_participant_custom_updated", "call_permission_request", b"call_permission_request", "call_permissions_updated", b"call_permissions_updated", "call_pins_updated", b"call_pins_updated", "call_rejected", b"call_rejected", "call_ring", b"call_ring", "call_session_custom_updated", b"call_session_custom_updated", "call_session_ended", b"call_session_ended", "call_session_participant_count_updated", b"call_session_participant_count_updated", "call_session_participant_joined", b"call_session_participant_joined", "call_session_participant_left", b"call_session_participant_left", "call_session_participant_updated", b"call_session_participant_updated", "call_session_started", b"call_session_started", "call_unblocked_user", b"call_unblocked_user", "call_updated", b"call_updated", "created_at", b"created_at", "custom", b"custom", "payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_accepted", b"call_accepted", "call_cid", b"call_cid", "call_created", b"call_created", "call_deleted", b"call_deleted", "call_ended", b"call_ended", "call_live_started", b"call_live_started", "call_member_added", b"call_member_added", "call_member_removed", b"call_member_removed", "call_member_updated", b"call_member_updated", "call_missed", b"call_missed", "call_notification", b"call_notification", "call_participant_custom_updated", b"call_participant_custom_updated", "call_pins_updated", b"call_pins_updated", "call_rejected", b"call_rejected", "call_ring", b"call_ring", "call_session_custom_updated", b"call_session_custom_updated", "call_session_ended", b"call_session_ended", "call_session_participant_count_updated", b"call_session_participant_count_updated", "call_session_participant_joined", b"call_session_participant_joined", "call_session_participant_left", b"call_session_participant_left", "call_session_participant_updated", b"call_session_participant_updated", "call_session_started", b"call_session_started", "call_updated", b"call_updated", "created_at", b"created_at", "custom", b"custom", "payload", b"payload", "position", b"position", "seq", b"seq", "type", b"type", "user_seq", b"user_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_accepted", b"call_accepted", "call_blocked_user", b"call_blocked_user", "call_cid", b"call_cid", "call_created", b"call_created", "call_deleted", b"call_deleted", "call_ended", b"call_ended", "call_kicked_user", b"call_kicked_user", "call_live_started", b"call_live_started", "call_member_added", b"call_member_added", "call_member_removed", b"call_member_removed", "call_member_updated", b"call_member_updated", "call_missed", b"call_missed", "call_notification", b"call_notification", "call_participant_custom_updated", b"call_participant_custom_updated", "call_permission_request", b"call_permission_request", "call_permissions_updated", b"call_permissions_updated", "call_pins_updated", b"call_pins_updated", "call_rejected", b"call_rejected", "call_ring", b"call_ring", "call_session_custom_updated", b"call_session_custom_updated", "call_session_ended", b"call_session_ended", "call_session_participant_count_updated", b"call_session_participant_count_updated", "call_session_participant_joined", b"call_session_participant_joined", "call_session_participant_left", b"call_session_participant_left", "call_session_participant_updated", b"call_session_participant_updated", "call_session_started", b"call_session_started", "call_unblocked_user", b"call_unblocked_user", "call_updated", b"call_updated", "created_at", b"created_at", "custom", b"custom", "payload", b"payload", "position", b"position", "seq", b"seq", "type", b"type", "user_seq", b"user_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["call_created", "call_updated", "call_ended", "call_deleted", "call_live_started", "call_member_added", "call_member_updated", "call_member_removed", "call_session_started", "call_session_ended", "call_session_participant_joined", "call_session_participant_left", "call_session_participant_updated", "call_session_participant_count_updated", "call_ring", "call_notification", "call_accepted", "call_rejected", "call_missed", "custom", "call_participant_custom_updated", "call_session_custom_updated", "call_pins_updated"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["call_created", "call_updated", "call_ended", "call_deleted", "call_live_started", "call_member_added", "call_member_updated", "call_member_removed", "call_session_started", "call_session_ended", "call_session_participant_joined", "call_session_participant_left", "call_session_participant_updated", "call_session_participant_count_updated", "call_ring", "call_notification", "call_accepted", "call_rejected", "call_missed", "custom", "call_participant_custom_updated", "call_session_custom_updated", "call_pins_updated", "call_permission_request", "call_permissions_updated", "call_blocked_user", "call_unblocked_user", "call_kicked_user"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -668,3 +698,85 @@ class PinsEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PinsEvent: _TypeAlias = PinsEvent  # noqa: Y015
+
+@_typing.final
+class PermissionRequestEvent(_message.Message):
+    """call.permission_request: a user asks for capabilities (sent to those who may grant them)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PERMISSIONS_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """Who asks."""
+    @_builtins.property
+    def permissions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The capabilities asked for."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        permissions: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["permissions", b"permissions", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PermissionRequestEvent: _TypeAlias = PermissionRequestEvent  # noqa: Y015
+
+@_typing.final
+class PermissionsUpdatedEvent(_message.Message):
+    """call.permissions_updated: a user's capabilities in the call changed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    OWN_CAPABILITIES_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """Whose."""
+    @_builtins.property
+    def own_capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The user's capabilities now."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        own_capabilities: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["own_capabilities", b"own_capabilities", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PermissionsUpdatedEvent: _TypeAlias = PermissionsUpdatedEvent  # noqa: Y015
+
+@_typing.final
+class ModerationEvent(_message.Message):
+    """call.blocked_user / call.unblocked_user / call.kicked_user"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    BY_USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The affected user."""
+    by_user_id: _builtins.str
+    """Who did it (empty for a server token)."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        by_user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_user_id", b"by_user_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModerationEvent: _TypeAlias = ModerationEvent  # noqa: Y015

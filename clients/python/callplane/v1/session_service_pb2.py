@@ -30,7 +30,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"callplane/v1/session_service.proto\x12\x0c\x63\x61llplane.v1\x1a\x17\x63\x61llplane/v1/call.proto\x1a\x1f\x63\x61llplane/v1/call_service.proto\x1a\x18\x63\x61llplane/v1/query.proto\x1a\x1a\x63\x61llplane/v1/session.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xbb\x01\n\x0fJoinCallRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x1e\n\x16participant_session_id\x18\x04 \x01(\t\x12\'\n\x06\x63ustom\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06\x63reate\x18\x06 \x01(\x08\x12$\n\x04\x64\x61ta\x18\x07 \x01(\x0b\x32\x16.callplane.v1.CallData\"\xcb\x01\n\x10JoinCallResponse\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\x12*\n\x07session\x18\x02 \x01(\x0b\x32\x19.callplane.v1.CallSession\x12.\n\x0bparticipant\x18\x03 \x01(\x0b\x32\x19.callplane.v1.Participant\x12,\n\tlease_ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0b\n\x03seq\x18\x05 \x01(\x04\"L\n\x10LeaveCallRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x1e\n\x16participant_session_id\x18\x03 \x01(\t\"\x13\n\x11LeaveCallResponse\"L\n\x10KeepAliveRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x1e\n\x16participant_session_id\x18\x03 \x01(\t\"C\n\x11KeepAliveResponse\x12.\n\x0bparticipant\x18\x01 \x01(\x0b\x32\x19.callplane.v1.Participant\"\x87\x01\n\x18UpdateParticipantRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x1e\n\x16participant_session_id\x18\x03 \x01(\t\x12\x31\n\x10published_tracks\x18\x04 \x03(\x0e\x32\x17.callplane.v1.TrackType\"K\n\x19UpdateParticipantResponse\x12.\n\x0bparticipant\x18\x01 \x01(\x0b\x32\x19.callplane.v1.Participant\"\xbe\x01\n\x1cQueryCallParticipantsRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x32\n\x11\x66ilter_conditions\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12%\n\x04sort\x18\x04 \x03(\x0b\x32\x17.callplane.v1.SortParam\x12\r\n\x05limit\x18\x05 \x01(\x05\x12\x0c\n\x04next\x18\x06 \x01(\t\x12\x0c\n\x04prev\x18\x07 \x01(\t\"\xba\x02\n\x1dQueryCallParticipantsResponse\x12/\n\x0cparticipants\x18\x01 \x03(\x0b\x32\x19.callplane.v1.Participant\x12\x1a\n\x12total_participants\x18\x02 \x01(\x05\x12\x61\n\x14participants_by_role\x18\x03 \x03(\x0b\x32\x43.callplane.v1.QueryCallParticipantsResponse.ParticipantsByRoleEntry\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0c\n\x04next\x18\x05 \x01(\t\x12\x0c\n\x04prev\x18\x06 \x01(\t\x1a\x39\n\x17ParticipantsByRoleEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xba\x01\n\x18QueryCallSessionsRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x32\n\x11\x66ilter_conditions\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12%\n\x04sort\x18\x04 \x03(\x0b\x32\x17.callplane.v1.SortParam\x12\r\n\x05limit\x18\x05 \x01(\x05\x12\x0c\n\x04next\x18\x06 \x01(\t\x12\x0c\n\x04prev\x18\x07 \x01(\t\"d\n\x19QueryCallSessionsResponse\x12+\n\x08sessions\x18\x01 \x03(\x0b\x32\x19.callplane.v1.CallSession\x12\x0c\n\x04next\x18\x02 \x01(\t\x12\x0c\n\x04prev\x18\x03 \x01(\t\")\n\rGoLiveRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"2\n\x0eGoLiveResponse\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\"+\n\x0fStopLiveRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"4\n\x10StopLiveResponse\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call2\xc5\x05\n\x0eSessionService\x12I\n\x08JoinCall\x12\x1d.callplane.v1.JoinCallRequest\x1a\x1e.callplane.v1.JoinCallResponse\x12L\n\tLeaveCall\x12\x1e.callplane.v1.LeaveCallRequest\x1a\x1f.callplane.v1.LeaveCallResponse\x12L\n\tKeepAlive\x12\x1e.callplane.v1.KeepAliveRequest\x1a\x1f.callplane.v1.KeepAliveResponse\x12\x64\n\x11UpdateParticipant\x12&.callplane.v1.UpdateParticipantRequest\x1a\'.callplane.v1.UpdateParticipantResponse\x12p\n\x15QueryCallParticipants\x12*.callplane.v1.QueryCallParticipantsRequest\x1a+.callplane.v1.QueryCallParticipantsResponse\x12\x64\n\x11QueryCallSessions\x12&.callplane.v1.QueryCallSessionsRequest\x1a\'.callplane.v1.QueryCallSessionsResponse\x12\x43\n\x06GoLive\x12\x1b.callplane.v1.GoLiveRequest\x1a\x1c.callplane.v1.GoLiveResponse\x12I\n\x08StopLive\x12\x1d.callplane.v1.StopLiveRequest\x1a\x1e.callplane.v1.StopLiveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"callplane/v1/session_service.proto\x12\x0c\x63\x61llplane.v1\x1a\x17\x63\x61llplane/v1/call.proto\x1a\x1f\x63\x61llplane/v1/call_service.proto\x1a\x18\x63\x61llplane/v1/query.proto\x1a\x1a\x63\x61llplane/v1/session.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xbb\x01\n\x0fJoinCallRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x1e\n\x16participant_session_id\x18\x04 \x01(\t\x12\'\n\x06\x63ustom\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06\x63reate\x18\x06 \x01(\x08\x12$\n\x04\x64\x61ta\x18\x07 \x01(\x0b\x32\x16.callplane.v1.CallData\"\xe5\x01\n\x10JoinCallResponse\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\x12*\n\x07session\x18\x02 \x01(\x0b\x32\x19.callplane.v1.CallSession\x12.\n\x0bparticipant\x18\x03 \x01(\x0b\x32\x19.callplane.v1.Participant\x12,\n\tlease_ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12\x18\n\x10own_capabilities\x18\x06 \x03(\t\"L\n\x10LeaveCallRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x1e\n\x16participant_session_id\x18\x03 \x01(\t\"\x13\n\x11LeaveCallResponse\"L\n\x10KeepAliveRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x1e\n\x16participant_session_id\x18\x03 \x01(\t\"C\n\x11KeepAliveResponse\x12.\n\x0bparticipant\x18\x01 \x01(\x0b\x32\x19.callplane.v1.Participant\"\x87\x01\n\x18UpdateParticipantRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x1e\n\x16participant_session_id\x18\x03 \x01(\t\x12\x31\n\x10published_tracks\x18\x04 \x03(\x0e\x32\x17.callplane.v1.TrackType\"K\n\x19UpdateParticipantResponse\x12.\n\x0bparticipant\x18\x01 \x01(\x0b\x32\x19.callplane.v1.Participant\"\xbe\x01\n\x1cQueryCallParticipantsRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x32\n\x11\x66ilter_conditions\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12%\n\x04sort\x18\x04 \x03(\x0b\x32\x17.callplane.v1.SortParam\x12\r\n\x05limit\x18\x05 \x01(\x05\x12\x0c\n\x04next\x18\x06 \x01(\t\x12\x0c\n\x04prev\x18\x07 \x01(\t\"\xba\x02\n\x1dQueryCallParticipantsResponse\x12/\n\x0cparticipants\x18\x01 \x03(\x0b\x32\x19.callplane.v1.Participant\x12\x1a\n\x12total_participants\x18\x02 \x01(\x05\x12\x61\n\x14participants_by_role\x18\x03 \x03(\x0b\x32\x43.callplane.v1.QueryCallParticipantsResponse.ParticipantsByRoleEntry\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0c\n\x04next\x18\x05 \x01(\t\x12\x0c\n\x04prev\x18\x06 \x01(\t\x1a\x39\n\x17ParticipantsByRoleEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xba\x01\n\x18QueryCallSessionsRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x32\n\x11\x66ilter_conditions\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12%\n\x04sort\x18\x04 \x03(\x0b\x32\x17.callplane.v1.SortParam\x12\r\n\x05limit\x18\x05 \x01(\x05\x12\x0c\n\x04next\x18\x06 \x01(\t\x12\x0c\n\x04prev\x18\x07 \x01(\t\"d\n\x19QueryCallSessionsResponse\x12+\n\x08sessions\x18\x01 \x03(\x0b\x32\x19.callplane.v1.CallSession\x12\x0c\n\x04next\x18\x02 \x01(\t\x12\x0c\n\x04prev\x18\x03 \x01(\t\")\n\rGoLiveRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"2\n\x0eGoLiveResponse\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call\"+\n\x0fStopLiveRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"4\n\x10StopLiveResponse\x12 \n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x12.callplane.v1.Call2\xc5\x05\n\x0eSessionService\x12I\n\x08JoinCall\x12\x1d.callplane.v1.JoinCallRequest\x1a\x1e.callplane.v1.JoinCallResponse\x12L\n\tLeaveCall\x12\x1e.callplane.v1.LeaveCallRequest\x1a\x1f.callplane.v1.LeaveCallResponse\x12L\n\tKeepAlive\x12\x1e.callplane.v1.KeepAliveRequest\x1a\x1f.callplane.v1.KeepAliveResponse\x12\x64\n\x11UpdateParticipant\x12&.callplane.v1.UpdateParticipantRequest\x1a\'.callplane.v1.UpdateParticipantResponse\x12p\n\x15QueryCallParticipants\x12*.callplane.v1.QueryCallParticipantsRequest\x1a+.callplane.v1.QueryCallParticipantsResponse\x12\x64\n\x11QueryCallSessions\x12&.callplane.v1.QueryCallSessionsRequest\x1a\'.callplane.v1.QueryCallSessionsResponse\x12\x43\n\x06GoLive\x12\x1b.callplane.v1.GoLiveRequest\x1a\x1c.callplane.v1.GoLiveResponse\x12I\n\x08StopLive\x12\x1d.callplane.v1.StopLiveRequest\x1a\x1e.callplane.v1.StopLiveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,37 +42,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINCALLREQUEST']._serialized_start=227
   _globals['_JOINCALLREQUEST']._serialized_end=414
   _globals['_JOINCALLRESPONSE']._serialized_start=417
-  _globals['_JOINCALLRESPONSE']._serialized_end=620
-  _globals['_LEAVECALLREQUEST']._serialized_start=622
-  _globals['_LEAVECALLREQUEST']._serialized_end=698
-  _globals['_LEAVECALLRESPONSE']._serialized_start=700
-  _globals['_LEAVECALLRESPONSE']._serialized_end=719
-  _globals['_KEEPALIVEREQUEST']._serialized_start=721
-  _globals['_KEEPALIVEREQUEST']._serialized_end=797
-  _globals['_KEEPALIVERESPONSE']._serialized_start=799
-  _globals['_KEEPALIVERESPONSE']._serialized_end=866
-  _globals['_UPDATEPARTICIPANTREQUEST']._serialized_start=869
-  _globals['_UPDATEPARTICIPANTREQUEST']._serialized_end=1004
-  _globals['_UPDATEPARTICIPANTRESPONSE']._serialized_start=1006
-  _globals['_UPDATEPARTICIPANTRESPONSE']._serialized_end=1081
-  _globals['_QUERYCALLPARTICIPANTSREQUEST']._serialized_start=1084
-  _globals['_QUERYCALLPARTICIPANTSREQUEST']._serialized_end=1274
-  _globals['_QUERYCALLPARTICIPANTSRESPONSE']._serialized_start=1277
-  _globals['_QUERYCALLPARTICIPANTSRESPONSE']._serialized_end=1591
-  _globals['_QUERYCALLPARTICIPANTSRESPONSE_PARTICIPANTSBYROLEENTRY']._serialized_start=1534
-  _globals['_QUERYCALLPARTICIPANTSRESPONSE_PARTICIPANTSBYROLEENTRY']._serialized_end=1591
-  _globals['_QUERYCALLSESSIONSREQUEST']._serialized_start=1594
-  _globals['_QUERYCALLSESSIONSREQUEST']._serialized_end=1780
-  _globals['_QUERYCALLSESSIONSRESPONSE']._serialized_start=1782
-  _globals['_QUERYCALLSESSIONSRESPONSE']._serialized_end=1882
-  _globals['_GOLIVEREQUEST']._serialized_start=1884
-  _globals['_GOLIVEREQUEST']._serialized_end=1925
-  _globals['_GOLIVERESPONSE']._serialized_start=1927
-  _globals['_GOLIVERESPONSE']._serialized_end=1977
-  _globals['_STOPLIVEREQUEST']._serialized_start=1979
-  _globals['_STOPLIVEREQUEST']._serialized_end=2022
-  _globals['_STOPLIVERESPONSE']._serialized_start=2024
-  _globals['_STOPLIVERESPONSE']._serialized_end=2076
-  _globals['_SESSIONSERVICE']._serialized_start=2079
-  _globals['_SESSIONSERVICE']._serialized_end=2788
+  _globals['_JOINCALLRESPONSE']._serialized_end=646
+  _globals['_LEAVECALLREQUEST']._serialized_start=648
+  _globals['_LEAVECALLREQUEST']._serialized_end=724
+  _globals['_LEAVECALLRESPONSE']._serialized_start=726
+  _globals['_LEAVECALLRESPONSE']._serialized_end=745
+  _globals['_KEEPALIVEREQUEST']._serialized_start=747
+  _globals['_KEEPALIVEREQUEST']._serialized_end=823
+  _globals['_KEEPALIVERESPONSE']._serialized_start=825
+  _globals['_KEEPALIVERESPONSE']._serialized_end=892
+  _globals['_UPDATEPARTICIPANTREQUEST']._serialized_start=895
+  _globals['_UPDATEPARTICIPANTREQUEST']._serialized_end=1030
+  _globals['_UPDATEPARTICIPANTRESPONSE']._serialized_start=1032
+  _globals['_UPDATEPARTICIPANTRESPONSE']._serialized_end=1107
+  _globals['_QUERYCALLPARTICIPANTSREQUEST']._serialized_start=1110
+  _globals['_QUERYCALLPARTICIPANTSREQUEST']._serialized_end=1300
+  _globals['_QUERYCALLPARTICIPANTSRESPONSE']._serialized_start=1303
+  _globals['_QUERYCALLPARTICIPANTSRESPONSE']._serialized_end=1617
+  _globals['_QUERYCALLPARTICIPANTSRESPONSE_PARTICIPANTSBYROLEENTRY']._serialized_start=1560
+  _globals['_QUERYCALLPARTICIPANTSRESPONSE_PARTICIPANTSBYROLEENTRY']._serialized_end=1617
+  _globals['_QUERYCALLSESSIONSREQUEST']._serialized_start=1620
+  _globals['_QUERYCALLSESSIONSREQUEST']._serialized_end=1806
+  _globals['_QUERYCALLSESSIONSRESPONSE']._serialized_start=1808
+  _globals['_QUERYCALLSESSIONSRESPONSE']._serialized_end=1908
+  _globals['_GOLIVEREQUEST']._serialized_start=1910
+  _globals['_GOLIVEREQUEST']._serialized_end=1951
+  _globals['_GOLIVERESPONSE']._serialized_start=1953
+  _globals['_GOLIVERESPONSE']._serialized_end=2003
+  _globals['_STOPLIVEREQUEST']._serialized_start=2005
+  _globals['_STOPLIVEREQUEST']._serialized_end=2048
+  _globals['_STOPLIVERESPONSE']._serialized_start=2050
+  _globals['_STOPLIVERESPONSE']._serialized_end=2102
+  _globals['_SESSIONSERVICE']._serialized_start=2105
+  _globals['_SESSIONSERVICE']._serialized_end=2814
 # @@protoc_insertion_point(module_scope)

@@ -89,6 +89,7 @@ class JoinCallResponse(_message.Message):
     PARTICIPANT_FIELD_NUMBER: _builtins.int
     LEASE_TTL_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
+    OWN_CAPABILITIES_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """The call's seq after the join (resume a WatchCall from here)."""
     @_builtins.property
@@ -107,6 +108,10 @@ class JoinCallResponse(_message.Message):
     def lease_ttl(self) -> _duration_pb2.Duration:
         """How long the lease lasts without renewal."""
 
+    @_builtins.property
+    def own_capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the joining user may do in this call."""
+
     def __init__(
         self,
         *,
@@ -115,10 +120,11 @@ class JoinCallResponse(_message.Message):
         participant: _session_pb2.Participant | None = ...,
         lease_ttl: _duration_pb2.Duration | None = ...,
         seq: _builtins.int = ...,
+        own_capabilities: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "lease_ttl", b"lease_ttl", "participant", b"participant", "session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "lease_ttl", b"lease_ttl", "participant", b"participant", "seq", b"seq", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "lease_ttl", b"lease_ttl", "own_capabilities", b"own_capabilities", "participant", b"participant", "seq", b"seq", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,184 @@
+"""Authorization: what the caller may do in a call.
+
+A call's capabilities for a user are the union of the call type's grants for the user's global role,
+for `call_member` and the member's call role when the user is a member, plus per-user grants minus
+per-user revocations (UpdateUserPermissions). The global role `admin` has every capability. A user gets
+none in a call of a team they are not in, in a call outside their token's `call_cids`, or in a call that
+blocked them. A server token may do everything.
+
+RPC_RULES below is the one table of which capability each RPC checks (the README shows it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from callplane_server.auth.context import current_principal
+from callplane_server.auth.tokens import Principal
+from callplane_server.domain.capabilities import CAPABILITIES
+from callplane_server.domain.records import CallRecord, UserRecord
+from callplane_server.errors import PermissionDenied
+from callplane_server.store import Transaction
+
+ALL_CAPABILITIES = frozenset(CAPABILITIES)
+SERVER_OR_ADMIN = "server token or global admin"
+
+#: service/RPC → what is checked. Capability names are checked on the call; other entries are rules.
+RPC_RULES: dict[str, str] = {
+    "CallTypeService/CreateCallType": SERVER_OR_ADMIN,
+    "CallTypeService/GetCallType": "any authenticated caller",
+    "CallTypeService/ListCallTypes": "any authenticated caller",
+    "CallTypeService/UpdateCallType": SERVER_OR_ADMIN,
+    "CallTypeService/DeleteCallType": SERVER_OR_ADMIN,
+    "UserService/UpsertUsers": SERVER_OR_ADMIN
+    + ", or a user upserting only themselves (role and teams unchanged)",
+    "UserService/UpdateUsersPartial": SERVER_OR_ADMIN
+    + ", or a user updating only themselves (not role or teams)",
+    "UserService/QueryUsers": "any authenticated caller; user tokens see only users sharing a team",
+    "UserService/DeleteUsers": SERVER_OR_ADMIN,
+    "CallService/GetOrCreateCall": "create-call to create (created_by is the caller); read-call to get",
+    "CallService/GetCall": "read-call",
+    "CallService/UpdateCall": "update-call (+ update-call-settings for settings_override, "
+    "+ change-max-duration for limits.max_duration_seconds)",
+    "CallService/EndCall": "end-call",
+    "CallService/DeleteCall": SERVER_OR_ADMIN,
+    "CallService/QueryCalls": "returns only calls with read-call",
+    "CallService/UpdateCallMembers": "update-call-member (update_members), remove-call-member (removals)",
+    "CallService/QueryMembers": "read-call",
+    "SessionService/JoinCall": "join-call as oneself (+ join-backstage in backstage, "
+    "+ join-ended-call if ended); blocked users never",
+    "SessionService/LeaveCall": "own participant",
+    "SessionService/KeepAlive": "own participant",
+    "SessionService/UpdateParticipant": "own participant, with send-audio / send-video / screenshare",
+    "SessionService/QueryCallParticipants": "read-call",
+    "SessionService/QueryCallSessions": "read-call",
+    "SessionService/GoLive": "update-call",
+    "SessionService/StopLive": "update-call",
+    "RingService/RingCall": "create-call, as oneself",
+    "RingService/AcceptCall": "read-call, as oneself",
+    "RingService/RejectCall": "read-call, as oneself",
+    "CallDataService/UpdateParticipantCustom": "own participant",
+    "CallDataService/UpdateSessionCustom": "a live participant of the session, as oneself",
+    "CallDataService/SendCallEvent": "create-reaction, as oneself",
+    "CallDataService/PinParticipant": "pin-for-everyone",
+    "CallDataService/UnpinParticipant": "pin-for-everyone",
+    "EventService/WatchCall": "read-call (+ own participant when holding presence)",
+    "EventService/WatchUser": "oneself",
+    "EventService/SubscribeEvents": "server or admin; user tokens must list call_cids, each with read-call",
+    "ModerationService/UpdateUserPermissions": "update-call-permissions",
+    "ModerationService/RequestPermission": "read-call, as oneself",
+    "ModerationService/BlockUser": "block-users",
+    "ModerationService/UnblockUser": "block-users",
+    "ModerationService/KickUser": "kick-user (+ block-users with block)",
+}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The principal of this RPC with its user record (None for a server token)."""
+
+    principal: Principal
+    user: UserRecord | None
+
+    @property
+    def is_server(self) -> bool:
+        return self.principal.is_server
+
+    @property
+    def user_id(self) -> str | None:
+        return self.principal.user_id
+
+    @property
+    def is_admin(self) -> bool:
+        return self.is_server or (self.user is not None and self.user.role == "admin")
+
+
+async def load_caller(tx: Transaction) -> Caller:
+    principal = current_principal()
+    if principal.is_server:
+        return Caller(principal, None)
+    assert principal.user_id is not None
+    users = await tx.users.get_many([principal.user_id])
+    # A token may name a user that does not exist yet: a plain `user` with no teams.
+    return Caller(principal, users.get(principal.user_id) or UserRecord(id=principal.user_id))
+
+
+def _denied(message: str, reason: str, **metadata: object) -> PermissionDenied:
+    return PermissionDenied(message, reason=reason, metadata=metadata)
+
+
+async def call_capabilities(tx: Transaction, caller: Caller, call: CallRecord) -> frozenset[str]:
+    """Everything the caller may do in the call (empty when it may not see the call at all)."""
+    if caller.is_server:
+        return ALL_CAPABILITIES
+    return (await _explain(tx, caller, call))[0]
+
+
+async def _explain(tx: Transaction, caller: Caller, call: CallRecord) -> tuple[frozenset[str], str]:
+    """(capabilities, why they are empty: a reason code or "")."""
+    user = caller.user
+    assert user is not None
+    scope = caller.principal.call_cids
+    if scope is not None and call.cid not in scope:
+        return frozenset(), "CALL_NOT_IN_TOKEN_SCOPE"
+    if call.team and call.team not in user.teams:
+        return frozenset(), "TEAM_MISMATCH"
+    if user.id in call.blocked_user_ids:
+        return frozenset(), "USER_BLOCKED"
+    call_type = await tx.call_types.get(call.type)
+    grants = call_type.grants if call_type else {}
+    roles = {user.role}
+    member = (await tx.members.get_many(call.cid, [user.id])).get(user.id)
+    if member is not None:
+        roles |= {"call_member", member.role}
+    capabilities: set[str] = set()
+    for role in roles:
+        capabilities |= set(grants.get(role, []))
+    if user.role == "admin":
+        capabilities = set(ALL_CAPABILITIES)
+    granted, revoked = await tx.permissions.get(call.cid, user.id)
+    capabilities = (capabilities | set(granted)) - set(revoked)
+    return frozenset(capabilities), ""
+
+
+async def require(tx: Transaction, caller: Caller, call: CallRecord, *capabilities: str) -> frozenset[str]:
+    """Raises PERMISSION_DENIED naming the first missing capability; returns all the caller has."""
+    if caller.is_server:
+        return ALL_CAPABILITIES
+    have, why = await _explain(tx, caller, call)
+    if why:
+        messages = {
+            "CALL_NOT_IN_TOKEN_SCOPE": "this token is limited to other calls",
+            "TEAM_MISMATCH": f"call {call.cid!r} belongs to a team the user is not in",
+            "USER_BLOCKED": f"user {caller.user_id!r} is blocked from call {call.cid!r}",
+        }
+        raise _denied(messages[why], why, cid=call.cid, user_id=caller.user_id)
+    for capability in capabilities:
+        if capability not in have:
+            raise _denied(
+                f"user {caller.user_id!r} lacks the {capability!r} capability in call {call.cid!r}",
+                "MISSING_CAPABILITY",
+                capability=capability,
+                cid=call.cid,
+                user_id=caller.user_id,
+            )
+    return have
+
+
+def require_admin(caller: Caller, what: str) -> None:
+    if not caller.is_admin:
+        raise _denied(
+            f"{what} needs a server token or a global admin", "ADMIN_REQUIRED", user_id=caller.user_id
+        )
+
+
+def require_self(caller: Caller, user_id: str, field: str = "user_id") -> None:
+    """User tokens act only as themselves."""
+    if caller.is_server or caller.user_id == user_id:
+        return
+    raise _denied(
+        f"a token for {caller.user_id!r} cannot act as {user_id!r}",
+        "NOT_YOURSELF",
+        field=field,
+        user_id=caller.user_id,
+        requested_user_id=user_id,
+    )

@@ -1,0 +1,40 @@
+"""Per-user capability overrides in a call."""
+
+from __future__ import annotations
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from callplane_server.store.models import PermissionOverrideRow
+
+
+class PermissionRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def get(self, call_cid: str, user_id: str) -> tuple[list[str], list[str]]:
+        """(granted, revoked) for the user in the call."""
+        row = await self._session.get(PermissionOverrideRow, (call_cid, user_id))
+        return (list(row.granted), list(row.revoked)) if row else ([], [])
+
+    async def save(self, call_cid: str, user_id: str, granted: list[str], revoked: list[str]) -> None:
+        row = await self._session.get(PermissionOverrideRow, (call_cid, user_id))
+        if row is None:
+            self._session.add(
+                PermissionOverrideRow(call_cid=call_cid, user_id=user_id, granted=granted, revoked=revoked)
+            )
+        else:
+            row.granted, row.revoked = granted, revoked
+        await self._session.flush()
+
+    async def forget_call(self, call_cid: str) -> None:
+        await self._session.execute(
+            delete(PermissionOverrideRow).where(PermissionOverrideRow.call_cid == call_cid)
+        )
+
+    async def users_with(self, call_cid: str) -> list[str]:
+        return list(
+            await self._session.scalars(
+                select(PermissionOverrideRow.user_id).where(PermissionOverrideRow.call_cid == call_cid)
+            )
+        )
