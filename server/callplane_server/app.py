@@ -22,6 +22,8 @@ from callplane.v1 import (
     call_type_service_pb2_grpc,
     event_service_pb2,
     event_service_pb2_grpc,
+    moderation_service_pb2,
+    moderation_service_pb2_grpc,
     ring_service_pb2,
     ring_service_pb2_grpc,
     session_service_pb2,
@@ -32,6 +34,7 @@ from callplane.v1 import (
 from callplane_server.api.call_data_servicer import CallDataServicer
 from callplane_server.api.errors import Authenticator, ErrorAndLoggingInterceptor
 from callplane_server.api.event_servicer import EventServicer
+from callplane_server.api.moderation_servicer import ModerationServicer
 from callplane_server.api.ring_servicer import RingServicer
 from callplane_server.api.servicers import CallServicer, CallTypeServicer, UserServicer
 from callplane_server.api.session_servicer import SessionServicer
@@ -42,6 +45,7 @@ from callplane_server.services.call_data import CallDataService
 from callplane_server.services.call_types import CallTypeService
 from callplane_server.services.calls import CallService
 from callplane_server.services.clock import Clock, system_clock
+from callplane_server.services.moderation import ModerationService
 from callplane_server.services.ringing import RingingService
 from callplane_server.services.sessions import SessionService
 from callplane_server.services.streams import EventStreamService
@@ -59,6 +63,7 @@ SERVICE_NAMES = (
     session_service_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
     ring_service_pb2.DESCRIPTOR.services_by_name["RingService"].full_name,
     call_data_service_pb2.DESCRIPTOR.services_by_name["CallDataService"].full_name,
+    moderation_service_pb2.DESCRIPTOR.services_by_name["ModerationService"].full_name,
 )
 COMPACTION_INTERVAL_SECONDS = 60.0
 
@@ -79,6 +84,7 @@ class CallplaneServer:
         self.sessions: SessionService | None = None
         self.ringing: RingingService | None = None
         self.call_data: CallDataService | None = None
+        self.moderation: ModerationService | None = None
         self.api_secret = ""
         self._background: list[asyncio.Task[None]] = []
 
@@ -107,6 +113,7 @@ class CallplaneServer:
         self.streams.presence = self.sessions
         self.ringing = RingingService(self.store, self.clock, self.timers)
         self.call_data = CallDataService(self.store, self.clock, limits)
+        self.moderation = ModerationService(self.store, self.clock, self.sessions)
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
         self.api_secret = self.config.api_secret or load_or_create_secret(self.config.data_dir)
         interceptor = ErrorAndLoggingInterceptor(Authenticator(self.api_secret))
@@ -125,6 +132,9 @@ class CallplaneServer:
         ring_service_pb2_grpc.add_RingServiceServicer_to_server(RingServicer(self.ringing), server)
         call_data_service_pb2_grpc.add_CallDataServiceServicer_to_server(
             CallDataServicer(self.call_data), server
+        )
+        moderation_service_pb2_grpc.add_ModerationServiceServicer_to_server(
+            ModerationServicer(self.moderation), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if self.config.reflection:

@@ -140,6 +140,7 @@ def call_message(view: CallView) -> call_pb2.Call:
         ongoing=call.ongoing,
         member_count=call.member_count,
         etag=call.etag,
+        blocked_user_ids=call.blocked_user_ids,
     )
     dict_to_struct(call.custom, message.custom)
     dict_to_settings(view.settings, message.settings)
@@ -152,7 +153,11 @@ def call_message(view: CallView) -> call_pb2.Call:
 
 
 def call_state(view: CallView) -> call_pb2.CallState:
-    return call_pb2.CallState(call=call_message(view), members=[member_message(m) for m in view.members])
+    return call_pb2.CallState(
+        call=call_message(view),
+        members=[member_message(m) for m in view.members],
+        own_capabilities=view.own_capabilities,
+    )
 
 
 _TRACKS = {

@@ -113,13 +113,18 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
             video=request.video,
         )
         return call_service_pb2.GetOrCreateCallResponse(
-            call=call_message(view), members=[member_message(m) for m in view.members], created=view.created
+            call=call_message(view),
+            members=[member_message(m) for m in view.members],
+            created=view.created,
+            own_capabilities=view.own_capabilities,
         )
 
     async def GetCall(self, request, context: Context):
         view = await self._service.get(request.type, request.id, request.members_limit)
         return call_service_pb2.GetCallResponse(
-            call=call_message(view), members=[member_message(m) for m in view.members]
+            call=call_message(view),
+            members=[member_message(m) for m in view.members],
+            own_capabilities=view.own_capabilities,
         )
 
     async def UpdateCall(self, request, context: Context):

@@ -54,6 +54,7 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             participant=participant_message(result.participant, result.now),
             lease_ttl=lease_ttl,
             seq=result.seq,
+            own_capabilities=sorted(result.capabilities),
         )
 
     async def LeaveCall(self, request, context: Context):

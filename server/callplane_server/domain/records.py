@@ -126,6 +126,8 @@ class CallView:
     settings: dict[str, Any]
     members: list[MemberRecord]
     created: bool = False
+    # What the caller may do in the call, in the canonical CAPABILITIES order.
+    own_capabilities: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any
 
 from callplane.v1 import event_pb2
+from callplane_server.auth.context import current_principal
 from callplane_server.domain.records import (
     CallRecord,
     PageRequest,
@@ -35,6 +36,7 @@ from callplane_server.errors import (
     ViolationCollector,
 )
 from callplane_server.messages import dict_to_struct, event, participant_message, pin_messages
+from callplane_server.services.authz import Caller, load_caller, require, require_self
 from callplane_server.services.calls import call_not_found
 from callplane_server.services.clock import Clock
 from callplane_server.services.limits import Limits
@@ -213,10 +215,12 @@ class CallDataService:
         check_pattern(user_id, USER_ID, "user_id", "user id", problems)
         _check_change(change, limit, problems)
         problems.raise_if_any()
+        require_self(Caller(current_principal(), None), user_id)
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> ParticipantCustomResult:
             call = await self._locked_call(tx, cid)
+            await require(tx, await load_caller(tx), call)
             session = await self._running_session(tx, call)
             if session is None:
                 raise _no_active_session(cid)
@@ -267,10 +271,12 @@ class CallDataService:
         check_pattern(user_id, USER_ID, "user_id", "user id", problems)
         _check_change(change, limit, problems)
         problems.raise_if_any()
+        require_self(Caller(current_principal(), None), user_id)
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> SessionCustomResult:
             call = await self._locked_call(tx, cid)
+            await require(tx, await load_caller(tx), call)
             session = await self._running_session(tx, call)
             if session is None:
                 raise _no_active_session(cid)
@@ -331,6 +337,7 @@ class CallDataService:
         if len(request_id) > MAX_REQUEST_ID_CHARS:
             problems.add("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}")
         problems.raise_if_any()
+        require_self(Caller(current_principal(), None), user_id)
         cid = f"{call_type}:{call_id}"
         user_ids = list(dict.fromkeys(to_user_ids))
         roles = list(dict.fromkeys(to_roles))
@@ -338,6 +345,7 @@ class CallDataService:
         async def work(tx: Transaction) -> SentEvent:
             # The call lock serializes retries of one request_id; the key's primary key is the backstop.
             call = await self._locked_call(tx, cid)
+            await require(tx, await load_caller(tx), call, "create-reaction")
             if request_id:
                 first = await tx.idempotency.get(cid, request_id)
                 if first is not None:
@@ -406,6 +414,7 @@ class CallDataService:
 
         async def work(tx: Transaction) -> list[dict[str, Any]]:
             call = await self._locked_call(tx, cid)
+            await require(tx, await load_caller(tx), call, "pin-for-everyone")
             session = await self._running_session(tx, call)
             participant = await self._live_participant(tx, call, session, participant_session_id)
             if participant.user_id != user_id:
@@ -442,6 +451,7 @@ class CallDataService:
 
         async def work(tx: Transaction) -> list[dict[str, Any]]:
             call = await self._locked_call(tx, cid)
+            await require(tx, await load_caller(tx), call, "pin-for-everyone")
             kept = [
                 pin
                 for pin in call.pins

@@ -15,6 +15,7 @@ from callplane_server.domain.call_types import (
 from callplane_server.domain.records import CallTypeRecord
 from callplane_server.domain.validation import CALL_TYPE_NAME, check_pattern
 from callplane_server.errors import AlreadyExists, FailedPrecondition, NotFound, ViolationCollector
+from callplane_server.services.authz import load_caller, require_admin
 from callplane_server.services.clock import Clock
 from callplane_server.store import Store, Transaction
 
@@ -49,6 +50,7 @@ class CallTypeService:
         )
 
         async def work(tx: Transaction) -> CallTypeRecord:
+            require_admin(await load_caller(tx), "CreateCallType")
             if await tx.call_types.get(name) is not None:
                 raise AlreadyExists(
                     f"call type {name!r} already exists", reason="CALL_TYPE_EXISTS", metadata={"type": name}
@@ -80,6 +82,7 @@ class CallTypeService:
         problems.raise_if_any()
 
         async def work(tx: Transaction) -> CallTypeRecord:
+            require_admin(await load_caller(tx), "UpdateCallType")
             record = await tx.call_types.get(name)
             if record is None:
                 raise call_type_not_found(name)
@@ -94,6 +97,7 @@ class CallTypeService:
 
     async def delete(self, name: str) -> None:
         async def work(tx: Transaction) -> None:
+            require_admin(await load_caller(tx), "DeleteCallType")
             if await tx.call_types.get(name) is None:
                 raise call_type_not_found(name)
             in_use = await tx.call_types.count_calls(name)

@@ -7,7 +7,9 @@ from datetime import datetime
 from typing import Any
 
 from callplane.v1 import event_pb2
+from callplane_server.auth.context import current_principal
 from callplane_server.domain.call_types import merge_settings, validate_settings
+from callplane_server.domain.capabilities import CAPABILITIES
 from callplane_server.domain.custom_data import apply_set, apply_unset, split_path
 from callplane_server.domain.records import CallRecord, CallView, MemberInput, MemberRecord, Page, PageRequest
 from callplane_server.domain.validation import (
@@ -26,15 +28,25 @@ from callplane_server.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ViolationCollector,
 )
 from callplane_server.messages import call_message, event, member_message
+from callplane_server.services.authz import (
+    Caller,
+    call_capabilities,
+    load_caller,
+    require,
+    require_admin,
+    require_self,
+)
 from callplane_server.services.call_types import call_type_not_found
 from callplane_server.services.clock import Clock
 from callplane_server.services.limits import Limits
 from callplane_server.services.ringing import cancel_rings, ring_created_call
 from callplane_server.services.session_rules import end_running_session, reschedule_max_duration
 from callplane_server.store import Store, Transaction
+from callplane_server.store.visibility import CallReader
 
 
 @dataclass
@@ -81,6 +93,22 @@ def _unknown_users(unknown: dict[str, str]) -> InvalidArgument:
     )
 
 
+def ordered_capabilities(capabilities: frozenset[str] | set[str]) -> list[str]:
+    """Capabilities in the canonical CAPABILITIES order."""
+    return [capability for capability in CAPABILITIES if capability in capabilities]
+
+
+def _check_team(caller: Caller, team: str, cid: str) -> None:
+    """A user token creates calls only in its own teams (or without a team)."""
+    if caller.is_server or not team or (caller.user is not None and team in caller.user.teams):
+        return
+    raise PermissionDenied(
+        f"user {caller.user_id!r} is not in team {team!r}",
+        reason="TEAM_MISMATCH",
+        metadata={"cid": cid, "team": team, "user_id": caller.user_id},
+    )
+
+
 class CallService:
     def __init__(self, store: Store, clock: Clock, limits: Limits) -> None:
         self._store = store
@@ -90,13 +118,25 @@ class CallService:
     # -- helpers -----------------------------------------------------------------------------------
 
     async def _view(
-        self, tx: Transaction, call: CallRecord, members_limit: int, *, created: bool = False
+        self,
+        tx: Transaction,
+        call: CallRecord,
+        members_limit: int,
+        *,
+        created: bool = False,
+        own: frozenset[str] = frozenset(),
     ) -> CallView:
         call_type = await tx.call_types.get(call.type)
         if call_type is None:  # pragma: no cover - a foreign key keeps this from happening
             raise call_type_not_found(call.type)
         members = (await tx.members.first([call.cid], members_limit))[call.cid]
-        return CallView(call, merge_settings(call_type.settings, call.settings_override), members, created)
+        return CallView(
+            call,
+            merge_settings(call_type.settings, call.settings_override),
+            members,
+            created,
+            ordered_capabilities(own),
+        )
 
     @staticmethod
     async def _live_call(tx: Transaction, cid: str, *, for_update: bool = False) -> CallRecord:
@@ -176,12 +216,21 @@ class CallService:
         self._check_members(data.members, "data.members", problems)
         check_custom_size(data.custom, self._limits.max_call_custom_bytes, "data.custom", problems)
         validate_settings(data.settings_override, "data.settings_override", problems)
+        principal = current_principal()
+        if not principal.is_server:
+            # User tokens create calls as themselves.
+            assert principal.user_id is not None
+            require_self(
+                Caller(principal, None), data.created_by_id or principal.user_id, "data.created_by_id"
+            )
+            data.created_by_id = principal.user_id
         if (ring or notify) and not data.created_by_id:
             problems.add("data.created_by_id", "is required with ring or notify (the caller)")
         problems.raise_if_any()
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> CallView:
+            caller = await load_caller(tx)
             existing = await tx.calls.get(cid)
             if existing is not None:
                 if existing.deleted_at is not None:
@@ -190,7 +239,9 @@ class CallService:
                         reason="CALL_DELETED",
                         metadata={"cid": cid},
                     )
-                return await self._view(tx, existing, limit)
+                have = await require(tx, caller, existing, "read-call")
+                return await self._view(tx, existing, limit, own=have)
+            _check_team(caller, data.team, cid)
             type_record = await tx.call_types.get(call_type)
             if type_record is None:
                 raise call_type_not_found(call_type)
@@ -219,7 +270,9 @@ class CallService:
             )
             await tx.calls.insert(call)
             members = await self._upsert_members(tx, cid, data.members, now)
-            view = await self._view(tx, call, limit, created=True)
+            # Checked on the inserted call so that member roles count; a denial rolls the insert back.
+            have = await require(tx, caller, call, "create-call")
+            view = await self._view(tx, call, limit, created=True, own=have)
             users = await tx.users.get_many(m.user_id for m in members)
             for member in members:
                 member.user = users.get(member.user_id)
@@ -244,7 +297,9 @@ class CallService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> CallView:
-            return await self._view(tx, await self._live_call(tx, cid), limit)
+            call = await self._live_call(tx, cid)
+            have = await require(tx, await load_caller(tx), call, "read-call")
+            return await self._view(tx, call, limit, own=have)
 
         return await self._store.read(work)
 
@@ -272,8 +327,15 @@ class CallService:
         problems.raise_if_any()
         cid = f"{call_type}:{call_id}"
 
+        needed = ["update-call"]
+        if change.settings_override is not None:
+            needed.append("update-call-settings")
+            if "max_duration_seconds" in (change.settings_override.get("limits") or {}):
+                needed.append("change-max-duration")
+
         async def work(tx: Transaction) -> CallView:
             call = await self._live_call(tx, cid, for_update=True)
+            await require(tx, await load_caller(tx), call, *needed)
             if change.etag and change.etag != call.etag:
                 raise Aborted(
                     f"call {cid!r} changed since etag {change.etag!r} (now {call.etag!r}); re-read and retry",
@@ -336,6 +398,7 @@ class CallService:
 
         async def work(tx: Transaction) -> CallView:
             call = await self._live_call(tx, cid, for_update=True)
+            await require(tx, await load_caller(tx), call, "end-call")
             if call.ended_at is not None:
                 raise FailedPrecondition(
                     f"call {cid!r} already ended", reason="CALL_ENDED", metadata={"cid": cid}
@@ -363,6 +426,7 @@ class CallService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> CallView:
+            require_admin(await load_caller(tx), "DeleteCall")
             call = await tx.calls.get(cid, for_update=True)
             if call is None or (call.deleted_at is not None and not hard):
                 raise call_not_found(cid)
@@ -378,6 +442,7 @@ class CallService:
                 await tx.sessions.delete_for_call(cid)
                 # A recreated call of this cid must not mistake old request ids for retries.
                 await tx.idempotency.forget_call(cid)
+                await tx.permissions.forget_call(cid)
                 await tx.calls.hard_delete(cid)
                 return view
             call.deleted_at = now
@@ -401,10 +466,21 @@ class CallService:
         problems.raise_if_any()
 
         async def work(tx: Transaction) -> Page[CallView]:
-            calls = await tx.calls.query(page)
+            caller = await load_caller(tx)
+            types = {record.name: record for record in await tx.call_types.list()}
+            reader = None
+            if not caller.is_server:
+                assert caller.user is not None and caller.user_id is not None
+                reader = CallReader(
+                    user_id=caller.user_id,
+                    role=caller.user.role,
+                    teams=caller.user.teams,
+                    call_cids=caller.principal.call_cids,
+                    grants={name: record.grants for name, record in types.items()},
+                )
+            calls = await tx.calls.query(page, reader=reader)
             cids = [call.cid for call in calls.items]
             members = await tx.members.first(cids, limit)
-            types = {record.name: record for record in await tx.call_types.list()}
             views = [
                 CallView(
                     call,
@@ -412,6 +488,7 @@ class CallService:
                         types[call.type].settings if call.type in types else {}, call.settings_override
                     ),
                     members[call.cid],
+                    own_capabilities=ordered_capabilities(await call_capabilities(tx, caller, call)),
                 )
                 for call in calls.items
             ]
@@ -438,8 +515,14 @@ class CallService:
         problems.raise_if_any()
         cid = f"{call_type}:{call_id}"
 
+        needed = [
+            *(["update-call-member"] if update_members else []),
+            *(["remove-call-member"] if remove_members else []),
+        ]
+
         async def work(tx: Transaction) -> MembersChange:
-            await self._live_call(tx, cid, for_update=True)
+            call = await self._live_call(tx, cid, for_update=True)
+            await require(tx, await load_caller(tx), call, *needed)
             await self._require_users(
                 tx, {f"update_members[{i}].user_id": m.user_id for i, m in enumerate(update_members)}
             )
@@ -473,7 +556,8 @@ class CallService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> Page[MemberRecord]:
-            await self._live_call(tx, cid)
+            call = await self._live_call(tx, cid)
+            await require(tx, await load_caller(tx), call, "read-call")
             return await tx.members.query(cid, page)
 
         return await self._store.read(work)

@@ -16,11 +16,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from callplane.v1 import call_pb2, event_pb2, ring_service_pb2
+from callplane_server.auth.context import current_principal
 from callplane_server.domain.call_types import merge_settings
 from callplane_server.domain.records import CallRecord, CallView, SessionRecord, TimerRecord
 from callplane_server.domain.validation import USER_ID, check_call_key, check_pattern
 from callplane_server.errors import FailedPrecondition, InvalidArgument, NotFound, ViolationCollector
 from callplane_server.messages import call_message, event
+from callplane_server.services.authz import Caller, load_caller, require, require_self
 from callplane_server.services.clock import Clock
 from callplane_server.services.timers import TimerRunner
 from callplane_server.store import Store, Transaction
@@ -184,10 +186,12 @@ class RingingService:
                 problems.add(path, "the caller cannot ring themself")
             seen.add(member)
         problems.raise_if_any()
+        require_self(Caller(current_principal(), None), user_id)
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> RingResult:
             call = await self._ringable_call(tx, cid)
+            await require(tx, await load_caller(tx), call, "create-call")
             if not await tx.users.existing_ids([user_id]):
                 raise NotFound(
                     f"user {user_id!r} does not exist", reason="USER_NOT_FOUND", metadata={"user_id": user_id}
@@ -238,10 +242,12 @@ class RingingService:
         check_call_key(call_type, call_id, problems)
         check_pattern(user_id, USER_ID, "user_id", "user id", problems)
         problems.raise_if_any()
+        require_self(Caller(current_principal(), None), user_id)
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> None:
             call = await self._ringable_call(tx, cid)
+            await require(tx, await load_caller(tx), call, "read-call")
             ring = _current(await tx.rings.get(cid, user_id), call)
             if ring is None or ring.status != RINGING:
                 raise _not_ringing(cid, user_id, ring)
@@ -287,10 +293,12 @@ class RingingService:
             problems.add("reason", f"unknown reject reason {reason}")
         problems.raise_if_any()
         assert name is not None
+        require_self(Caller(current_principal(), None), user_id)
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> None:
             call = await self._ringable_call(tx, cid)
+            await require(tx, await load_caller(tx), call, "read-call")
             now = self._clock()
             if name == CANCEL:
                 rung = [

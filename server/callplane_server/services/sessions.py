@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import re
 import uuid
@@ -17,6 +18,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from callplane.v1 import event_pb2
+from callplane_server.auth.context import current_principal
+from callplane_server.auth.tokens import Principal
 from callplane_server.domain.call_types import merge_settings
 from callplane_server.domain.records import (
     CallRecord,
@@ -32,6 +35,7 @@ from callplane_server.errors import (
     CallplaneError,
     FailedPrecondition,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     ViolationCollector,
 )
@@ -41,6 +45,13 @@ from callplane_server.messages import (
     event,
     participant_message,
     session_message,
+)
+from callplane_server.services.authz import (
+    Caller,
+    call_capabilities,
+    load_caller,
+    require,
+    require_self,
 )
 from callplane_server.services.calls import CallData, CallService, call_not_found
 from callplane_server.services.clock import Clock
@@ -77,6 +88,7 @@ class JoinResult:
     participant: ParticipantRecord
     seq: int
     now: datetime
+    capabilities: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -101,6 +113,44 @@ def participant_not_found(cid: str, participant_session_id: str) -> NotFound:
         reason="PARTICIPANT_NOT_FOUND",
         metadata={"cid": cid, "participant_session_id": participant_session_id},
     )
+
+
+#: The capability each published track needs (UpdateParticipant).
+TRACK_CAPABILITIES = {
+    "audio": "send-audio",
+    "video": "send-video",
+    "screen_share": "screenshare",
+    "screen_share_audio": "screenshare",
+}
+
+
+def require_own_participant(caller: Caller, participant: ParticipantRecord) -> None:
+    """User tokens act only on their own participants (connections)."""
+    if caller.is_server or caller.user_id == participant.user_id:
+        return
+    raise PermissionDenied(
+        f"participant {participant.participant_session_id!r} belongs to another user",
+        reason="NOT_OWN_PARTICIPANT",
+        metadata={
+            "cid": participant.call_cid,
+            "participant_session_id": participant.participant_session_id,
+            "user_id": caller.user_id,
+        },
+    )
+
+
+async def joining_capabilities(
+    tx: Transaction, caller: Caller, call: CallRecord, user_id: str
+) -> frozenset[str]:
+    """What the joining user may do in the call: for a user token, join-call is required (blocked users,
+    other teams and out-of-scope calls are refused); a server token may join anyone, and the joined
+    user's own capabilities decide backstage and ended-call access."""
+    if not caller.is_server:
+        return await require(tx, caller, call, "join-call")
+    user = (await tx.users.get_many([user_id])).get(user_id)
+    if user is None:
+        return frozenset()
+    return await call_capabilities(tx, Caller(Principal(user_id=user_id), user), call)
 
 
 def _participant_left(cid: str, participant: ParticipantRecord) -> FailedPrecondition:
@@ -201,6 +251,13 @@ class SessionService:
             )
         return seq
 
+    async def remove_participant(
+        self, tx: Transaction, call: CallRecord, participant: ParticipantRecord, reason: str, now: datetime
+    ) -> int:
+        """For moderation (KickUser, BlockUser): one participant leaves in the caller's transaction, with
+        the same events and inactivity timer as any other leave. The call row must be locked."""
+        return await self._leave(tx, call, participant, reason, now)
+
     @staticmethod
     def _key_problems(call_type: str, call_id: str, participant_session_id: str) -> ViolationCollector:
         problems = ViolationCollector()
@@ -239,6 +296,7 @@ class SessionService:
         custom = custom or {}
         check_custom_size(custom, self._limits.max_participant_custom_bytes, "custom", problems)
         problems.raise_if_any()
+        require_self(Caller(current_principal(), None), user_id)
         cid = f"{call_type}:{call_id}"
         if create:
             # The same rules (and the same call.created event) as GetOrCreateCall; the joining user is the
@@ -251,6 +309,9 @@ class SessionService:
 
         async def work(tx: Transaction) -> JoinResult:
             call = await _live_call(tx, cid, for_update=True)
+            caller = await load_caller(tx)
+            require_self(caller, user_id)
+            capabilities = await joining_capabilities(tx, caller, call, user_id)
             now = self._clock()
             users = await tx.users.get_many([user_id])
             user = users.get(user_id)
@@ -283,12 +344,14 @@ class SessionService:
                     session = await tx.sessions.get(call.current_session_id)
                     assert session is not None
                     live = await tx.sessions.live_participants(session.id)
-                    return JoinResult(await _view(tx, call), session, live, existing, call.last_seq, now)
-            if call.ended_at is not None:
+                    return JoinResult(
+                        await _view(tx, call), session, live, existing, call.last_seq, now, capabilities
+                    )
+            if call.ended_at is not None and "join-ended-call" not in capabilities:
                 raise _call_ended(cid)
             view = await _view(tx, call)
             settings = view.settings
-            if call.backstage:
+            if call.backstage and "join-backstage" not in capabilities:
                 ahead = int(settings.get("backstage", {}).get("join_ahead_time_seconds") or 0)
                 opens_at = call.starts_at - timedelta(seconds=ahead) if call.starts_at else None
                 if opens_at is None or now < opens_at:
@@ -351,15 +414,22 @@ class SessionService:
             )
             seq = await emit_counts(tx, cid, session.id, now)
             live = await tx.sessions.live_participants(session.id)
-            return JoinResult(view, session, live, participant, seq, now)
+            return JoinResult(view, session, live, participant, seq, now, capabilities)
 
         return await self._store.write(work)
 
     # -- LeaveCall / KeepAlive / UpdateParticipant ------------------------------------------------
 
     async def leave(
-        self, call_type: str, call_id: str, participant_session_id: str, *, reason: str = LEFT
+        self,
+        call_type: str,
+        call_id: str,
+        participant_session_id: str,
+        *,
+        reason: str = LEFT,
+        authorize: bool = True,
     ) -> None:
+        """`authorize=False` for the server's own bookkeeping (a holding stream ended)."""
         self._key_problems(call_type, call_id, participant_session_id).raise_if_any()
         cid = f"{call_type}:{call_id}"
 
@@ -368,13 +438,18 @@ class SessionService:
             try:
                 participant = await self._current_participant(tx, call, participant_session_id)
             except FailedPrecondition:
+                participant = await tx.sessions.find_participant(cid, participant_session_id)
+                if authorize and participant is not None:
+                    require_own_participant(await load_caller(tx), participant)
                 return  # already left: leaving is idempotent
+            if authorize:
+                require_own_participant(await load_caller(tx), participant)
             await self._leave(tx, call, participant, reason, self._clock())
 
         await self._store.write(work)
 
     async def keep_alive(
-        self, call_type: str, call_id: str, participant_session_id: str
+        self, call_type: str, call_id: str, participant_session_id: str, *, authorize: bool = True
     ) -> ParticipantRecord:
         self._key_problems(call_type, call_id, participant_session_id).raise_if_any()
         cid = f"{call_type}:{call_id}"
@@ -382,6 +457,8 @@ class SessionService:
         async def work(tx: Transaction) -> ParticipantRecord:
             call = await _live_call(tx, cid, for_update=True)
             participant = await self._current_participant(tx, call, participant_session_id)
+            if authorize:
+                require_own_participant(await load_caller(tx), participant)
             await self._renew_lease(tx, participant, self._clock())
             return participant
 
@@ -406,6 +483,9 @@ class SessionService:
         async def work(tx: Transaction) -> tuple[ParticipantRecord, datetime]:
             call = await _live_call(tx, cid, for_update=True)
             participant = await self._current_participant(tx, call, participant_session_id)
+            caller = await load_caller(tx)
+            require_own_participant(caller, participant)
+            await require(tx, caller, call, *dict.fromkeys(TRACK_CAPABILITIES[name] for name in names))
             now = self._clock()
             if participant.published_tracks != names:
                 participant.published_tracks = names
@@ -432,6 +512,7 @@ class SessionService:
 
         async def work(tx: Transaction) -> ParticipantsPage:
             call = await _live_call(tx, cid)
+            await require(tx, await load_caller(tx), call, "read-call")
             now = self._clock()
             session_id = call.current_session_id or ""
             if not session_id:
@@ -451,7 +532,8 @@ class SessionService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> SessionsPage:
-            await _live_call(tx, cid)
+            call = await _live_call(tx, cid)
+            await require(tx, await load_caller(tx), call, "read-call")
             found = await tx.sessions.query_sessions(cid, page, self._store.signer)
             people = await tx.sessions.participants([s.id for s in found.items])
             return SessionsPage(found, people, self._clock())
@@ -474,6 +556,7 @@ class SessionService:
 
         async def work(tx: Transaction) -> CallView:
             call = await _live_call(tx, cid, for_update=True)
+            await require(tx, await load_caller(tx), call, "update-call")
             if call.ended_at is not None:
                 raise _call_ended(cid)
             if call.backstage == backstage:
@@ -567,7 +650,10 @@ class SessionService:
         key = (participant.call_cid, participant_session_id)
         self._held[key] = self._held.get(key, 0) + 1
         if self._renewer is None and not self._closing:
-            self._renewer = asyncio.create_task(self._renew_held(), name="participant-leases")
+            # A fresh context: the renewer works with the server's authority, not the opening stream's.
+            self._renewer = asyncio.create_task(
+                self._renew_held(), name="participant-leases", context=contextvars.Context()
+            )
 
     async def stream_closed(self, call_type: str, call_id: str, participant_session_id: str) -> None:
         """The holding stream ended: the participant leaves ("disconnected"), unless another stream of
@@ -582,7 +668,7 @@ class SessionService:
         if self._closing:
             return
         try:
-            await self.leave(call_type, call_id, participant_session_id, reason=DISCONNECTED)
+            await self.leave(call_type, call_id, participant_session_id, reason=DISCONNECTED, authorize=False)
         except CallplaneError:
             pass  # the call or participant is gone already
         except Exception:
@@ -597,7 +683,7 @@ class SessionService:
             for call_cid, participant_session_id in list(self._held):
                 call_type, _, call_id = call_cid.partition(":")
                 try:
-                    await self.keep_alive(call_type, call_id, participant_session_id)
+                    await self.keep_alive(call_type, call_id, participant_session_id, authorize=False)
                 except CallplaneError:
                     self._held.pop((call_cid, participant_session_id), None)
                 except asyncio.CancelledError:

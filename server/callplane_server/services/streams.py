@@ -11,11 +11,20 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
+from callplane_server.auth.context import current_principal
 from callplane_server.domain.call_types import merge_settings
 from callplane_server.domain.records import CallView, ParticipantRecord, SessionRecord
 from callplane_server.domain.validation import USER_ID, check_call_key, check_pattern
-from callplane_server.errors import FailedPrecondition, NotFound, OutOfRange, Unavailable, ViolationCollector
+from callplane_server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    Unavailable,
+    ViolationCollector,
+)
 from callplane_server.events.hub import CLOSED, OVERFLOW, EventHub, Recipients, Subscription
+from callplane_server.services.authz import Caller, load_caller, require, require_admin, require_self
 from callplane_server.services.clock import Clock
 from callplane_server.store import Store, Transaction
 from callplane_server.store.events import StoredEvent
@@ -23,6 +32,8 @@ from callplane_server.store.events import StoredEvent
 # A catching-up stream holds at most one batch while its client is slow to read: bounded in count and
 # bytes, so one slow reader of large events cannot hold much memory.
 CATCH_UP_BATCH = 200
+#: SubscribeEvents.call_cids at most for a (non-admin) user token.
+MAX_SUBSCRIBED_CALLS = 100
 CATCH_UP_BYTES = 256 * 1024
 SNAPSHOT_MEMBERS = 100
 
@@ -112,6 +123,10 @@ class EventStreamService:
             problems.add("after_seq", "give snapshot or after_seq, not both")
         problems.raise_if_any()
         cid = f"{call_type}:{call_id}"
+        if not current_principal().is_server:
+            # Checked once, when the stream starts (holding presence also needs the caller's own
+            # participant: SessionService.keep_alive checks that).
+            await self._store.read(lambda tx: self._require_readable(tx, [cid]))
         # Subscribe before reading anything, so nothing committed after the read can be missed.
         subscription = self._hub.subscribe(lambda stored, _r: stored if stored.call_cid == cid else None)
         holds_presence = False
@@ -145,6 +160,15 @@ class EventStreamService:
                 # Shielded: the client is gone (cancellation), but the leave must still be recorded.
                 await asyncio.shield(self.presence.stream_closed(call_type, call_id, participant_session_id))
 
+    @staticmethod
+    async def _require_readable(tx: Transaction, cids: Sequence[str]) -> None:
+        caller = await load_caller(tx)
+        for cid in cids:
+            call = await tx.calls.get(cid)
+            if call is None or call.deleted_at is not None:
+                raise NotFound(f"call {cid!r} does not exist", reason="CALL_NOT_FOUND", metadata={"cid": cid})
+            await require(tx, caller, call, "read-call")
+
     async def _call_resume_point(self, tx: Transaction, cid: str, after_seq: int | None) -> int:
         bounds = await tx.events.call_seq_bounds(cid)
         if bounds is None:
@@ -171,6 +195,7 @@ class EventStreamService:
         problems = ViolationCollector()
         check_pattern(user_id, USER_ID, "user_id", "user id", problems)
         problems.raise_if_any()
+        require_self(Caller(current_principal(), None), user_id)
 
         def matcher(stored: StoredEvent, recipients: Recipients) -> StoredEvent | None:
             for recipient, user_seq in recipients:
@@ -223,6 +248,8 @@ class EventStreamService:
     async def subscribe(
         self, filters: EventFilter, *, after_position: int | None
     ) -> AsyncIterator[StreamItem]:
+        if not current_principal().is_server:
+            await self._store.read(lambda tx: self._authorize_subscription(tx, filters))
         subscription = self._hub.subscribe(lambda stored, _r: stored if filters.matches(stored) else None)
         try:
 
@@ -257,6 +284,28 @@ class EventStreamService:
                 yield item
         finally:
             self._hub.unsubscribe(subscription)
+
+    async def _authorize_subscription(self, tx: Transaction, filters: EventFilter) -> None:
+        """Admins see every event; other user tokens name their calls (call_cids), each readable."""
+        caller = await load_caller(tx)
+        if caller.is_admin:
+            return
+        if not filters.call_cids:
+            require_admin(caller, "SubscribeEvents without call_cids")
+        cids = list(dict.fromkeys(filters.call_cids))
+        if len(cids) > MAX_SUBSCRIBED_CALLS:
+            raise InvalidArgument.for_field(
+                "call_cids", f"at most {MAX_SUBSCRIBED_CALLS} calls per user subscription, got {len(cids)}"
+            )
+        problems = ViolationCollector()
+        for index, cid in enumerate(cids):
+            call_type, separator, call_id = cid.partition(":")
+            probe = ViolationCollector()
+            check_call_key(call_type, call_id, probe)
+            if not separator or probe.violations:
+                problems.add(f"call_cids[{index}]", f"{cid!r} is not a call cid (type:id)")
+        problems.raise_if_any()
+        await self._require_readable(tx, cids)
 
     # -- the one follow loop -----------------------------------------------------------------------
 

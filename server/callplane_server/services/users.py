@@ -18,6 +18,7 @@ from callplane_server.domain.validation import (
 )
 from callplane_server.errors import NotFound, ViolationCollector
 from callplane_server.messages import event
+from callplane_server.services.authz import Caller, load_caller, require_admin, require_self
 from callplane_server.services.clock import Clock
 from callplane_server.services.limits import Limits
 from callplane_server.store import Store, Transaction
@@ -95,7 +96,10 @@ class UserService:
         problems.raise_if_any()
 
         async def work(tx: Transaction) -> list[UserRecord]:
+            caller = await load_caller(tx)
             existing = await tx.users.get_many(u.id for u in users)
+            if not caller.is_admin:
+                self._check_self_upsert(caller, users, existing)
             now = self._clock()
             records = [
                 UserRecord(
@@ -115,6 +119,18 @@ class UserService:
 
         return await self._store.write(work)
 
+    @staticmethod
+    def _check_self_upsert(caller: Caller, users: list[UserInput], existing: dict[str, UserRecord]) -> None:
+        """A user token upserts only itself, keeping its role and teams (a new user: role `user`, no
+        teams)."""
+        for index, user in enumerate(users):
+            require_self(caller, user.id, f"users[{index}].id")
+        for user in users:
+            stored = existing.get(user.id)
+            role, teams = (stored.role, sorted(stored.teams)) if stored else ("user", [])
+            if (user.role or "user") != role or sorted(set(user.teams)) != teams:
+                require_admin(caller, "changing a user's role or teams")
+
     async def update_partial(self, patches: list[UserPatch]) -> list[UserRecord]:
         problems = ViolationCollector()
         check_batch([p.id for p in patches], "users", problems)
@@ -123,6 +139,13 @@ class UserService:
         problems.raise_if_any()
 
         async def work(tx: Transaction) -> list[UserRecord]:
+            caller = await load_caller(tx)
+            if not caller.is_admin:
+                for index, patch in enumerate(patches):
+                    require_self(caller, patch.id, f"users[{index}].id")
+                    touched = {path.split(".", 1)[0] for path in [*patch.set, *patch.unset]}
+                    if touched & {"role", "teams"}:
+                        require_admin(caller, "changing a user's role or teams")
             existing = await tx.users.get_many(p.id for p in patches)
             missing = [p.id for p in patches if p.id not in existing]
             if missing:
@@ -204,7 +227,14 @@ class UserService:
                 setattr(record, path, "")
 
     async def query(self, page: PageRequest) -> Page[UserRecord]:
-        return await self._store.read(lambda tx: tx.users.query(page))
+        async def work(tx: Transaction) -> Page[UserRecord]:
+            caller = await load_caller(tx)
+            if caller.is_admin:
+                return await tx.users.query(page)
+            assert caller.user is not None
+            return await tx.users.query(page, visible_to_teams=caller.user.teams)
+
+        return await self._store.read(work)
 
     async def delete(self, user_ids: list[str]) -> list[str]:
         problems = ViolationCollector()
@@ -212,6 +242,7 @@ class UserService:
         problems.raise_if_any()
 
         async def work(tx: Transaction) -> list[str]:
+            require_admin(await load_caller(tx), "DeleteUsers")
             existing = await tx.users.existing_ids(user_ids)
             missing = [user_id for user_id in user_ids if user_id not in existing]
             if missing:

@@ -27,6 +27,7 @@ from callplane_server.store.models import (
     UserTeamRow,
 )
 from callplane_server.store.query import CALLS, MEMBERS, USERS, CursorSigner, fetch_page
+from callplane_server.store.visibility import CallReader, calls_with_capability, users_visible_to
 
 
 def _call_record(row: CallRow) -> CallRecord:
@@ -192,10 +193,15 @@ class UserRepository:
         await self._session.execute(delete(UserRow).where(UserRow.id.in_(user_ids)))
         return cids
 
-    async def query(self, page: PageRequest) -> Page[UserRecord]:
-        rows, next_cursor, prev_cursor = await fetch_page(
-            self._session, select(UserRow), USERS, page, self._signer
-        )
+    async def query(
+        self, page: PageRequest, *, visible_to_teams: Sequence[str] | None = None
+    ) -> Page[UserRecord]:
+        """`visible_to_teams` (a user token's teams) keeps only users sharing one of them (with no teams:
+        only users without a team); None shows everyone."""
+        base = select(UserRow)
+        if visible_to_teams is not None:
+            base = base.where(users_visible_to(visible_to_teams))
+        rows, next_cursor, prev_cursor = await fetch_page(self._session, base, USERS, page, self._signer)
         teams = await self._teams_of([row.id for row in rows])
         return Page([self._record(row, teams.get(row.id, [])) for row in rows], next_cursor, prev_cursor)
 
@@ -239,8 +245,11 @@ class CallRepository:
             count = select(func.count()).where(CallMemberRow.call_cid == cid).scalar_subquery()
             await self._session.execute(update(CallRow).where(CallRow.cid == cid).values(member_count=count))
 
-    async def query(self, page: PageRequest) -> Page[CallRecord]:
+    async def query(self, page: PageRequest, *, reader: CallReader | None = None) -> Page[CallRecord]:
+        """Live calls; with `reader` (a user token) only those it may read (read-call)."""
         base = select(CallRow).where(CallRow.deleted_at.is_(None))
+        if reader is not None:
+            base = base.where(calls_with_capability(reader, "read-call"))
         rows, next_cursor, prev_cursor = await fetch_page(self._session, base, CALLS, page, self._signer)
         return Page([_call_record(row) for row in rows], next_cursor, prev_cursor)
 

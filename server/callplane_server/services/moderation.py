@@ -1,0 +1,228 @@
+"""Per-call permissions and moderation: UpdateUserPermissions, RequestPermission, BlockUser, UnblockUser,
+KickUser.
+
+Per-user overrides are kept as (granted, revoked) per user and call (tx.permissions) and applied on top
+of the call type's role grants by services/authz.py. Blocking adds the user to the call's
+`blocked_user_ids` (authz then gives them nothing in the call, so they cannot join) and removes their
+live participants; kicking removes them (and blocks with `block`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from callplane.v1 import event_pb2
+from callplane_server.auth.tokens import Principal
+from callplane_server.domain.capabilities import KNOWN_CAPABILITIES
+from callplane_server.domain.records import CallRecord
+from callplane_server.domain.validation import USER_ID, check_call_key, check_pattern
+from callplane_server.errors import NotFound, ViolationCollector
+from callplane_server.messages import event
+from callplane_server.services.authz import Caller, call_capabilities, load_caller, require
+from callplane_server.services.calls import call_not_found
+from callplane_server.services.clock import Clock
+from callplane_server.services.sessions import SessionService
+from callplane_server.store import Store, Transaction
+
+# call.session_participant_left reasons for moderation.
+KICKED = "kicked"
+BLOCKED = "blocked"
+
+#: Capabilities one request may name at most (there are only ~20).
+MAX_PERMISSIONS = 50
+
+
+def _check_capabilities(values: Sequence[str], name: str, problems: ViolationCollector) -> None:
+    if len(values) > MAX_PERMISSIONS:
+        problems.add(name, f"at most {MAX_PERMISSIONS} capabilities, got {len(values)}")
+        return
+    for index, value in enumerate(values):
+        if value not in KNOWN_CAPABILITIES:
+            problems.add(f"{name}[{index}]", f"{value!r} is not a known capability")
+
+
+async def user_capabilities(tx: Transaction, call: CallRecord, user_id: str) -> frozenset[str]:
+    """What one user (acting with an unscoped user token) may do in the call."""
+    user = (await tx.users.get_many([user_id])).get(user_id)
+    if user is None:
+        return frozenset()
+    return await call_capabilities(tx, Caller(Principal(user_id=user_id), user), call)
+
+
+class ModerationService:
+    def __init__(self, store: Store, clock: Clock, sessions: SessionService) -> None:
+        self._store = store
+        self._clock = clock
+        self._sessions = sessions
+
+    @staticmethod
+    def _key(call_type: str, call_id: str, user_id: str | None = None) -> ViolationCollector:
+        problems = ViolationCollector()
+        check_call_key(call_type, call_id, problems)
+        if user_id is not None:
+            check_pattern(user_id, USER_ID, "user_id", "user id", problems)
+        return problems
+
+    @staticmethod
+    async def _call(tx: Transaction, cid: str) -> CallRecord:
+        call = await tx.calls.get(cid, for_update=True)
+        if call is None or call.deleted_at is not None:
+            raise call_not_found(cid)
+        return call
+
+    @staticmethod
+    async def _existing_user(tx: Transaction, user_id: str) -> None:
+        if not await tx.users.existing_ids([user_id]):
+            raise NotFound(
+                f"user {user_id!r} does not exist", reason="USER_NOT_FOUND", metadata={"user_id": user_id}
+            )
+
+    # -- permissions -------------------------------------------------------------------------------
+
+    async def update_user_permissions(
+        self, call_type: str, call_id: str, user_id: str, grant: Sequence[str], revoke: Sequence[str]
+    ) -> list[str]:
+        problems = self._key(call_type, call_id, user_id)
+        _check_capabilities(grant, "grant_permissions", problems)
+        _check_capabilities(revoke, "revoke_permissions", problems)
+        both = sorted(set(grant) & set(revoke))
+        if both:
+            problems.add("revoke_permissions", f"both granted and revoked: {', '.join(both)}")
+        problems.raise_if_any()
+        cid = f"{call_type}:{call_id}"
+
+        async def work(tx: Transaction) -> list[str]:
+            call = await self._call(tx, cid)
+            caller = await load_caller(tx)
+            await require(tx, caller, call, "update-call-permissions")
+            await self._existing_user(tx, user_id)
+            old_granted, old_revoked = await tx.permissions.get(cid, user_id)
+            granted = sorted((set(old_granted) | set(grant)) - set(revoke))
+            revoked = sorted((set(old_revoked) | set(revoke)) - set(grant))
+            await tx.permissions.save(cid, user_id, granted, revoked)
+            capabilities = sorted(await user_capabilities(tx, call, user_id))
+            payload = event_pb2.PermissionsUpdatedEvent(user_id=user_id, own_capabilities=capabilities)
+            await tx.events.emit(
+                cid,
+                event("call.permissions_updated", call_permissions_updated=payload),
+                self._clock(),
+                recipients=[user_id],
+            )
+            return capabilities
+
+        return await self._store.write(work)
+
+    async def request_permission(self, call_type: str, call_id: str, permissions: Sequence[str]) -> None:
+        problems = self._key(call_type, call_id)
+        _check_capabilities(permissions, "permissions", problems)
+        if not permissions:
+            problems.add("permissions", "name at least one capability")
+        problems.raise_if_any()
+        cid = f"{call_type}:{call_id}"
+        wanted = list(dict.fromkeys(permissions))
+
+        async def work(tx: Transaction) -> None:
+            call = await self._call(tx, cid)
+            caller = await load_caller(tx)
+            await require(tx, caller, call, "read-call")
+            if caller.is_server:
+                return  # a server token has every capability and asks on nobody's behalf
+            candidates = list(dict.fromkeys(await tx.rings.member_ids(cid)))
+            if call.current_session_id:
+                live = await tx.sessions.live_participants(call.current_session_id)
+                candidates.extend(p.user_id for p in live if p.user_id not in candidates)
+            recipients = [
+                candidate
+                for candidate in candidates
+                if candidate != caller.user_id
+                and "update-call-permissions" in await user_capabilities(tx, call, candidate)
+            ]
+            payload = event_pb2.PermissionRequestEvent(user_id=caller.user_id or "", permissions=wanted)
+            await tx.events.emit(
+                cid,
+                event("call.permission_request", call_permission_request=payload),
+                self._clock(),
+                recipients=recipients,
+            )
+
+        await self._store.write(work)
+
+    # -- moderation --------------------------------------------------------------------------------
+
+    async def _remove_live(
+        self, tx: Transaction, call: CallRecord, user_id: str, reason: str, now: datetime
+    ) -> None:
+        if not call.current_session_id:
+            return
+        for participant in await tx.sessions.live_participants(call.current_session_id):
+            if participant.user_id == user_id:
+                await self._sessions.remove_participant(tx, call, participant, reason, now)
+
+    async def _set_blocked(self, tx: Transaction, call: CallRecord, user_id: str, now: datetime) -> bool:
+        """Adds the user to the call's blocked list; False when already there."""
+        if user_id in call.blocked_user_ids:
+            return False
+        call.blocked_user_ids = [*call.blocked_user_ids, user_id]
+        call.version += 1
+        call.updated_at = now
+        await tx.calls.save(call)
+        return True
+
+    async def _emit(
+        self, tx: Transaction, cid: str, type_name: str, field: str, user_id: str, by: Caller, now: datetime
+    ) -> None:
+        payload = event_pb2.ModerationEvent(user_id=user_id, by_user_id=by.user_id or "")
+        await tx.events.emit(cid, event(type_name, **{field: payload}), now, recipients=[user_id])
+
+    async def block_user(self, call_type: str, call_id: str, user_id: str) -> None:
+        self._key(call_type, call_id, user_id).raise_if_any()
+        cid = f"{call_type}:{call_id}"
+
+        async def work(tx: Transaction) -> None:
+            call = await self._call(tx, cid)
+            caller = await load_caller(tx)
+            await require(tx, caller, call, "block-users")
+            await self._existing_user(tx, user_id)
+            now = self._clock()
+            if await self._set_blocked(tx, call, user_id, now):
+                await self._remove_live(tx, call, user_id, BLOCKED, now)
+                await self._emit(tx, cid, "call.blocked_user", "call_blocked_user", user_id, caller, now)
+
+        await self._store.write(work)
+
+    async def unblock_user(self, call_type: str, call_id: str, user_id: str) -> None:
+        self._key(call_type, call_id, user_id).raise_if_any()
+        cid = f"{call_type}:{call_id}"
+
+        async def work(tx: Transaction) -> None:
+            call = await self._call(tx, cid)
+            caller = await load_caller(tx)
+            await require(tx, caller, call, "block-users")
+            if user_id not in call.blocked_user_ids:
+                return  # unblocking is idempotent
+            now = self._clock()
+            call.blocked_user_ids = [u for u in call.blocked_user_ids if u != user_id]
+            call.version += 1
+            call.updated_at = now
+            await tx.calls.save(call)
+            await self._emit(tx, cid, "call.unblocked_user", "call_unblocked_user", user_id, caller, now)
+
+        await self._store.write(work)
+
+    async def kick_user(self, call_type: str, call_id: str, user_id: str, *, block: bool) -> None:
+        self._key(call_type, call_id, user_id).raise_if_any()
+        cid = f"{call_type}:{call_id}"
+
+        async def work(tx: Transaction) -> None:
+            call = await self._call(tx, cid)
+            caller = await load_caller(tx)
+            await require(tx, caller, call, "kick-user", *(["block-users"] if block else []))
+            await self._existing_user(tx, user_id)
+            now = self._clock()
+            newly_blocked = block and await self._set_blocked(tx, call, user_id, now)
+            await self._remove_live(tx, call, user_id, KICKED, now)
+            await self._emit(tx, cid, "call.kicked_user", "call_kicked_user", user_id, caller, now)
+            if newly_blocked:
+                await self._emit(tx, cid, "call.blocked_user", "call_blocked_user", user_id, caller, now)
+
+        await self._store.write(work)
