@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,7 +28,7 @@ from callplane.v1 import (
 )
 from callplane_server.domain.capabilities import CAPABILITIES
 from tests.errors import expect_error
-from tests.support import RunningServer, channel, user_token
+from tests.support import RunningServer, channel, running_server, user_token
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 ALL = list(CAPABILITIES)
@@ -555,10 +556,10 @@ async def test_query_calls_returns_only_readable_calls(server: RunningServer, ad
             )
             seen += [c.call.id for c in page.calls]
         assert sorted(seen) == sorted(expected_alice)
-    # A global admin reads every call of its teams (and without a team), whatever the grants.
+    # A global admin reads every call, across teams, whatever the grants.
     async with acting_as(server, boss) as user:
         result = await user.calls.QueryCalls(request)
-        assert {c.call.id for c in result.calls} == all_calls - blue_calls
+        assert {c.call.id for c in result.calls} == all_calls
         for state in result.calls:
             assert list(state.own_capabilities) == ALL
     # A server token sees everything, with every capability.
@@ -624,13 +625,38 @@ async def test_members_only_recipe(server: RunningServer, admin: Stubs, unique) 
         return session_service_pb2.JoinCallRequest(**key(call_type, call_id), user_id=user_id)
 
     async with acting_as(server, stranger) as user:
-        try:
-            await user.sessions.JoinCall(join(stranger))
-        except grpc.aio.AioRpcError:
-            pass
-        else:
-            pytest.skip("JoinCall does not enforce join-call yet (SessionService authorization pending)")
         await expect_missing(user.sessions.JoinCall(join(stranger)), "join-call")
     async with acting_as(server, member) as user:
         joined = await user.sessions.JoinCall(join(member))
         assert joined.participant.user_id == member
+
+
+async def test_members_only_recipe_on_the_default_type(backend: str, tmp_path: Path) -> None:
+    """Acceptance 2, literally: update the built-in `default` type's grants as the recipe says (take
+    join-call from `user`, keep it on `call_member`), on a database of this test's own."""
+    async with running_server(backend, tmp_path) as running:
+        admin_stubs = stubs_for(running.channel)
+        current = (
+            await admin_stubs.call_types.GetCallType(call_type_service_pb2.GetCallTypeRequest(name="default"))
+        ).call_type.grants
+        user_caps = [c for c in current["user"].capabilities if c != "join-call"]
+        assert "join-call" in current["call_member"].capabilities
+        await admin_stubs.call_types.UpdateCallType(
+            call_type_service_pb2.UpdateCallTypeRequest(name="default", grants=grants(user=user_caps))
+        )
+        await admin_stubs.users.UpsertUsers(
+            user_pb2.UpsertUsersRequest(users=[user_pb2.UserRequest(id="m"), user_pb2.UserRequest(id="s")])
+        )
+        await make_call(admin_stubs, "default", "standup", members={"m": "user"})
+        request = {"type": "default", "id": "standup"}
+        async with acting_as(running, "s") as stranger:
+            await expect_missing(
+                stranger.sessions.JoinCall(session_service_pb2.JoinCallRequest(**request, user_id="s")),
+                "join-call",
+            )
+        async with acting_as(running, "m") as member:
+            joined = await member.sessions.JoinCall(
+                session_service_pb2.JoinCallRequest(**request, user_id="m")
+            )
+            assert joined.participant.user_id == "m"
+            assert "join-call" in joined.own_capabilities

@@ -3,8 +3,8 @@
 A call's capabilities for a user are the union of the call type's grants for the user's global role,
 for `call_member` and the member's call role when the user is a member, plus per-user grants minus
 per-user revocations (UpdateUserPermissions). The global role `admin` has every capability. A user gets
-none in a call of a team they are not in, in a call outside their token's `call_cids`, or in a call that
-blocked them. A server token may do everything.
+none in a call of a team they are not in (unless they are a global admin), in a call outside their
+token's `call_cids`, or in a call that blocked them. A server token may do everything.
 
 RPC_RULES below is the one table of which capability each RPC checks (the README shows it)."""
 
@@ -120,7 +120,9 @@ async def _explain(tx: Transaction, caller: Caller, call: CallRecord) -> tuple[f
     scope = caller.principal.call_cids
     if scope is not None and call.cid not in scope:
         return frozenset(), "CALL_NOT_IN_TOKEN_SCOPE"
-    if call.team and call.team not in user.teams:
+    # The global admin role is the operator's: it reaches across teams, as QueryUsers and
+    # SubscribeEvents already let it.
+    if call.team and call.team not in user.teams and user.role != "admin":
         return frozenset(), "TEAM_MISMATCH"
     if user.id in call.blocked_user_ids:
         return frozenset(), "USER_BLOCKED"

@@ -37,9 +37,10 @@ def calls_with_capability(reader: CallReader, capability: str) -> ColumnElement[
     if reader.call_cids is not None:
         conditions.append(CallRow.cid.in_(sorted(reader.call_cids)) if reader.call_cids else false())
     teams = sorted(set(reader.teams))
-    conditions.append(
-        or_(CallRow.team.is_(None), CallRow.team.in_(teams)) if teams else CallRow.team.is_(None)
-    )
+    if reader.role != "admin":  # a global admin operates across teams
+        conditions.append(
+            or_(CallRow.team.is_(None), CallRow.team.in_(teams)) if teams else CallRow.team.is_(None)
+        )
     conditions.append(~_contains(CallRow.blocked_user_ids, reader.user_id))
 
     if reader.role == "admin":
