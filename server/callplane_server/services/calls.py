@@ -34,7 +34,7 @@ from callplane_server.errors import (
 from callplane_server.messages import call_message, event, member_message
 from callplane_server.services.authz import (
     Caller,
-    call_capabilities,
+    capabilities_for_calls,
     load_caller,
     require,
     require_admin,
@@ -481,6 +481,9 @@ class CallService:
             calls = await tx.calls.query(page, reader=reader)
             cids = [call.cid for call in calls.items]
             members = await tx.members.first(cids, limit)
+            capabilities = await capabilities_for_calls(
+                tx, caller, calls.items, {name: record.grants for name, record in types.items()}
+            )
             views = [
                 CallView(
                     call,
@@ -488,7 +491,7 @@ class CallService:
                         types[call.type].settings if call.type in types else {}, call.settings_override
                     ),
                     members[call.cid],
-                    own_capabilities=ordered_capabilities(await call_capabilities(tx, caller, call)),
+                    own_capabilities=ordered_capabilities(capabilities[call.cid]),
                 )
                 for call in calls.items
             ]

@@ -17,6 +17,17 @@ class PermissionRepository:
         row = await self._session.get(PermissionOverrideRow, (call_cid, user_id))
         return (list(row.granted), list(row.revoked)) if row else ([], [])
 
+    async def for_user(self, user_id: str, call_cids: list[str]) -> dict[str, tuple[list[str], list[str]]]:
+        """cid → (granted, revoked) for the user, over many calls at once."""
+        if not call_cids:
+            return {}
+        rows = await self._session.scalars(
+            select(PermissionOverrideRow).where(
+                PermissionOverrideRow.user_id == user_id, PermissionOverrideRow.call_cid.in_(call_cids)
+            )
+        )
+        return {row.call_cid: (list(row.granted), list(row.revoked)) for row in rows}
+
     async def save(self, call_cid: str, user_id: str, granted: list[str], revoked: list[str]) -> None:
         row = await self._session.get(PermissionOverrideRow, (call_cid, user_id))
         if row is None:

@@ -334,6 +334,17 @@ class MemberRepository:
             grouped[record.call_cid].append(record)
         return grouped
 
+    async def roles_of(self, user_id: str, cids: Sequence[str]) -> dict[str, str]:
+        """cid → the user's member role, for the calls among `cids` the user is a member of."""
+        if not cids:
+            return {}
+        rows = await self._session.execute(
+            select(CallMemberRow.call_cid, CallMemberRow.role).where(
+                CallMemberRow.user_id == user_id, CallMemberRow.call_cid.in_(cids)
+            )
+        )
+        return {cid: role for cid, role in rows}
+
     async def upsert(self, records: Sequence[MemberRecord]) -> None:
         if not records:
             return
