@@ -30,14 +30,13 @@ from callplane_server.domain.validation import (
 from callplane_server.errors import (
     Aborted,
     FailedPrecondition,
-    InvalidArgument,
     NotFound,
     PermissionDenied,
     ViolationCollector,
 )
 from callplane_server.messages import dict_to_struct, event, participant_message, pin_messages
 from callplane_server.services.authz import Caller, load_caller, require, require_self
-from callplane_server.services.calls import call_not_found
+from callplane_server.services.call_lookup import live_call, unknown_users
 from callplane_server.services.clock import Clock
 from callplane_server.services.limits import Limits
 from callplane_server.store import Store, Transaction
@@ -150,13 +149,6 @@ class CallDataService:
     # -- helpers -----------------------------------------------------------------------------------
 
     @staticmethod
-    async def _locked_call(tx: Transaction, cid: str) -> CallRecord:
-        call = await tx.calls.get(cid, for_update=True)
-        if call is None or call.deleted_at is not None:
-            raise call_not_found(cid)
-        return call
-
-    @staticmethod
     async def _running_session(tx: Transaction, call: CallRecord) -> SessionRecord | None:
         if not call.current_session_id:
             return None
@@ -219,7 +211,7 @@ class CallDataService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> ParticipantCustomResult:
-            call = await self._locked_call(tx, cid)
+            call = await live_call(tx, cid, for_update=True)
             await require(tx, await load_caller(tx), call)
             session = await self._running_session(tx, call)
             if session is None:
@@ -275,7 +267,7 @@ class CallDataService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> SessionCustomResult:
-            call = await self._locked_call(tx, cid)
+            call = await live_call(tx, cid, for_update=True)
             await require(tx, await load_caller(tx), call)
             session = await self._running_session(tx, call)
             if session is None:
@@ -344,7 +336,7 @@ class CallDataService:
 
         async def work(tx: Transaction) -> SentEvent:
             # The call lock serializes retries of one request_id; the key's primary key is the backstop.
-            call = await self._locked_call(tx, cid)
+            call = await live_call(tx, cid, for_update=True)
             await require(tx, await load_caller(tx), call, "create-reaction")
             if request_id:
                 first = await tx.idempotency.get(cid, request_id)
@@ -362,16 +354,7 @@ class CallDataService:
                 if value not in existing
             }
             if unknown:
-                violations = ViolationCollector()
-                for path, value in unknown.items():
-                    violations.add(path, f"user {value!r} does not exist")
-                ids = ",".join(dict.fromkeys(unknown.values()))
-                raise InvalidArgument(
-                    f"unknown user(s): {ids.replace(',', ', ')}",
-                    reason="UNKNOWN_USERS",
-                    metadata={"user_ids": ids},
-                    field_violations=violations.violations,
-                )
+                raise unknown_users(unknown)
             recipients = list(user_ids)
             if roles:
                 session = await self._running_session(tx, call)
@@ -413,7 +396,7 @@ class CallDataService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> list[dict[str, Any]]:
-            call = await self._locked_call(tx, cid)
+            call = await live_call(tx, cid, for_update=True)
             await require(tx, await load_caller(tx), call, "pin-for-everyone")
             session = await self._running_session(tx, call)
             participant = await self._live_participant(tx, call, session, participant_session_id)
@@ -450,7 +433,7 @@ class CallDataService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> list[dict[str, Any]]:
-            call = await self._locked_call(tx, cid)
+            call = await live_call(tx, cid, for_update=True)
             await require(tx, await load_caller(tx), call, "pin-for-everyone")
             kept = [
                 pin

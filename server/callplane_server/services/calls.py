@@ -26,8 +26,6 @@ from callplane_server.domain.validation import (
 from callplane_server.errors import (
     Aborted,
     FailedPrecondition,
-    InvalidArgument,
-    NotFound,
     PermissionDenied,
     ViolationCollector,
 )
@@ -40,6 +38,7 @@ from callplane_server.services.authz import (
     require_admin,
     require_self,
 )
+from callplane_server.services.call_lookup import call_not_found, live_call, unknown_users
 from callplane_server.services.call_types import call_type_not_found
 from callplane_server.services.clock import Clock
 from callplane_server.services.limits import Limits
@@ -73,24 +72,6 @@ class CallUpdate:
 class MembersChange:
     members: list[MemberRecord]
     removed_user_ids: list[str]
-
-
-def call_not_found(cid: str) -> NotFound:
-    return NotFound(f"call {cid!r} does not exist", reason="CALL_NOT_FOUND", metadata={"cid": cid})
-
-
-def _unknown_users(unknown: dict[str, str]) -> InvalidArgument:
-    """`unknown` maps request field path → user id."""
-    problems = ViolationCollector()
-    for path, user_id in unknown.items():
-        problems.add(path, f"user {user_id!r} does not exist")
-    ids = ",".join(dict.fromkeys(unknown.values()))
-    return InvalidArgument(
-        f"unknown user(s): {ids.replace(',', ', ')}",
-        reason="UNKNOWN_USERS",
-        metadata={"user_ids": ids},
-        field_violations=problems.violations,
-    )
 
 
 def ordered_capabilities(capabilities: frozenset[str] | set[str]) -> list[str]:
@@ -138,13 +119,6 @@ class CallService:
             ordered_capabilities(own),
         )
 
-    @staticmethod
-    async def _live_call(tx: Transaction, cid: str, *, for_update: bool = False) -> CallRecord:
-        call = await tx.calls.get(cid, for_update=for_update)
-        if call is None or call.deleted_at is not None:
-            raise call_not_found(cid)
-        return call
-
     def _check_members(self, members: list[MemberInput], prefix: str, problems: ViolationCollector) -> None:
         if len(members) > MAX_BATCH:
             problems.add(prefix, f"at most {MAX_BATCH} members per request, got {len(members)}")
@@ -167,7 +141,7 @@ class CallService:
         existing = await tx.users.existing_ids(wanted.values())
         unknown = {path: user_id for path, user_id in wanted.items() if user_id not in existing}
         if unknown:
-            raise _unknown_users(unknown)
+            raise unknown_users(unknown)
 
     async def _upsert_members(
         self, tx: Transaction, cid: str, members: list[MemberInput], now: datetime
@@ -297,7 +271,7 @@ class CallService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> CallView:
-            call = await self._live_call(tx, cid)
+            call = await live_call(tx, cid)
             have = await require(tx, await load_caller(tx), call, "read-call")
             return await self._view(tx, call, limit, own=have)
 
@@ -334,7 +308,7 @@ class CallService:
                 needed.append("change-max-duration")
 
         async def work(tx: Transaction) -> CallView:
-            call = await self._live_call(tx, cid, for_update=True)
+            call = await live_call(tx, cid, for_update=True)
             await require(tx, await load_caller(tx), call, *needed)
             if change.etag and change.etag != call.etag:
                 raise Aborted(
@@ -397,7 +371,7 @@ class CallService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> CallView:
-            call = await self._live_call(tx, cid, for_update=True)
+            call = await live_call(tx, cid, for_update=True)
             await require(tx, await load_caller(tx), call, "end-call")
             if call.ended_at is not None:
                 raise FailedPrecondition(
@@ -524,7 +498,7 @@ class CallService:
         ]
 
         async def work(tx: Transaction) -> MembersChange:
-            call = await self._live_call(tx, cid, for_update=True)
+            call = await live_call(tx, cid, for_update=True)
             await require(tx, await load_caller(tx), call, *needed)
             await self._require_users(
                 tx, {f"update_members[{i}].user_id": m.user_id for i, m in enumerate(update_members)}
@@ -559,7 +533,7 @@ class CallService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> Page[MemberRecord]:
-            call = await self._live_call(tx, cid)
+            call = await live_call(tx, cid)
             await require(tx, await load_caller(tx), call, "read-call")
             return await tx.members.query(cid, page)
 

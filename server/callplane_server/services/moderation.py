@@ -19,7 +19,7 @@ from callplane_server.domain.validation import USER_ID, check_call_key, check_pa
 from callplane_server.errors import NotFound, ViolationCollector
 from callplane_server.messages import event
 from callplane_server.services.authz import Caller, call_capabilities, load_caller, require
-from callplane_server.services.calls import call_not_found
+from callplane_server.services.call_lookup import live_call
 from callplane_server.services.clock import Clock
 from callplane_server.services.sessions import SessionService
 from callplane_server.store import Store, Transaction
@@ -64,13 +64,6 @@ class ModerationService:
         return problems
 
     @staticmethod
-    async def _call(tx: Transaction, cid: str) -> CallRecord:
-        call = await tx.calls.get(cid, for_update=True)
-        if call is None or call.deleted_at is not None:
-            raise call_not_found(cid)
-        return call
-
-    @staticmethod
     async def _existing_user(tx: Transaction, user_id: str) -> None:
         if not await tx.users.existing_ids([user_id]):
             raise NotFound(
@@ -92,7 +85,7 @@ class ModerationService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> list[str]:
-            call = await self._call(tx, cid)
+            call = await live_call(tx, cid, for_update=True)
             caller = await load_caller(tx)
             await require(tx, caller, call, "update-call-permissions")
             await self._existing_user(tx, user_id)
@@ -122,7 +115,7 @@ class ModerationService:
         wanted = list(dict.fromkeys(permissions))
 
         async def work(tx: Transaction) -> None:
-            call = await self._call(tx, cid)
+            call = await live_call(tx, cid, for_update=True)
             caller = await load_caller(tx)
             await require(tx, caller, call, "read-call")
             if caller.is_server:
@@ -179,7 +172,7 @@ class ModerationService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> None:
-            call = await self._call(tx, cid)
+            call = await live_call(tx, cid, for_update=True)
             caller = await load_caller(tx)
             await require(tx, caller, call, "block-users")
             await self._existing_user(tx, user_id)
@@ -195,7 +188,7 @@ class ModerationService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> None:
-            call = await self._call(tx, cid)
+            call = await live_call(tx, cid, for_update=True)
             caller = await load_caller(tx)
             await require(tx, caller, call, "block-users")
             if user_id not in call.blocked_user_ids:
@@ -214,7 +207,7 @@ class ModerationService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> None:
-            call = await self._call(tx, cid)
+            call = await live_call(tx, cid, for_update=True)
             caller = await load_caller(tx)
             await require(tx, caller, call, "kick-user", *(["block-users"] if block else []))
             await self._existing_user(tx, user_id)

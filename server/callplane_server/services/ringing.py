@@ -23,6 +23,7 @@ from callplane_server.domain.validation import USER_ID, check_call_key, check_pa
 from callplane_server.errors import FailedPrecondition, InvalidArgument, NotFound, ViolationCollector
 from callplane_server.messages import call_message, event
 from callplane_server.services.authz import Caller, load_caller, require, require_self
+from callplane_server.services.call_lookup import live_call
 from callplane_server.services.clock import Clock
 from callplane_server.services.timers import TimerRunner
 from callplane_server.store import Store, Transaction
@@ -63,10 +64,6 @@ class RingResult:
 
 
 # -- helpers shared with CallService.get_or_create ----------------------------------------------------
-
-
-def _call_not_found(cid: str) -> NotFound:
-    return NotFound(f"call {cid!r} does not exist", reason="CALL_NOT_FOUND", metadata={"cid": cid})
 
 
 def _timeout(settings: dict[str, Any], name: str) -> timedelta:
@@ -325,9 +322,7 @@ class RingingService:
 
     @staticmethod
     async def _ringable_call(tx: Transaction, cid: str) -> CallRecord:
-        call = await tx.calls.get(cid, for_update=True)
-        if call is None or call.deleted_at is not None:
-            raise _call_not_found(cid)
+        call = await live_call(tx, cid, for_update=True)
         if call.ended_at is not None:
             raise FailedPrecondition(f"call {cid!r} has ended", reason="CALL_ENDED", metadata={"cid": cid})
         return call

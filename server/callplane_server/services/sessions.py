@@ -53,7 +53,8 @@ from callplane_server.services.authz import (
     require,
     require_self,
 )
-from callplane_server.services.calls import CallData, CallService, call_not_found
+from callplane_server.services.call_lookup import live_call
+from callplane_server.services.calls import CallData, CallService
 from callplane_server.services.clock import Clock
 from callplane_server.services.limits import Limits
 from callplane_server.services.session_rules import (
@@ -168,13 +169,6 @@ def _participant_left(cid: str, participant: ParticipantRecord) -> FailedPrecond
 
 def _call_ended(cid: str) -> FailedPrecondition:
     return FailedPrecondition(f"call {cid!r} has ended", reason="CALL_ENDED", metadata={"cid": cid})
-
-
-async def _live_call(tx: Transaction, cid: str, *, for_update: bool = False) -> CallRecord:
-    call = await tx.calls.get(cid, for_update=for_update)
-    if call is None or call.deleted_at is not None:
-        raise call_not_found(cid)
-    return call
 
 
 async def _view(tx: Transaction, call: CallRecord, members_limit: int = 0) -> CallView:
@@ -308,7 +302,7 @@ class SessionService:
         psid = participant_session_id or uuid.uuid4().hex
 
         async def work(tx: Transaction) -> JoinResult:
-            call = await _live_call(tx, cid, for_update=True)
+            call = await live_call(tx, cid, for_update=True)
             caller = await load_caller(tx)
             require_self(caller, user_id)
             capabilities = await joining_capabilities(tx, caller, call, user_id)
@@ -434,7 +428,7 @@ class SessionService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> None:
-            call = await _live_call(tx, cid, for_update=True)
+            call = await live_call(tx, cid, for_update=True)
             try:
                 participant = await self._current_participant(tx, call, participant_session_id)
             except FailedPrecondition:
@@ -455,7 +449,7 @@ class SessionService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> ParticipantRecord:
-            call = await _live_call(tx, cid, for_update=True)
+            call = await live_call(tx, cid, for_update=True)
             participant = await self._current_participant(tx, call, participant_session_id)
             if authorize:
                 require_own_participant(await load_caller(tx), participant)
@@ -481,7 +475,7 @@ class SessionService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> tuple[ParticipantRecord, datetime]:
-            call = await _live_call(tx, cid, for_update=True)
+            call = await live_call(tx, cid, for_update=True)
             participant = await self._current_participant(tx, call, participant_session_id)
             caller = await load_caller(tx)
             require_own_participant(caller, participant)
@@ -511,7 +505,7 @@ class SessionService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> ParticipantsPage:
-            call = await _live_call(tx, cid)
+            call = await live_call(tx, cid)
             await require(tx, await load_caller(tx), call, "read-call")
             now = self._clock()
             session_id = call.current_session_id or ""
@@ -532,7 +526,7 @@ class SessionService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> SessionsPage:
-            call = await _live_call(tx, cid)
+            call = await live_call(tx, cid)
             await require(tx, await load_caller(tx), call, "read-call")
             found = await tx.sessions.query_sessions(cid, page, self._store.signer)
             people = await tx.sessions.participants([s.id for s in found.items])
@@ -555,7 +549,7 @@ class SessionService:
         cid = f"{call_type}:{call_id}"
 
         async def work(tx: Transaction) -> CallView:
-            call = await _live_call(tx, cid, for_update=True)
+            call = await live_call(tx, cid, for_update=True)
             await require(tx, await load_caller(tx), call, "update-call")
             if call.ended_at is not None:
                 raise _call_ended(cid)

@@ -25,6 +25,7 @@ from callplane_server.errors import (
 )
 from callplane_server.events.hub import CLOSED, OVERFLOW, EventHub, Recipients, Subscription
 from callplane_server.services.authz import Caller, load_caller, require, require_admin, require_self
+from callplane_server.services.call_lookup import call_not_found, live_call
 from callplane_server.services.clock import Clock
 from callplane_server.store import Store, Transaction
 from callplane_server.store.events import StoredEvent
@@ -164,22 +165,17 @@ class EventStreamService:
     async def _require_readable(tx: Transaction, cids: Sequence[str]) -> None:
         caller = await load_caller(tx)
         for cid in cids:
-            call = await tx.calls.get(cid)
-            if call is None or call.deleted_at is not None:
-                raise NotFound(f"call {cid!r} does not exist", reason="CALL_NOT_FOUND", metadata={"cid": cid})
-            await require(tx, caller, call, "read-call")
+            await require(tx, caller, await live_call(tx, cid), "read-call")
 
     async def _call_resume_point(self, tx: Transaction, cid: str, after_seq: int | None) -> int:
         bounds = await tx.events.call_seq_bounds(cid)
         if bounds is None:
-            raise NotFound(f"call {cid!r} does not exist", reason="CALL_NOT_FOUND", metadata={"cid": cid})
+            raise call_not_found(cid)
         earliest, last = bounds
         return _check_resume(after_seq, earliest, last, "after_seq", {"cid": cid})
 
     async def _snapshot(self, tx: Transaction, cid: str) -> Snapshot:
-        call = await tx.calls.get(cid, for_share=True)
-        if call is None or call.deleted_at is not None:
-            raise NotFound(f"call {cid!r} does not exist", reason="CALL_NOT_FOUND", metadata={"cid": cid})
+        call = await live_call(tx, cid, for_share=True)
         call_type = await tx.call_types.get(call.type)
         members = (await tx.members.first([cid], SNAPSHOT_MEMBERS))[cid]
         view = CallView(
