@@ -31,9 +31,11 @@ from callplane.v1 import (
     user_pb2,
     user_pb2_grpc,
 )
+from callplane_server import runtime
 from callplane_server.api.call_data_servicer import CallDataServicer
 from callplane_server.api.errors import Authenticator, ErrorAndLoggingInterceptor
 from callplane_server.api.event_servicer import EventServicer
+from callplane_server.api.metrics import RpcMetrics
 from callplane_server.api.moderation_servicer import ModerationServicer
 from callplane_server.api.ring_servicer import RingServicer
 from callplane_server.api.servicers import CallServicer, CallTypeServicer, UserServicer
@@ -86,6 +88,8 @@ class CallplaneServer:
         self.call_data: CallDataService | None = None
         self.moderation: ModerationService | None = None
         self.api_secret = ""
+        self.metrics = RpcMetrics()
+        self.metrics_port = 0
         self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
@@ -116,7 +120,7 @@ class CallplaneServer:
         self.moderation = ModerationService(self.store, self.clock, self.sessions)
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
         self.api_secret = self.config.api_secret or load_or_create_secret(self.config.data_dir)
-        interceptor = ErrorAndLoggingInterceptor(Authenticator(self.api_secret))
+        interceptor = ErrorAndLoggingInterceptor(Authenticator(self.api_secret), self.metrics)
         server = grpc.aio.server(interceptors=[interceptor], options=[("grpc.so_reuseport", 0)])
         call_type_service_pb2_grpc.add_CallTypeServiceServicer_to_server(
             CallTypeServicer(CallTypeService(self.store, self.clock)), server
@@ -151,12 +155,19 @@ class CallplaneServer:
             raise RuntimeError(f"could not bind {self.config.listen}")
         await server.start()
         self._server = server
+        if self.config.metrics_listen:
+            self.metrics_port = self.metrics.serve(self.config.metrics_listen)
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._background.append(asyncio.create_task(self._compact_periodically(), name="event-compaction"))
         if self.config.run_timers:
             self.timers.start()
-        log.info("callplane serving on port %d (%s)", self.port, self.store.database.dialect)
+        log.info(
+            "callplane serving on port %d (%s, %s)",
+            self.port,
+            self.store.database.dialect,
+            runtime.loop_name(),
+        )
         return self.port
 
     async def compact_events(self) -> int:
@@ -199,6 +210,7 @@ class CallplaneServer:
             await _bounded("grpc server", self._server.stop(drain), drain + STEP_TIMEOUT_SECONDS)
         if self.store is not None:
             await _bounded("store", self.store.close())
+        self.metrics.close()
 
     async def wait(self) -> None:
         if self._server is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from datetime import timedelta
@@ -57,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
             stream=sys.stderr,
         )
         logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+        from callplane_server import runtime
         from callplane_server.app import serve
 
-        asyncio.run(serve(config))
+        runtime.run(serve(config))
     return 0
 
 

@@ -38,6 +38,8 @@ class Config:
     # HS256 secret for bearer tokens. Empty: CALLPLANE_API_SECRET, else a development secret generated
     # once and kept in data_dir/api_secret (replicas sharing a database must share the secret).
     api_secret: str = ""
+    # host:port for Prometheus metrics over HTTP (/metrics); empty: not served.
+    metrics_listen: str = ""
 
     @property
     def resolved_database_url(self) -> str:
@@ -65,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-reflection", action="store_true", help="disable gRPC reflection (CALLPLANE_REFLECTION=0)"
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        help="host:port serving Prometheus /metrics (CALLPLANE_METRICS_LISTEN; default off)",
     )
     parser.add_argument("--shutdown-grace", type=float, help="seconds to drain on SIGTERM (default 10)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (CALLPLANE_LOG_LEVEL; default INFO)")
@@ -123,5 +129,6 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
             env.get("CALLPLANE_EVENT_POLL_INTERVAL_SECONDS") or defaults.event_poll_interval_seconds
         ),
         lease_ttl_seconds=float(env.get("CALLPLANE_LEASE_TTL_SECONDS") or defaults.lease_ttl_seconds),
+        metrics_listen=pick("metrics_listen", "CALLPLANE_METRICS_LISTEN") or "",
         api_secret=_secret(pick("api_secret_file", "CALLPLANE_API_SECRET_FILE"), env),
     )

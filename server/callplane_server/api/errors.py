@@ -15,8 +15,9 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from callplane_server import errors
+from callplane_server.api.metrics import RpcMetrics
 from callplane_server.auth.context import set_principal
-from callplane_server.auth.tokens import parse_bearer, verify_token
+from callplane_server.auth.tokens import TokenVerifier, parse_bearer
 
 log = logging.getLogger("callplane.rpc")
 
@@ -80,22 +81,25 @@ class Authenticator:
     """Turns the `authorization` metadata of an RPC into its principal."""
 
     def __init__(self, secret: str) -> None:
-        self._secret = secret
+        self._tokens = TokenVerifier(secret)
 
     def authenticate(self, method: str, context: grpc.aio.ServicerContext) -> None:
         if method.startswith(_OPEN_PREFIXES):
             return
-        metadata = {key: value for key, value in (context.invocation_metadata() or ())}
-        token = parse_bearer(metadata.get("authorization"))
-        set_principal(verify_token(self._secret, token))
+        authorization = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                authorization = value
+        set_principal(self._tokens.verify(parse_bearer(authorization)))
 
 
 class ErrorAndLoggingInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler: authentication first, domain errors → status with details, unexpected ones
-    → INTERNAL, and a log line with method, status code and duration."""
+    → INTERNAL, and a log line and metrics with method, status code and duration."""
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, metrics: RpcMetrics | None = None) -> None:
         self._authenticator = authenticator
+        self._metrics = metrics or RpcMetrics()
 
     async def intercept_service(
         self,
@@ -108,30 +112,54 @@ class ErrorAndLoggingInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary, self._authenticator),
+                _wrap_unary(method, "unary", handler.unary_unary, self._authenticator, self._metrics),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             behavior = handler.unary_stream
             wrapped = (
-                _wrap_stream(method, behavior, self._authenticator)
+                _wrap_stream(method, behavior, self._authenticator, self._metrics)
                 if inspect.isasyncgenfunction(behavior)
-                else _wrap_unary(method, behavior, self._authenticator)  # handlers using context.write()
+                # Handlers using context.write().
+                else _wrap_unary(method, "server_stream", behavior, self._authenticator, self._metrics)
             )
             return grpc.unary_stream_rpc_method_handler(
                 wrapped,
                 request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=_passing_bytes(handler.response_serializer),
             )
         return handler
 
 
-def _log(method: str, context: grpc.aio.ServicerContext, started: float) -> None:
-    code = context.code() or grpc.StatusCode.OK
-    if isinstance(code, int):  # code() may hand back the raw integer
-        code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
-    log.info("rpc %s %s %.1fms", method, code.name, (time.perf_counter() - started) * 1000)
+def _passing_bytes(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """Stream handlers may yield a message already serialized (one event fanned out to many watchers is
+    serialized once), which goes on the wire as is."""
+    if serializer is None:
+        return None
+
+    def serialize(message: Any) -> bytes:
+        return message if isinstance(message, bytes) else serializer(message)
+
+    return serialize
+
+
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def _finish(
+    method: str, kind: str, context: grpc.aio.ServicerContext, started: float, metrics: RpcMetrics
+) -> None:
+    code = context.code()
+    if code is None:
+        name = "OK"
+    elif isinstance(code, int):  # code() may hand back the raw integer
+        name = _CODE_NAMES.get(code, "UNKNOWN")
+    else:
+        name = code.name
+    seconds = time.perf_counter() - started
+    metrics.handled(method, kind, name, seconds)
+    log.info("rpc %s %s %.1fms", method, name, seconds * 1000)
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
@@ -139,7 +167,11 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> Non
 
 
 def _wrap_unary(
-    method: str, behavior: Callable[..., Awaitable[Any]], authenticator: Authenticator
+    method: str,
+    kind: str,
+    behavior: Callable[..., Awaitable[Any]],
+    authenticator: Authenticator,
+    metrics: RpcMetrics,
 ) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
@@ -151,13 +183,16 @@ def _wrap_unary(
         except Exception as error:
             await _abort(context, error)
         finally:
-            _log(method, context, started)
+            _finish(method, kind, context, started, metrics)
 
     return wrapper
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[..., AsyncIterator[Any]], authenticator: Authenticator
+    method: str,
+    behavior: Callable[..., AsyncIterator[Any]],
+    authenticator: Authenticator,
+    metrics: RpcMetrics,
 ) -> Callable[..., AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         started = time.perf_counter()
@@ -170,6 +205,6 @@ def _wrap_stream(
         except Exception as error:
             await _abort(context, error)
         finally:
-            _log(method, context, started)
+            _finish(method, "server_stream", context, started, metrics)
 
     return wrapper

@@ -5,8 +5,10 @@ A server token (`{"server": true}`) may do everything. A user token (`user_id`, 
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -101,6 +103,38 @@ def verify_token(secret: str, token: str, *, leeway_seconds: float = 5.0) -> Pri
     ):
         raise _unauthenticated("TOKEN_CLAIMS_INVALID", "call_cids must be a list of cids")
     return Principal(user_id=user_id, call_cids=frozenset(call_cids) if call_cids is not None else None)
+
+
+class TokenVerifier:
+    """verify_token with a bounded cache of tokens already accepted: clients send the same token on every
+    RPC, and checking its HMAC and claims each time is most of what a cheap read costs. A cached token
+    is still refused once its `exp` (plus leeway) passes; refusals are never cached."""
+
+    def __init__(self, secret: str, *, leeway_seconds: float = 5.0, capacity: int = 4096) -> None:
+        self._secret = secret
+        self._leeway = leeway_seconds
+        self._capacity = capacity
+        self._accepted: dict[str, tuple[Principal, float]] = {}
+
+    def verify(self, token: str) -> Principal:
+        cached = self._accepted.get(token)
+        if cached is not None:
+            principal, valid_until = cached
+            if time.time() < valid_until:
+                return principal
+            del self._accepted[token]
+        principal = verify_token(self._secret, token, leeway_seconds=self._leeway)
+        if len(self._accepted) >= self._capacity:
+            # Dicts keep insertion order: drop the oldest entry.
+            del self._accepted[next(iter(self._accepted))]
+        self._accepted[token] = (principal, _expires_at(token) + self._leeway)
+        return principal
+
+
+def _expires_at(token: str) -> float:
+    """The token's `exp` (already verified), or infinity for a server token without one."""
+    exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    return float(exp) if isinstance(exp, int | float) else math.inf
 
 
 def load_or_create_secret(data_dir: Path) -> str:

@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): a script, not tests; pytest collects nothing here."""

@@ -1,0 +1,229 @@
+"""Benchmark fixtures: fresh databases, Callplane and the reference server as separate processes,
+seeding through the public API, and reading a server's own RPC counters from /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.request import urlopen
+
+import grpc
+from google.protobuf import struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from callplane.v1 import call_pb2, call_service_pb2, call_service_pb2_grpc, user_pb2, user_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+SECRET = "callplane-bench-secret-" + "0" * 48
+CALL_TYPE = "default"
+REGIONS = ("eu", "us", "ap", "sa")
+TOPICS = ("standup", "support", "sales", "interview", "town-hall")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def server_token() -> str:
+    from callplane_server.auth.tokens import create_token
+
+    return create_token(SECRET)
+
+
+def call_id(index: int) -> str:
+    return f"bench-{index:05d}"
+
+
+def user_id(index: int) -> str:
+    return f"user-{index:04d}"
+
+
+@asynccontextmanager
+async def fresh_database(backend: str, folder: Path, postgres_url: str) -> AsyncIterator[str]:
+    """A new empty database (dropped afterwards on PostgreSQL)."""
+    if backend == "sqlite":
+        yield f"sqlite:///{folder / 'callplane-bench.db'}"
+        return
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    base = make_url(postgres_url)
+    name = f"callplane_bench_{uuid.uuid4().hex[:10]}"
+    dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
+    admin = await asyncpg.connect(dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        admin = await asyncpg.connect(dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@dataclass
+class Process:
+    popen: subprocess.Popen[bytes]
+    target: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+
+@contextlib.contextmanager
+def _process(command: list[str], target: str, log_path: Path, env: dict[str, str]) -> Iterator[Process]:
+    with log_path.open("wb") as log:
+        popen = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        yield Process(popen, target, log_path)
+    finally:
+        if popen.poll() is None:
+            popen.send_signal(signal.SIGTERM)
+            try:
+                popen.wait(20)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait()
+
+
+async def wait_serving(process: Process, within: float = 60.0) -> None:
+    deadline = time.monotonic() + within
+    async with grpc.aio.insecure_channel(process.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process.popen.poll() is not None:
+                raise RuntimeError(
+                    f"server exited; see {process.log_path}:\n{process.log_path.read_text()[-2000:]}"
+                )
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not serving after {within}s; see {process.log_path}")
+            await asyncio.sleep(0.2)
+
+
+@contextlib.contextmanager
+def callplane(database_url: str, folder: Path, metrics_port: int) -> Iterator[Process]:
+    port = free_port()
+    env = {**os.environ, "CALLPLANE_API_SECRET": SECRET}
+    command = [
+        str(VENV_BIN / "callplane"),
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--data-dir",
+        str(folder),
+        "--database-url",
+        database_url,
+        "--metrics-listen",
+        f"127.0.0.1:{metrics_port}",
+    ]
+    with _process(command, f"127.0.0.1:{port}", folder / "callplane.log", env) as process:
+        yield process
+
+
+@contextlib.contextmanager
+def reference(reply: bytes, folder: Path) -> Iterator[Process]:
+    port = free_port()
+    reply_path = folder / "reference-reply.bin"
+    reply_path.write_bytes(reply)
+    command = [
+        sys.executable,
+        "-m",
+        "tests.bench.reference_server",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--reply",
+        str(reply_path),
+    ]
+    with _process(command, f"127.0.0.1:{port}", folder / "reference.log", dict(os.environ)) as process:
+        yield process
+
+
+def handled_counts(metrics_port: int) -> dict[tuple[str, str], float]:
+    """The server's own count of completed RPCs by (full method, status code)."""
+    text = urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    counts: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        if not line.startswith("grpc_server_handled_total{"):
+            continue
+        labels_text, _, value = line.rpartition(" ")
+        labels = dict(
+            part.split("=", 1) for part in labels_text[len("grpc_server_handled_total{") : -1].split(",")
+        )
+        labels = {key: raw.strip('"') for key, raw in labels.items()}
+        method = f"/{labels['grpc_service']}/{labels['grpc_method']}"
+        counts[(method, labels["grpc_code"])] = float(value)
+    return counts
+
+
+def custom_for(index: int) -> struct_pb2.Struct:
+    custom = struct_pb2.Struct()
+    custom.update(
+        {
+            "region": REGIONS[index % len(REGIONS)],
+            "topic": TOPICS[index % len(TOPICS)],
+            "priority": index % 10,
+            "tags": ["bench", f"cohort-{index % 50}"],
+            "host": {"name": f"Host {index % 97}", "tier": "pro" if index % 3 else "free"},
+        }
+    )
+    return custom
+
+
+async def seed(target: str, token: str, *, calls: int, users: int, members_per_call: int) -> None:
+    """Users, then calls with members and custom data, through the public API (as clients would)."""
+    metadata = (("authorization", f"Bearer {token}"),)
+    async with grpc.aio.insecure_channel(target) as channel:
+        user_stub = user_pb2_grpc.UserServiceStub(channel)
+        for start in range(0, users, 100):
+            batch = [
+                user_pb2.UserRequest(id=user_id(i), name=f"User {i}", teams=[])
+                for i in range(start, min(start + 100, users))
+            ]
+            await user_stub.UpsertUsers(user_pb2.UpsertUsersRequest(users=batch), metadata=metadata)
+        call_stub = call_service_pb2_grpc.CallServiceStub(channel)
+        limit = asyncio.Semaphore(32)
+
+        async def create(index: int) -> None:
+            members = [
+                call_pb2.MemberRequest(
+                    user_id=user_id((index * members_per_call + k) % users), role="host" if k == 0 else "user"
+                )
+                for k in range(members_per_call)
+            ]
+            request = call_service_pb2.GetOrCreateCallRequest(
+                type=CALL_TYPE,
+                id=call_id(index),
+                data=call_service_pb2.CallData(
+                    created_by_id=members[0].user_id, members=members, custom=custom_for(index)
+                ),
+            )
+            async with limit:
+                await call_stub.GetOrCreateCall(request, metadata=metadata)
+
+        await asyncio.gather(*(create(i) for i in range(calls)))
