@@ -11,7 +11,9 @@ GEN_DIR := clients/python
 LISTEN ?= 127.0.0.1:50051
 DATA_DIR ?= data
 
-.PHONY: venv node run test lint format proto proto-check ci clean
+BENCH_STAMP := $(VENV)/.bench-installed
+
+.PHONY: venv node run test bench lint format proto proto-check ci clean
 
 venv: $(PY_STAMP)
 node: $(NODE_STAMP)
@@ -34,6 +36,15 @@ run: $(PY_STAMP)
 ## Run the whole test suite (SQLite always; PostgreSQL when configured, required with CI=true).
 test: $(PY_STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+$(BENCH_STAMP): $(PY_STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	touch $@
+
+## Benchmarks against a bare grpc.aio server (SQLite and PostgreSQL); writes tests/bench/results/ and the
+## README's results. Installs h2load (Debian nghttp2-client) when missing. BENCH_ARGS=--help for options.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
 ## Regenerate Python stubs (and typed .pyi stubs) from protos/.
 proto: $(PY_STAMP)

@@ -19,6 +19,7 @@ from callplane_server.messages import (
     grants_to_dict,
     member_inputs,
     member_message,
+    member_messages,
     optional_struct,
     page_request,
     settings_to_dict,
@@ -114,7 +115,7 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
         )
         return call_service_pb2.GetOrCreateCallResponse(
             call=call_message(view),
-            members=[member_message(m) for m in view.members],
+            members=member_messages(view),
             created=view.created,
             own_capabilities=view.own_capabilities,
         )
@@ -123,7 +124,7 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
         view = await self._service.get(request.type, request.id, request.members_limit)
         return call_service_pb2.GetCallResponse(
             call=call_message(view),
-            members=[member_message(m) for m in view.members],
+            members=member_messages(view),
             own_capabilities=view.own_capabilities,
         )
 
@@ -139,9 +140,7 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
             etag=request.etag,
         )
         view = await self._service.update(request.type, request.id, change, request.members_limit)
-        return call_service_pb2.UpdateCallResponse(
-            call=call_message(view), members=[member_message(m) for m in view.members]
-        )
+        return call_service_pb2.UpdateCallResponse(call=call_message(view), members=member_messages(view))
 
     async def EndCall(self, request, context: Context):
         view = await self._service.end(request.type, request.id)

@@ -128,6 +128,8 @@ class CallView:
     created: bool = False
     # What the caller may do in the call, in the canonical CAPABILITIES order.
     own_capabilities: list[str] = field(default_factory=list)
+    # Memo of the API layer's renderings of call and members (shared by views of one cached state).
+    rendered: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from callplane_server.domain.validation import (
 from callplane_server.errors import (
     Aborted,
     FailedPrecondition,
+    NotFound,
     PermissionDenied,
     ViolationCollector,
 )
@@ -38,6 +39,7 @@ from callplane_server.services.authz import (
     require_admin,
     require_self,
 )
+from callplane_server.services.call_cache import CachedCall, CallCache
 from callplane_server.services.call_lookup import call_not_found, live_call, unknown_users
 from callplane_server.services.call_types import call_type_not_found
 from callplane_server.services.clock import Clock
@@ -91,10 +93,11 @@ def _check_team(caller: Caller, team: str, cid: str) -> None:
 
 
 class CallService:
-    def __init__(self, store: Store, clock: Clock, limits: Limits) -> None:
+    def __init__(self, store: Store, clock: Clock, limits: Limits, cache: CallCache | None = None) -> None:
         self._store = store
         self._clock = clock
         self._limits = limits
+        self._cache = cache or CallCache(store)
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -202,6 +205,12 @@ class CallService:
             problems.add("data.created_by_id", "is required with ring or notify (the caller)")
         problems.raise_if_any()
         cid = f"{call_type}:{call_id}"
+        # Most calls to this RPC find the call: answer those as a read, without taking the write lock.
+        # A call that is missing (or deleted) goes on to the write transaction, which decides for real.
+        try:
+            return await self._read_view(cid, limit)
+        except NotFound:
+            pass
 
         async def work(tx: Transaction) -> CallView:
             caller = await load_caller(tx)
@@ -268,14 +277,35 @@ class CallService:
             members_limit, "members_limit", problems, default=DEFAULT_MEMBERS_LIMIT, maximum=MAX_MEMBERS_LIMIT
         )
         problems.raise_if_any()
-        cid = f"{call_type}:{call_id}"
+        return await self._read_view(f"{call_type}:{call_id}", limit)
 
-        async def work(tx: Transaction) -> CallView:
-            call = await live_call(tx, cid)
-            have = await require(tx, await load_caller(tx), call, "read-call")
-            return await self._view(tx, call, limit, own=have)
+    async def _read_view(self, cid: str, limit: int) -> CallView:
+        """The call as `read-call` shows it to the caller: from the cache when the caller read this
+        state of it before, else from the database (filling the cache)."""
+        principal = current_principal()
+        cached = self._cache.get(cid)
+        have = cached.capabilities.get(principal) if cached is not None else None
+        if cached is None or have is None:
+            generation = self._cache.generation
 
-        return await self._store.read(work)
+            async def work(tx: Transaction) -> tuple[CallView, frozenset[str]]:
+                call = await live_call(tx, cid)
+                have = await require(tx, await load_caller(tx), call, "read-call")
+                return await self._view(tx, call, MAX_MEMBERS_LIMIT), have
+
+            full, have = await self._store.read(work)
+            if cached is None or generation != self._cache.generation:
+                cached = CachedCall(full.call, full.settings, full.members)
+            # else the cached state is still current: it only lacked this principal's capabilities.
+            cached.capabilities[principal] = have
+            self._cache.put(cid, cached, generation)
+        return CallView(
+            cached.call,
+            cached.settings,
+            cached.members[:limit],
+            own_capabilities=ordered_capabilities(have),
+            rendered=cached.rendered,
+        )
 
     async def update(self, call_type: str, call_id: str, change: CallUpdate, members_limit: int) -> CallView:
         problems = ViolationCollector()

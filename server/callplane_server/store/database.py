@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -73,6 +75,36 @@ def _is_unavailable(error: BaseException) -> bool:
     return isinstance(error, exc.TimeoutError)
 
 
+class DatabaseInUse(RuntimeError):
+    """Another server process already serves this SQLite database."""
+
+
+class _ProcessLock:
+    """An exclusive flock next to the SQLite file, held while the database is open (released by the OS
+    if the process dies), as etcd does for its data file. One process per embedded database is what
+    lets a server trust that every change passes through it."""
+
+    def __init__(self, database_path: Path) -> None:
+        self.path = database_path.with_name(database_path.name + ".lock")
+        self._descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._descriptor, 32, 0).decode(errors="replace").strip() or "another process"
+            os.close(self._descriptor)
+            raise DatabaseInUse(
+                f"{database_path} is served by process {holder}; an SQLite database takes one server "
+                "process (scale out with PostgreSQL)"
+            ) from None
+        os.ftruncate(self._descriptor, 0)
+        os.pwrite(self._descriptor, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self._descriptor >= 0:
+            os.close(self._descriptor)  # closing drops the flock
+            self._descriptor = -1
+
+
 class Database:
     """Owns the engines. SQLite gets a single writer connection (writes are serialized anyway; one
     connection avoids lock contention) with BEGIN IMMEDIATE, and a pool of readers with plain BEGIN."""
@@ -80,8 +112,11 @@ class Database:
     def __init__(self, url: str, *, echo: bool = False, pool_size: int = 10) -> None:
         self.url = normalize_url(url)
         self.dialect = self.url.get_backend_name()
+        self._process_lock: _ProcessLock | None = None
         if self.dialect == "sqlite":
-            Path(self.url.database or "").parent.mkdir(parents=True, exist_ok=True)
+            path = Path(self.url.database or "")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._process_lock = _ProcessLock(path)
             self.write_engine = create_async_engine(self.url, echo=echo, pool_size=1, max_overflow=0)
             self.read_engine = create_async_engine(self.url, echo=echo, pool_size=pool_size, max_overflow=0)
             self._configure_sqlite(self.write_engine, begin="BEGIN IMMEDIATE")
@@ -114,10 +149,18 @@ class Database:
             # ignoring busy_timeout; writers therefore take the write lock up front.
             connection.exec_driver_sql(begin)
 
+    @property
+    def sole_writer(self) -> bool:
+        """True when no other process can change this database (an embedded SQLite file we hold the
+        lock of): then every change is one this process made."""
+        return self._process_lock is not None
+
     async def dispose(self) -> None:
         await self.write_engine.dispose()
         if self.read_engine is not self.write_engine:
             await self.read_engine.dispose()
+        if self._process_lock is not None:
+            self._process_lock.release()
 
     @asynccontextmanager
     async def _session(self, *, write: bool) -> AsyncIterator[AsyncSession]:

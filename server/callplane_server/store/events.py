@@ -95,6 +95,10 @@ class EventRepository:
     def has_pending(self) -> bool:
         return bool(self._pending)
 
+    def pending_cids(self) -> frozenset[str]:
+        """The calls this transaction changed so far (each change to a call emits an event)."""
+        return frozenset(item.call_cid for item in self._pending)
+
     async def flush(self) -> int:
         """Numbers and writes the pending events; called last, right before commit, so the counter row
         is locked for as short a time as possible. Returns the last position written (0 if none)."""

@@ -7,6 +7,7 @@ from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from callplane_server.errors import CallplaneError, Unavailable
 from callplane_server.store.database import Database
 from callplane_server.store.events import EventRepository
 from callplane_server.store.idempotency import IdempotencyRepository
@@ -49,17 +50,30 @@ class Store:
         self._signer: CursorSigner | None = None
         # Called with the last event position after each commit that wrote events (the local doorbell).
         self.commit_listeners: list[Callable[[int], None]] = []
+        # Called after each committed write, before it is acknowledged, with the cids of the calls it
+        # changed, or None when it may have changed anything (it wrote no call events: users, call types).
+        self.change_listeners: list[Callable[[frozenset[str] | None], None]] = []
 
     @classmethod
     async def open(cls, database_url: str, *, migrate: bool = True) -> Store:
         store = cls(Database(database_url))
-        if migrate:
-            await store.database.migrate()
-        secret = await store.database.run(
-            lambda session: SecretRepository(session).get_or_create("cursor_signing_key"), write=True
-        )
+        try:
+            if migrate:
+                await store.database.migrate()
+            secret = await store.database.run(
+                lambda session: SecretRepository(session).get_or_create("cursor_signing_key"), write=True
+            )
+        except BaseException:
+            await store.database.dispose()
+            raise
         store._signer = CursorSigner(secret.encode())
         return store
+
+    @property
+    def sole_writer(self) -> bool:
+        """Every change to the database goes through this process (so in-process caches may trust
+        change_listeners); false when other processes share it."""
+        return self.database.sole_writer
 
     async def close(self) -> None:
         await self.database.dispose()
@@ -77,16 +91,32 @@ class Store:
         """Runs `work` in a write transaction; it may be retried whole on a transient conflict. Events
         emitted by `work` are numbered and written last, in the same transaction."""
         last_position = 0
+        changed: frozenset[str] | None = None
 
         async def attempt(session: AsyncSession) -> T:
-            nonlocal last_position
+            nonlocal last_position, changed
             tx = Transaction(session, self.signer)
             result = await work(tx)
+            changed = tx.events.pending_cids() or None
             last_position = await tx.events.flush()
             return result
 
-        result = await self.database.run(attempt, write=True)
+        try:
+            result = await self.database.run(attempt, write=True)
+        except CallplaneError as error:
+            # A refusal rolled back; an outage leaves the outcome unknown (the commit may have landed).
+            if isinstance(error, Unavailable):
+                self._changed(None)
+            raise
+        except BaseException:
+            self._changed(None)
+            raise
+        self._changed(changed)
         if last_position:
             for listener in self.commit_listeners:
                 listener(last_position)
         return result
+
+    def _changed(self, cids: frozenset[str] | None) -> None:
+        for listener in self.change_listeners:
+            listener(cids)
