@@ -33,7 +33,7 @@ from callplane.v1 import (
 )
 from callplane_server import runtime
 from callplane_server.api.call_data_servicer import CallDataServicer
-from callplane_server.api.errors import Authenticator, ErrorAndLoggingInterceptor
+from callplane_server.api.errors import Authenticator, RpcWrapper, WrappingRegistrar
 from callplane_server.api.event_servicer import EventServicer
 from callplane_server.api.metrics import RpcMetrics
 from callplane_server.api.moderation_servicer import ModerationServicer
@@ -120,8 +120,8 @@ class CallplaneServer:
         self.moderation = ModerationService(self.store, self.clock, self.sessions)
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
         self.api_secret = self.config.api_secret or load_or_create_secret(self.config.data_dir)
-        interceptor = ErrorAndLoggingInterceptor(Authenticator(self.api_secret), self.metrics)
-        server = grpc.aio.server(interceptors=[interceptor], options=[("grpc.so_reuseport", 0)])
+        grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = WrappingRegistrar(grpc_server, RpcWrapper(Authenticator(self.api_secret), self.metrics))
         call_type_service_pb2_grpc.add_CallTypeServiceServicer_to_server(
             CallTypeServicer(CallTypeService(self.store, self.clock)), server
         )
@@ -150,11 +150,11 @@ class CallplaneServer:
                 ),
                 server,
             )
-        self.port = server.add_insecure_port(self.config.listen)
+        self.port = grpc_server.add_insecure_port(self.config.listen)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.listen}")
-        await server.start()
-        self._server = server
+        await grpc_server.start()
+        self._server = grpc_server
         if self.config.metrics_listen:
             self.metrics_port = self.metrics.serve(self.config.metrics_listen)
         for name in ("", *SERVICE_NAMES):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -93,23 +93,15 @@ class Authenticator:
         set_principal(self._tokens.verify(parse_bearer(authorization)))
 
 
-class ErrorAndLoggingInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every handler: authentication first, domain errors → status with details, unexpected ones
-    → INTERNAL, and a log line and metrics with method, status code and duration."""
+class RpcWrapper:
+    """Wraps every method handler: authentication first, domain errors → status with details, unexpected
+    ones → INTERNAL, and a log line and metrics with method, status code and duration."""
 
     def __init__(self, authenticator: Authenticator, metrics: RpcMetrics | None = None) -> None:
         self._authenticator = authenticator
         self._metrics = metrics or RpcMetrics()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(method, "unary", handler.unary_unary, self._authenticator, self._metrics),
@@ -130,6 +122,45 @@ class ErrorAndLoggingInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=_passing_bytes(handler.response_serializer),
             )
         return handler
+
+
+class WrappingRegistrar:
+    """Stands in for the grpc.aio.Server while the generated `add_*Servicer_to_server` functions (and
+    health, reflection) register: each method handler is wrapped once, here, rather than on every RPC
+    as a ServerInterceptor would (which costs a coroutine and new handler objects per call)."""
+
+    def __init__(self, server: grpc.aio.Server, wrapper: RpcWrapper) -> None:
+        self._server = server
+        self._wrapper = wrapper
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: self._wrapper.wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
+        )
+
+    def add_generic_rpc_handlers(self, generic_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_WrappedGenericHandler(handler, self._wrapper) for handler in generic_handlers)
+        )
+
+
+class _WrappedGenericHandler(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler, wrapper: RpcWrapper) -> None:
+        self._inner = inner
+        self._wrapper = wrapper
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = self._inner.service(handler_call_details)
+            if handler is None:
+                return None
+            wrapped = self._wrapped[method] = self._wrapper.wrap(method, handler)
+        return wrapped
 
 
 def _passing_bytes(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import grpc
 
 from callplane.v1 import (
@@ -12,6 +14,7 @@ from callplane.v1 import (
     user_pb2,
     user_pb2_grpc,
 )
+from callplane_server.domain.records import CallView
 from callplane_server.messages import (
     call_message,
     call_state,
@@ -32,6 +35,7 @@ from callplane_server.services.calls import CallData, CallService, CallUpdate
 from callplane_server.services.users import UserInput, UserPatch, UserService
 
 Context = grpc.aio.ServicerContext
+Reply = TypeVar("Reply", call_service_pb2.GetCallResponse, call_service_pb2.GetOrCreateCallResponse)
 
 
 class CallTypeServicer(call_type_service_pb2_grpc.CallTypeServiceServicer):
@@ -91,6 +95,21 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         return user_pb2.DeleteUsersResponse(deleted_user_ids=deleted)
 
 
+def _rendered(view: CallView, reply_type: type[Reply], **fields: object) -> Reply:
+    """The reply for a view, built once per state of a cached call: a hot call is read far more often
+    than it changes, and building the reply costs more than serializing it."""
+    key = (reply_type, len(view.members), tuple(view.own_capabilities), tuple(fields.items()))
+    reply = view.rendered.get(key)
+    if reply is None:
+        reply = view.rendered[key] = reply_type(
+            call=call_message(view),
+            members=member_messages(view),
+            own_capabilities=view.own_capabilities,
+            **fields,
+        )
+    return reply
+
+
 class CallServicer(call_service_pb2_grpc.CallServiceServicer):
     def __init__(self, service: CallService) -> None:
         self._service = service
@@ -113,20 +132,11 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
             notify=request.notify,
             video=request.video,
         )
-        return call_service_pb2.GetOrCreateCallResponse(
-            call=call_message(view),
-            members=member_messages(view),
-            created=view.created,
-            own_capabilities=view.own_capabilities,
-        )
+        return _rendered(view, call_service_pb2.GetOrCreateCallResponse, created=view.created)
 
     async def GetCall(self, request, context: Context):
         view = await self._service.get(request.type, request.id, request.members_limit)
-        return call_service_pb2.GetCallResponse(
-            call=call_message(view),
-            members=member_messages(view),
-            own_capabilities=view.own_capabilities,
-        )
+        return _rendered(view, call_service_pb2.GetCallResponse)
 
     async def UpdateCall(self, request, context: Context):
         change = CallUpdate(

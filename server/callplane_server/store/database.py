@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -105,6 +106,77 @@ class _ProcessLock:
             self._descriptor = -1
 
 
+@dataclass
+class _Unit:
+    work: Callable[[AsyncSession], Awaitable[Any]]
+    done: asyncio.Future[Any]
+
+
+class _GroupCommit:
+    """Group commit for the single SQLite writer: while one transaction runs, the writers that arrive
+    queue up; the next transaction runs all of them, each in its own session under a SAVEPOINT (a unit
+    that fails rolls back alone, as if it had its own transaction), and commits once. Every unit is
+    acknowledged only after that commit, so durability is unchanged (one fsync per group, not per write).
+    """
+
+    MAX_UNITS = 64
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._queue: list[_Unit] = []
+        self._running = False
+
+    async def run(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        unit = _Unit(work, asyncio.get_running_loop().create_future())
+        self._queue.append(unit)
+        if not self._running:
+            self._running = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await asyncio.shield(unit.done)
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                group, self._queue = self._queue[: self.MAX_UNITS], self._queue[self.MAX_UNITS :]
+                await self._run_group(group)
+        finally:
+            self._running = False
+
+    async def _run_group(self, group: list[_Unit]) -> None:
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            async with self._engine.connect() as connection:
+                await connection.begin()  # BEGIN IMMEDIATE (see _configure_sqlite)
+                for unit in group:
+                    session = AsyncSession(
+                        bind=connection,
+                        join_transaction_mode="create_savepoint",
+                        expire_on_commit=False,
+                        autoflush=False,
+                    )
+                    try:
+                        async with session.begin():
+                            outcomes.append((True, await unit.work(session)))
+                    except Exception as error:
+                        outcomes.append((False, error))
+                    finally:
+                        await session.close()
+                await connection.commit()
+        except Exception as error:
+            # Nothing of the group was committed (or we cannot know): every unit fails with the cause.
+            for unit in group:
+                if not unit.done.done():
+                    unit.done.set_exception(error)
+            return
+        for unit, (succeeded, value) in zip(group, outcomes, strict=True):
+            if unit.done.done():
+                continue
+            if succeeded:
+                unit.done.set_result(value)
+            else:
+                unit.done.set_exception(value)
+
+
 class Database:
     """Owns the engines. SQLite gets a single writer connection (writes are serialized anyway; one
     connection avoids lock contention) with BEGIN IMMEDIATE, and a pool of readers with plain BEGIN."""
@@ -127,6 +199,8 @@ class Database:
             )
             self.read_engine = self.write_engine
         self._write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False, autoflush=False)
+        # SQLite has one writer connection: writers that queue for it share one commit.
+        self._group_commit = _GroupCommit(self.write_engine) if self.dialect == "sqlite" else None
         self._read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=False)
 
     @staticmethod
@@ -179,6 +253,8 @@ class Database:
                 reraise=True,
             ):
                 with attempt:
+                    if write and self._group_commit is not None:
+                        return await self._group_commit.run(work)
                     async with self._session(write=write) as session:
                         return await work(session)
         except CallplaneError:
