@@ -207,7 +207,7 @@ async def seed(target: str, token: str, *, calls: int, users: int, members_per_c
             ]
             await user_stub.UpsertUsers(user_pb2.UpsertUsersRequest(users=batch), metadata=metadata)
         call_stub = call_service_pb2_grpc.CallServiceStub(channel)
-        limit = asyncio.Semaphore(32)
+        limit = asyncio.Semaphore(128)
 
         async def create(index: int) -> None:
             members = [

@@ -189,8 +189,14 @@ class Database:
             path = Path(self.url.database or "")
             path.parent.mkdir(parents=True, exist_ok=True)
             self._process_lock = _ProcessLock(path)
-            self.write_engine = create_async_engine(self.url, echo=echo, pool_size=1, max_overflow=0)
-            self.read_engine = create_async_engine(self.url, echo=echo, pool_size=pool_size, max_overflow=0)
+            # Every transaction ends in an explicit commit or rollback, so the pool's reset on return
+            # would only add a round trip to the driver's thread.
+            self.write_engine = create_async_engine(
+                self.url, echo=echo, pool_size=1, max_overflow=0, pool_reset_on_return=None
+            )
+            self.read_engine = create_async_engine(
+                self.url, echo=echo, pool_size=pool_size, max_overflow=0, pool_reset_on_return=None
+            )
             self._configure_sqlite(self.write_engine, begin="BEGIN IMMEDIATE")
             self._configure_sqlite(self.read_engine, begin="BEGIN")
         else:
