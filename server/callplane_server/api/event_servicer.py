@@ -20,6 +20,33 @@ from callplane_server.store.events import StoredEvent
 Context = grpc.aio.ServicerContext
 
 
+# The `event` field of each stream message: field number and wire type 2 (length-delimited).
+_WATCH_CALL_EVENT = b"\x12"  # WatchCallResponse.event = 2
+_EVENT_1 = b"\x0a"  # WatchUserResponse.event = 1, SubscribeEventsResponse.event = 1
+
+
+def _event_frame(item: StoredEvent, tag: bytes) -> bytes:
+    """The serialized stream message holding just this event (`oneof` with one field set is exactly
+    tag + length + the event's bytes), built once per event however many subscribers get it."""
+    frame = item.frames.get(tag)
+    if frame is None:
+        payload = item.event.SerializeToString()
+        frame = item.frames[tag] = tag + _varint(len(payload)) + payload
+    return frame
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
 def _progress(mark: ProgressMark) -> event_service_pb2.Progress:
     message = event_service_pb2.Progress(seq=mark.seq)
     set_timestamp(message.at, mark.at)
@@ -54,7 +81,7 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         )
         async for item in items:
             if isinstance(item, StoredEvent):
-                yield event_service_pb2.WatchCallResponse(event=item.event)
+                yield _event_frame(item, _WATCH_CALL_EVENT)
             elif isinstance(item, Snapshot):
                 yield event_service_pb2.WatchCallResponse(snapshot=_snapshot(item))
             else:
@@ -68,7 +95,7 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         )
         async for item in items:
             if isinstance(item, StoredEvent):
-                yield event_service_pb2.WatchUserResponse(event=item.event)
+                yield _event_frame(item, _EVENT_1)
             elif isinstance(item, ProgressMark):
                 yield event_service_pb2.WatchUserResponse(progress=_progress(item))
 
@@ -81,6 +108,6 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         )
         async for item in items:
             if isinstance(item, StoredEvent):
-                yield event_service_pb2.SubscribeEventsResponse(event=item.event)
+                yield _event_frame(item, _EVENT_1)
             elif isinstance(item, ProgressMark):
                 yield event_service_pb2.SubscribeEventsResponse(progress=_progress(item))

@@ -8,7 +8,7 @@ order on every dialect, and a reader that has seen N can never later find a comm
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
@@ -43,6 +43,9 @@ class StoredEvent:
     event: event_pb2.Event
     # Bytes of the stored payload: lets readers bound what they hold in memory.
     size: int = 0
+    # Serialized stream messages carrying this event, by field tag: one event fanned out to many
+    # subscribers is serialized once.
+    frames: dict[bytes, bytes] = field(default_factory=dict, compare=False, repr=False)
 
 
 def _decode(row: EventRow) -> StoredEvent:
