@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
@@ -583,3 +584,29 @@ async def test_delete_ended_call(calls, unique):
     ended = (await calls.EndCall(call_service_pb2.EndCallRequest(type="default", id=call_id))).call
     deleted = (await calls.DeleteCall(call_service_pb2.DeleteCallRequest(type="default", id=call_id))).call
     assert deleted.ended_at == ended.ended_at  # keeps the original end time
+
+
+async def test_concurrent_writers_each_act_as_themselves(server, calls, users, unique) -> None:
+    """Writes that arrive together may share one commit (SQLite group commit); each still runs as its
+    own caller, so checks made inside the transaction ("as oneself") see the right user."""
+    from callplane.v1 import session_service_pb2, session_service_pb2_grpc
+    from tests.support import channel, user_token
+
+    joiners = await make_users(users, unique, 12)
+    call_ids = [unique("c") for _ in joiners]
+    for user_id, call_id in zip(joiners, call_ids, strict=True):
+        await create(calls, call_id, created_by_id=user_id)
+    channels = [channel(server.target, token=user_token(user_id)) for user_id in joiners]
+    try:
+        replies = await asyncio.gather(
+            *(
+                session_service_pb2_grpc.SessionServiceStub(c).JoinCall(
+                    session_service_pb2.JoinCallRequest(type="default", id=call_id, user_id=user_id)
+                )
+                for c, user_id, call_id in zip(channels, joiners, call_ids, strict=True)
+            )
+        )
+        assert [r.participant.user_id for r in replies] == joiners
+    finally:
+        for c in channels:
+            await c.close()

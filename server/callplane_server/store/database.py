@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import fcntl
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,8 +109,10 @@ class _ProcessLock:
 
 @dataclass
 class _Unit:
-    work: Callable[[AsyncSession], Awaitable[Any]]
+    work: Callable[[AsyncSession], Coroutine[Any, Any, Any]]
     done: asyncio.Future[Any]
+    # The submitter's context (who is calling, for instance): the unit runs in it, not the group's.
+    context: contextvars.Context
 
 
 class _GroupCommit:
@@ -127,7 +130,7 @@ class _GroupCommit:
         self._running = False
 
     async def run(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        unit = _Unit(work, asyncio.get_running_loop().create_future())
+        unit = _Unit(work, asyncio.get_running_loop().create_future(), contextvars.copy_context())  # type: ignore[arg-type]
         self._queue.append(unit)
         if not self._running:
             self._running = True
@@ -156,7 +159,10 @@ class _GroupCommit:
                     )
                     try:
                         async with session.begin():
-                            outcomes.append((True, await unit.work(session)))
+                            task = asyncio.get_running_loop().create_task(
+                                unit.work(session), context=unit.context
+                            )
+                            outcomes.append((True, await task))
                     except Exception as error:
                         outcomes.append((False, error))
                     finally:
