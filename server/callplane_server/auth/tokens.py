@@ -67,6 +67,11 @@ def _unauthenticated(reason: str, message: str) -> Unauthenticated:
 
 def verify_token(secret: str, token: str, *, leeway_seconds: float = 5.0) -> Principal:
     """The principal a token stands for, or Unauthenticated with the reason it was refused."""
+    return _verify(secret, token, leeway_seconds)[0]
+
+
+def _verify(secret: str, token: str, leeway_seconds: float) -> tuple[Principal, dict[str, object]]:
+    """verify_token, also handing back the verified claims."""
     try:
         header = jwt.get_unverified_header(token)
     except jwt.DecodeError:
@@ -91,7 +96,7 @@ def verify_token(secret: str, token: str, *, leeway_seconds: float = 5.0) -> Pri
     except jwt.InvalidTokenError as error:
         raise _unauthenticated("TOKEN_MALFORMED", f"the token is invalid: {error}") from None
     if claims.get("server") is True and "user_id" not in claims:
-        return SERVER
+        return SERVER, claims
     user_id = claims.get("user_id")
     if not isinstance(user_id, str) or not user_id:
         raise _unauthenticated("TOKEN_CLAIMS_INVALID", "a user token needs a user_id claim")
@@ -102,7 +107,9 @@ def verify_token(secret: str, token: str, *, leeway_seconds: float = 5.0) -> Pri
         isinstance(call_cids, list) and all(isinstance(c, str) for c in call_cids)
     ):
         raise _unauthenticated("TOKEN_CLAIMS_INVALID", "call_cids must be a list of cids")
-    return Principal(user_id=user_id, call_cids=frozenset(call_cids) if call_cids is not None else None)
+    return Principal(
+        user_id=user_id, call_cids=frozenset(call_cids) if call_cids is not None else None
+    ), claims
 
 
 class TokenVerifier:
@@ -123,18 +130,15 @@ class TokenVerifier:
             if time.time() < valid_until:
                 return principal
             del self._accepted[token]
-        principal = verify_token(self._secret, token, leeway_seconds=self._leeway)
+        principal, claims = _verify(self._secret, token, self._leeway)
         if len(self._accepted) >= self._capacity:
             # Dicts keep insertion order: drop the oldest entry.
             del self._accepted[next(iter(self._accepted))]
-        self._accepted[token] = (principal, _expires_at(token) + self._leeway)
+        # A server token may have no `exp`: it stays valid.
+        exp = claims.get("exp")
+        expires_at = float(exp) if isinstance(exp, int | float) else math.inf
+        self._accepted[token] = (principal, expires_at + self._leeway)
         return principal
-
-
-def _expires_at(token: str) -> float:
-    """The token's `exp` (already verified), or infinity for a server token without one."""
-    exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
-    return float(exp) if isinstance(exp, int | float) else math.inf
 
 
 def load_or_create_secret(data_dir: Path) -> str:
