@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -78,22 +78,44 @@ def postgres_base_url() -> str:
 @asynccontextmanager
 async def fresh_database(backend: str, folder: Path) -> AsyncIterator[str]:
     """Yields the URL of a new, empty database, and drops it afterwards."""
+    postgres_url = postgres_base_url() if backend == "postgres" else ""
+
+    def unreachable(message: str) -> None:
+        if in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+    async with new_database(backend, folder, postgres_url, on_unreachable=unreachable) as url:
+        yield url
+
+
+@asynccontextmanager
+async def new_database(
+    backend: str,
+    folder: Path,
+    postgres_url: str,
+    *,
+    prefix: str = "callplane_test",
+    on_unreachable: Callable[[str], None] | None = None,
+) -> AsyncIterator[str]:
+    """A new, empty database: an SQLite file in `folder`, or a PostgreSQL database created next to
+    `postgres_url` and dropped afterwards. `on_unreachable` hears why PostgreSQL could not be reached
+    (it may skip); the connection error is raised otherwise."""
     if backend == "sqlite":
         yield f"sqlite:///{folder / f'callplane-{uuid.uuid4().hex[:8]}.db'}"
         return
     import asyncpg
     from sqlalchemy.engine import make_url
 
-    base = make_url(postgres_base_url())
-    name = f"callplane_test_{uuid.uuid4().hex[:12]}"
+    base = make_url(postgres_url)
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
     try:
         admin = await asyncpg.connect(dsn)
     except (OSError, asyncpg.PostgresError) as error:
-        message = f"PostgreSQL unreachable at {base.render_as_string()}: {error}"
-        if in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        if on_unreachable is not None:
+            on_unreachable(f"PostgreSQL unreachable at {base.render_as_string()}: {error}")
+        raise
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:

@@ -30,12 +30,10 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -44,6 +42,7 @@ import grpc
 from google.protobuf import struct_pb2
 
 from callplane.v1 import call_service_pb2, call_service_pb2_grpc, event_service_pb2
+from tests.bench.stats import percentile, proc_status
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WATCH_CALL = "/callplane.v1.EventService/WatchCall"
@@ -82,26 +81,8 @@ def _channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
 
 
-def _percentile(ordered: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of sorted values (0 when empty)."""
-    if not ordered:
-        return 0.0
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
 def _ms(value: float) -> float:
     return round(value * 1000, 3)
-
-
-def _read_proc_status(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM (kB) of a process."""
-    values: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0])
-    return values
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -622,17 +603,17 @@ async def measure_fanout(
         "streams_complete": sum(1 for count in counts if count >= len(acks)),
         "min_stream_count": min(counts, default=0),
         "latency_ms": {
-            "p50": _ms(_percentile(ack_latency, 0.50)),
-            "p90": _ms(_percentile(ack_latency, 0.90)),
-            "p99": _ms(_percentile(ack_latency, 0.99)),
+            "p50": _ms(percentile(ack_latency, 0.50)),
+            "p90": _ms(percentile(ack_latency, 0.90)),
+            "p99": _ms(percentile(ack_latency, 0.99)),
             "max": _ms(ack_latency[-1] if ack_latency else 0.0),
         },
         "received_before_ack": before_ack,
         "send_latency_ms": {
-            "p50": _ms(_percentile(send_latency, 0.50)),
-            "p99": _ms(_percentile(send_latency, 0.99)),
+            "p50": _ms(percentile(send_latency, 0.50)),
+            "p99": _ms(percentile(send_latency, 0.99)),
         },
-        "ack_ms": {"p50": _ms(_percentile(ack_times, 0.50)), "p99": _ms(_percentile(ack_times, 0.99))},
+        "ack_ms": {"p50": _ms(percentile(ack_times, 0.50)), "p99": _ms(percentile(ack_times, 0.99))},
         "send_seconds": round(send_seconds, 3),
         # Achieved fan-out: deliveries per second from the first send to the last receive.
         "deliveries_per_second": round(delivered / (last_receive - first_send), 1)
@@ -658,7 +639,7 @@ async def measure_idle_rss(
     """Server memory held by `streams` idle WatchCall streams, round-robin over `calls` (see top)."""
     if not calls:
         raise ValueError("measure_idle_rss needs at least one call")
-    before = _read_proc_status(server_pid)["VmRSS"]
+    before = proc_status(server_pid)["VmRSS"]
     cpu_before = _cpu_seconds(server_pid)
     open_timeout = _open_timeout(streams)
     children = await _start_children(
@@ -677,7 +658,7 @@ async def measure_idle_rss(
         open_seconds = time.monotonic() - opening
         open_cpu = _cpu_seconds(server_pid) - cpu_before
         await asyncio.sleep(3)
-        during = _read_proc_status(server_pid)
+        during = proc_status(server_pid)
         for child in children:
             child.send("stop")
         results = await _results(children, 120)

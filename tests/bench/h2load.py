@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import statistics
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf.message import Message
+
+from tests.bench.stats import percentile
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def run(
     counts = _REQUESTS.search(output)
     if completed.returncode != 0 or not finished or not counts:
         raise RuntimeError(f"h2load failed ({completed.returncode}):\n{output}\n{completed.stderr}")
-    durations = _durations_ms(log_path)
+    durations = sorted(_durations_ms(log_path))
     total, _started, _done, succeeded, failed, errored = (int(v) for v in counts.groups())
     return LoadResult(
         requests_per_second=float(finished.group(1)),
@@ -115,8 +116,8 @@ def run(
         succeeded=succeeded,
         failed=failed,
         errored=errored,
-        p50_ms=percentile(durations, 50),
-        p99_ms=percentile(durations, 99),
+        p50_ms=percentile(durations, 0.50),
+        p99_ms=percentile(durations, 0.99),
     )
 
 
@@ -128,11 +129,3 @@ def _durations_ms(log_path: Path) -> list[float]:
         if len(fields) >= 3:
             durations.append(int(fields[2]) / 1000.0)
     return durations
-
-
-def percentile(values: list[float], pct: float) -> float:
-    if not values:
-        return float("nan")
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(pct) - 1]

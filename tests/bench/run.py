@@ -38,13 +38,14 @@ from tests.bench.servers import (
     call_id,
     callplane,
     free_port,
-    fresh_database,
     handled_counts,
     reference,
     seed,
     server_token,
     wait_serving,
 )
+from tests.bench.stats import proc_status
+from tests.support import new_database
 
 RESULTS_DIR = REPO / "tests" / "bench" / "results"
 GET_CALL = "/callplane.v1.CallService/GetCall"
@@ -170,18 +171,11 @@ def load_rpcs(
     return summary
 
 
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 async def bench_backend(backend: str, args: Any, postgres_url: str) -> dict[str, Any]:
     token = server_token()
     with tempfile.TemporaryDirectory(prefix=f"callplane-bench-{backend}-") as tmp:
         folder = Path(tmp)
-        async with fresh_database(backend, folder, postgres_url) as database_url:
+        async with new_database(backend, folder, postgres_url, prefix="callplane_bench") as database_url:
             metrics_port = free_port()
             with callplane(database_url, folder, metrics_port) as server:
                 await wait_serving(server)
@@ -234,7 +228,7 @@ async def bench_backend(backend: str, args: Any, postgres_url: str) -> dict[str,
                         streams=args.idle_streams,
                     )
                     print(f"[{backend}] idle watches: {json.dumps(result['idle_watches'])}", flush=True)
-                result["server_rss_mb_at_end"] = _rss_mb(server.pid)
+                result["server_rss_mb_at_end"] = proc_status(server.pid)["VmRSS"] / 1024
                 return result
 
 

@@ -11,9 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.request import urlopen
@@ -50,33 +48,6 @@ def call_id(index: int) -> str:
 
 def user_id(index: int) -> str:
     return f"user-{index:04d}"
-
-
-@asynccontextmanager
-async def fresh_database(backend: str, folder: Path, postgres_url: str) -> AsyncIterator[str]:
-    """A new empty database (dropped afterwards on PostgreSQL)."""
-    if backend == "sqlite":
-        yield f"sqlite:///{folder / 'callplane-bench.db'}"
-        return
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
-    base = make_url(postgres_url)
-    name = f"callplane_bench_{uuid.uuid4().hex[:10]}"
-    dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
-    admin = await asyncpg.connect(dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        admin = await asyncpg.connect(dsn)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 @dataclass
