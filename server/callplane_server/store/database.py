@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import event, exc
+from sqlalchemy.dialects import registry
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
@@ -30,6 +31,8 @@ T = TypeVar("T")
 _RETRYABLE_SQLSTATES = {"40001", "40P01", "23505"}
 _SQLITE_BUSY_TIMEOUT_MS = 10_000
 
+registry.register("sqlite.callplane", "callplane_server.store.sqlite_driver", "InlineSQLiteDialect")
+
 
 def normalize_url(url: str) -> URL:
     """Accept the usual `sqlite:///path` / `postgresql://` spellings and pick the async drivers."""
@@ -38,7 +41,7 @@ def normalize_url(url: str) -> URL:
     if backend == "sqlite":
         if not parsed.database or parsed.database == ":memory:":
             raise ValueError("SQLite needs a file path: sqlite:///path/to/callplane.db")
-        return parsed.set(drivername="sqlite+aiosqlite")
+        return parsed.set(drivername="sqlite+callplane")
     if backend in ("postgresql", "postgres"):
         return parsed.set(drivername="postgresql+asyncpg")
     raise ValueError(
