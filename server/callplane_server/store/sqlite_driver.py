@@ -29,7 +29,7 @@ from sqlalchemy.util.concurrency import await_
 class _InlineCursor:
     """The async cursor API SQLAlchemy's adapter expects, over a sqlite3 cursor, without a thread."""
 
-    __slots__ = ("_cursor", "_connection")
+    __slots__ = ("_connection", "_cursor")
 
     def __init__(self, connection: _InlineConnection) -> None:
         self._connection = connection
