@@ -377,3 +377,34 @@ async def test_query_members_paging_and_limits(calls, users, unique):
         "INVALID_FILTER",
         fields=["filter_conditions.members"],
     )
+
+
+async def test_query_members_never_shows_a_page_older_than_an_acknowledged_change(calls, users, unique):
+    # Repeated QueryMembers may be answered from the call cache; every acknowledged change to the
+    # members, their users or the call must show in the next answer.
+    ids = await make_users(users, unique, 3)
+    call_id = await make_call(calls, unique, ids[:2])
+
+    async def members() -> list[tuple[str, str, str]]:
+        response = await calls.QueryMembers(call_service_pb2.QueryMembersRequest(type="default", id=call_id))
+        return sorted((m.user_id, m.role, m.user.name) for m in response.members)
+
+    assert await members() == sorted([(ids[0], "user", ids[0]), (ids[1], "user", ids[1])])
+    assert await members() == sorted([(ids[0], "user", ids[0]), (ids[1], "user", ids[1])])
+    await calls.UpdateCallMembers(
+        change(call_id, update=[call_pb2.MemberRequest(user_id=ids[1], role="admin")])
+    )
+    assert await members() == sorted([(ids[0], "user", ids[0]), (ids[1], "admin", ids[1])])
+    await calls.UpdateCallMembers(
+        change(call_id, update=[call_pb2.MemberRequest(user_id=ids[2])], remove=[ids[0]])
+    )
+    assert await members() == sorted([(ids[1], "admin", ids[1]), (ids[2], "user", ids[2])])
+    await users.UpsertUsers(
+        user_pb2.UpsertUsersRequest(users=[user_pb2.UserRequest(id=ids[2], name="renamed")])
+    )
+    assert await members() == sorted([(ids[1], "admin", ids[1]), (ids[2], "user", "renamed")])
+    await calls.DeleteCall(call_service_pb2.DeleteCallRequest(type="default", id=call_id))
+    await expect_error(
+        calls.QueryMembers(call_service_pb2.QueryMembersRequest(type="default", id=call_id)),
+        grpc.StatusCode.NOT_FOUND,
+    )

@@ -176,6 +176,9 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
 
     async def QueryMembers(self, request, context: Context):
         page = await self._service.query_members(request.type, request.id, page_request(request))
-        return call_service_pb2.QueryMembersResponse(
-            members=[member_message(m) for m in page.items], next=page.next, prev=page.prev
-        )
+        reply = page.rendered.get("QueryMembers")
+        if reply is None:  # a cached page is rendered once
+            reply = page.rendered["QueryMembers"] = call_service_pb2.QueryMembersResponse(
+                members=[member_message(m) for m in page.items], next=page.next, prev=page.prev
+            )
+        return reply

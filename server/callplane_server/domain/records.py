@@ -108,6 +108,8 @@ class Page(Generic[T]):
     items: list[T]
     next: str = ""
     prev: str = ""
+    # The API layer's renderings of this page, kept with it when the page is cached.
+    rendered: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from callplane_server.auth.tokens import Principal
-from callplane_server.domain.records import CallRecord, MemberRecord
+from callplane_server.domain.records import CallRecord, MemberRecord, Page
 from callplane_server.store import Store
 
 
@@ -25,6 +25,15 @@ class CachedCall:
     capabilities: dict[Principal, frozenset[str]] = field(default_factory=dict)
     # The API layer's renderings of this state, shared by every view made from this entry.
     rendered: dict[Any, Any] = field(default_factory=dict)
+    # QueryMembers pages of this state, by request (filter, sort, limit, cursor); a few per call.
+    member_pages: dict[Any, Page[MemberRecord]] = field(default_factory=dict)
+
+    MAX_MEMBER_PAGES = 16
+
+    def keep_member_page(self, key: Any, page: Page[MemberRecord]) -> None:
+        if key not in self.member_pages and len(self.member_pages) >= self.MAX_MEMBER_PAGES:
+            del self.member_pages[next(iter(self.member_pages))]
+        self.member_pages[key] = page
 
 
 class CallCache:

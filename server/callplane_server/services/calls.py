@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -282,6 +283,18 @@ class CallService:
     async def _read_view(self, cid: str, limit: int) -> CallView:
         """The call as `read-call` shows it to the caller: from the cache when the caller read this
         state of it before, else from the database (filling the cache)."""
+        cached, have = await self._readable(cid)
+        return CallView(
+            cached.call,
+            cached.settings,
+            cached.members[:limit],
+            own_capabilities=ordered_capabilities(have),
+            rendered=cached.rendered,
+        )
+
+    async def _readable(self, cid: str) -> tuple[CachedCall, frozenset[str]]:
+        """The call's current state and what the caller may do in it, after checking `read-call`: from
+        the cache when the caller read this state before, else from the database (filling the cache)."""
         principal = current_principal()
         cached = self._cache.get(cid)
         have = cached.capabilities.get(principal) if cached is not None else None
@@ -299,13 +312,7 @@ class CallService:
             # else the cached state is still current: it only lacked this principal's capabilities.
             cached.capabilities[principal] = have
             self._cache.put(cid, cached, generation)
-        return CallView(
-            cached.call,
-            cached.settings,
-            cached.members[:limit],
-            own_capabilities=ordered_capabilities(have),
-            rendered=cached.rendered,
-        )
+        return cached, have
 
     async def update(self, call_type: str, call_id: str, change: CallUpdate, members_limit: int) -> CallView:
         problems = ViolationCollector()
@@ -567,4 +574,20 @@ class CallService:
             await require(tx, await load_caller(tx), call, "read-call")
             return await tx.members.query(cid, page)
 
-        return await self._store.read(work)
+        if not self._cache.enabled:
+            return await self._store.read(work)
+        # Members are part of the call's cached state: any change to them invalidates the entry.
+        cached, _have = await self._readable(cid)
+        key = _page_key(page)
+        found = cached.member_pages.get(key)
+        if found is None:
+            generation = self._cache.generation
+            found = await self._store.read(work)
+            if generation == self._cache.generation:
+                cached.keep_member_page(key, found)
+        return found
+
+
+def _page_key(page: PageRequest) -> tuple[Any, ...]:
+    conditions = json.dumps(page.filter_conditions, sort_keys=True) if page.filter_conditions else ""
+    return (conditions, page.sort, page.limit, page.next, page.prev)
