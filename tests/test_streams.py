@@ -787,8 +787,8 @@ async def test_a_watcher_that_never_reads_cannot_grow_server_memory(backend: str
                     nonlocal max_queue, peak_c
                     while True:
                         for subscription in list(hub._subscriptions):
-                            size = subscription.queue.qsize()
-                            assert size <= subscription.queue.maxsize == MEMORY_QUEUE_SIZE
+                            size = subscription.qsize()
+                            assert size <= subscription.maxsize == MEMORY_QUEUE_SIZE
                             max_queue = max(max_queue, size)
                         c_now = _c_heap_in_use()
                         if c_now is not None and c_before is not None:

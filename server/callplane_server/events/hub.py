@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from functools import partial
 
 from callplane_server.store import Store, Transaction
@@ -36,31 +36,65 @@ OVERFLOW = Overflow()
 CLOSED = Closed()
 
 
-@dataclass(eq=False)
 class Subscription:
-    matcher: Matcher
-    queue: asyncio.Queue[StoredEvent | Overflow | Closed]
-    wants_recipients: bool = False
-    overflowed: bool = False
-    closed: bool = False
+    """One subscriber's bounded queue. A plain deque and, only while the stream waits, one future and
+    one timer: no asyncio.Queue and no task per wait, because a server holds many thousands of these
+    mostly idle, and waking one is on the path of every delivered event."""
+
+    __slots__ = ("_items", "_waiter", "closed", "matcher", "maxsize", "overflowed", "wants_recipients")
+
+    def __init__(self, matcher: Matcher, maxsize: int, wants_recipients: bool = False) -> None:
+        self.matcher = matcher
+        self.maxsize = maxsize
+        self.wants_recipients = wants_recipients
+        self.overflowed = False
+        self.closed = False
+        self._items: deque[StoredEvent | Overflow | Closed] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def qsize(self) -> int:
+        return len(self._items)
 
     def offer(self, item: StoredEvent) -> None:
         if self.overflowed or self.closed:
             return
-        try:
-            self.queue.put_nowait(item)
-        except asyncio.QueueFull:
+        if len(self._items) >= self.maxsize:
             self.overflowed = True
             self._replace_contents(OVERFLOW)
+        else:
+            self._items.append(item)
+            self._wake()
 
     def close(self) -> None:
         self.closed = True
         self._replace_contents(CLOSED)
 
+    async def next(self, idle_seconds: float) -> StoredEvent | Overflow | Closed | None:
+        """The next item, or None when nothing came within `idle_seconds`."""
+        if not self._items:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(idle_seconds, _resolve, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        return self._items.popleft() if self._items else None
+
     def _replace_contents(self, marker: Overflow | Closed) -> None:
-        while not self.queue.empty():
-            self.queue.get_nowait()
-        self.queue.put_nowait(marker)
+        self._items.clear()
+        self._items.append(marker)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            _resolve(self._waiter)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class EventHub:
@@ -106,7 +140,7 @@ class EventHub:
                 await self._task
 
     def subscribe(self, matcher: Matcher, *, wants_recipients: bool = False) -> Subscription:
-        subscription = Subscription(matcher, asyncio.Queue(self._queue_size), wants_recipients)
+        subscription = Subscription(matcher, self._queue_size, wants_recipients)
         if self.closed:
             subscription.close()
         self._subscriptions.add(subscription)

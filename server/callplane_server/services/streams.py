@@ -5,7 +5,6 @@ any doubt (overflow, a gap) sends it back to the log."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -325,14 +324,8 @@ class EventStreamService:
                 if len(batch) == CATCH_UP_BATCH or sum(stored.size for stored in batch) >= CATCH_UP_BYTES:
                     continue  # maybe more in the log
                 catching_up = False
-            item = None
-            with contextlib.suppress(TimeoutError):
-                item = await asyncio.wait_for(subscription.queue.get(), self._progress_interval)
+            item = await subscription.next(self._progress_interval)
             if item is None:
-                if not subscription.queue.empty():
-                    # An item arrived as the wait timed out (wait_for then cancels the get and leaves it
-                    # queued): deliver it first, or the progress below could claim a position not yet sent.
-                    continue
                 yield ProgressMark(follow.progress(cursor), self._clock())
                 continue
             if item is CLOSED:
