@@ -3,6 +3,8 @@ datetime, CallSettings ↔ dict, records → messages."""
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -68,7 +70,15 @@ def settings_to_dict(settings: call_type_pb2.CallSettings) -> dict[str, Any]:
 
 
 def dict_to_settings(value: dict[str, Any], target: call_type_pb2.CallSettings) -> None:
-    json_format.ParseDict(value, target, ignore_unknown_fields=True)
+    # ParseDict costs ~0.3 ms per call rendered; the same few settings recur across calls.
+    target.MergeFromString(_settings_bytes(json.dumps(value, sort_keys=True, separators=(",", ":"))))
+
+
+@functools.lru_cache(maxsize=1024)
+def _settings_bytes(canonical_json: str) -> bytes:
+    message = call_type_pb2.CallSettings()
+    json_format.ParseDict(json.loads(canonical_json), message, ignore_unknown_fields=True)
+    return message.SerializeToString()
 
 
 def grants_to_dict(grants: Any) -> dict[str, list[str]]:

@@ -1,6 +1,8 @@
 """The transport's own limit: a bare grpc.aio server answering CallService/GetCall with a fixed
 Call-shaped reply (the bytes of a real GetCallResponse, so the same proto types and size), with no
-database, authentication or interceptors, on the same event loop Callplane runs on.
+database, authentication or interceptors, on the same event loop Callplane runs on. Its
+EventService/WatchCall sends one progress message and then holds the stream open, which gives the memory
+floor of an idle server stream.
 
     python -m tests.bench.reference_server --listen 127.0.0.1:50099 --reply reply.bin
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
-from callplane.v1 import call_service_pb2, call_service_pb2_grpc
+from callplane.v1 import call_service_pb2, call_service_pb2_grpc, event_service_pb2, event_service_pb2_grpc
 from callplane_server import runtime
 
 
@@ -27,9 +29,19 @@ class ReferenceCallService(call_service_pb2_grpc.CallServiceServicer):
         return self._reply
 
 
+class ReferenceEventService(event_service_pb2_grpc.EventServiceServicer):
+    def __init__(self) -> None:
+        self._forever = asyncio.Event()
+
+    async def WatchCall(self, request, context):  # type: ignore[no-untyped-def]
+        yield event_service_pb2.WatchCallResponse(progress=event_service_pb2.Progress(seq=0))
+        await self._forever.wait()
+
+
 async def serve(listen: str, reply: call_service_pb2.GetCallResponse) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     call_service_pb2_grpc.add_CallServiceServicer_to_server(ReferenceCallService(reply), server)
+    event_service_pb2_grpc.add_EventServiceServicer_to_server(ReferenceEventService(), server)
     # Only so the driver can wait for it to be up; not on the measured path.
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     if server.add_insecure_port(listen) == 0:

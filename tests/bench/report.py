@@ -105,6 +105,19 @@ def markdown(results: dict[str, Any]) -> str:
             )
             + " |"
         )
+        floor = [results["backends"][b].get("idle_watches_reference") for b in backends]
+        lines.append(
+            "| the same streams on the reference (bare grpc.aio): RSS, KB/stream, Callplane's KB/stream "
+            "as a ratio to it | – | "
+            + " | ".join(
+                f"{f['rss_with_streams_mb']:.0f} MB, {f['per_stream_kb']:.1f} KB/stream, "
+                f"{i['per_stream_kb'] / f['per_stream_kb']:.2f}x"
+                if f and i and f["per_stream_kb"]
+                else "–"
+                for f, i in zip(floor, idle, strict=True)
+            )
+            + " |"
+        )
         lines.append("")
     return "\n".join(lines)
 

@@ -228,6 +228,20 @@ async def bench_backend(backend: str, args: Any, postgres_url: str) -> dict[str,
                         streams=args.idle_streams,
                     )
                     print(f"[{backend}] idle watches: {json.dumps(result['idle_watches'])}", flush=True)
+                    with reference(reply, folder) as reference_server:
+                        await wait_serving(reference_server)
+                        result["idle_watches_reference"] = await fanout.measure_idle_rss(
+                            reference_server.target,
+                            token,
+                            reference_server.pid,
+                            [(CALL_TYPE, call_id(i)) for i in range(args.calls)],
+                            streams=args.idle_streams,
+                        )
+                    print(
+                        f"[{backend}] idle watches on the reference: "
+                        f"{json.dumps(result['idle_watches_reference'])}",
+                        flush=True,
+                    )
                 result["server_rss_mb_at_end"] = proc_status(server.pid)["VmRSS"] / 1024
                 return result
 

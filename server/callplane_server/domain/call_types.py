@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -109,11 +108,21 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 
 def merge_settings(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Section-wise merge: every field set in `override` replaces the one in `base`."""
-    merged = copy.deepcopy(base)
+    merged = _copy_json(base)
     for section, values in override.items():
         if isinstance(values, dict):
-            merged.setdefault(section, {}).update(copy.deepcopy(values))
+            merged.setdefault(section, {}).update(_copy_json(values))
     return merged
+
+
+def _copy_json(value: Any) -> Any:
+    """A deep copy of JSON-shaped data (dicts, lists, scalars): what deepcopy does here, several times
+    faster, and this runs for every call rendered."""
+    if isinstance(value, dict):
+        return {key: _copy_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(item) for item in value]
+    return value
 
 
 def validate_settings(settings: dict[str, Any], field_prefix: str, problems: ViolationCollector) -> None:

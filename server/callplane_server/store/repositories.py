@@ -6,9 +6,8 @@ import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Select, bindparam, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
 from callplane_server.domain.records import (
     CallRecord,
@@ -29,8 +28,21 @@ from callplane_server.store.models import (
 from callplane_server.store.query import CALLS, MEMBERS, USERS, CursorSigner, fetch_page
 from callplane_server.store.visibility import CallReader, calls_with_capability, users_visible_to
 
+# The hot lookups, built once with bound parameters over Core columns: executing them skips statement
+# construction, cache-key generation and ORM loading (which cost more than SQLite's own work).
+_CALL = select(CallRow.__table__).where(CallRow.__table__.c.cid == bindparam("cid"))
+_CALL_FOR_UPDATE = _CALL.with_for_update()
+_CALL_FOR_SHARE = _CALL.with_for_update(read=True)
+_CALL_TYPE_BY_NAME = select(CallTypeRow.__table__).where(CallTypeRow.__table__.c.name == bindparam("name"))
+_USERS_BY_ID = select(UserRow.__table__).where(UserRow.__table__.c.id.in_(bindparam("ids", expanding=True)))
+_TEAMS_OF_USERS = (
+    select(UserTeamRow.__table__.c.user_id, UserTeamRow.__table__.c.team)
+    .where(UserTeamRow.__table__.c.user_id.in_(bindparam("ids", expanding=True)))
+    .order_by(UserTeamRow.__table__.c.user_id, UserTeamRow.__table__.c.team)
+)
 
-def _call_record(row: CallRow) -> CallRecord:
+
+def _call_record(row: Any) -> CallRecord:
     return CallRecord(
         type=row.type,
         id=row.id,
@@ -54,7 +66,7 @@ def _call_record(row: CallRow) -> CallRecord:
     )
 
 
-def _call_type_record(row: CallTypeRow) -> CallTypeRecord:
+def _call_type_record(row: Any) -> CallTypeRecord:
     return CallTypeRecord(
         name=row.name,
         settings=dict(row.settings),
@@ -69,7 +81,7 @@ class CallTypeRepository:
         self._session = session
 
     async def get(self, name: str) -> CallTypeRecord | None:
-        row = await self._session.get(CallTypeRow, name)
+        row = (await self._session.execute(_CALL_TYPE_BY_NAME, {"name": name})).first()
         return _call_type_record(row) if row else None
 
     async def list(self) -> list[CallTypeRecord]:
@@ -112,7 +124,7 @@ class UserRepository:
         ids = list(dict.fromkeys(user_ids))
         if not ids:
             return {}
-        rows = (await self._session.scalars(select(UserRow).where(UserRow.id.in_(ids)))).all()
+        rows = (await self._session.execute(_USERS_BY_ID, {"ids": ids})).all()
         teams = await self._teams_of(ids)
         return {row.id: self._record(row, teams.get(row.id, [])) for row in rows}
 
@@ -123,18 +135,14 @@ class UserRepository:
         return set(await self._session.scalars(select(UserRow.id).where(UserRow.id.in_(ids))))
 
     async def _teams_of(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
-        rows = await self._session.execute(
-            select(UserTeamRow.user_id, UserTeamRow.team)
-            .where(UserTeamRow.user_id.in_(user_ids))
-            .order_by(UserTeamRow.user_id, UserTeamRow.team)
-        )
+        rows = await self._session.execute(_TEAMS_OF_USERS, {"ids": list(user_ids)})
         teams: dict[str, list[str]] = {}
         for user_id, team in rows:
             teams.setdefault(user_id, []).append(team)
         return teams
 
     @staticmethod
-    def _record(row: UserRow, teams: list[str]) -> UserRecord:
+    def _record(row: Any, teams: list[str]) -> UserRecord:
         return UserRecord(
             id=row.id,
             name=row.name,
@@ -216,12 +224,8 @@ class CallRepository:
         which serializes writers of one call (and so its event seq) on PostgreSQL. `for_share` waits for
         in-flight writers of the call and keeps new ones out, so several reads see one consistent state
         (every change of a call's state locks its row to take an event seq)."""
-        statement = select(CallRow).where(CallRow.cid == cid)
-        if for_update:
-            statement = statement.with_for_update()
-        elif for_share:
-            statement = statement.with_for_update(read=True)
-        row = await self._session.scalar(statement)
+        statement = _CALL_FOR_UPDATE if for_update else _CALL_FOR_SHARE if for_share else _CALL
+        row = (await self._session.execute(statement, {"cid": cid})).first()
         return _call_record(row) if row else None
 
     async def insert(self, record: CallRecord) -> None:
@@ -275,6 +279,26 @@ def _call_columns(record: CallRecord) -> dict[str, Any]:
     }
 
 
+def _first_members_statement() -> Select[Any]:
+    # Built once: Core columns, no ORM entity per call, so executing it skips compilation entirely.
+    members = CallMemberRow.__table__
+    position = (
+        func.row_number()
+        .over(partition_by=members.c.call_cid, order_by=(members.c.created_at, members.c.user_id))
+        .label("position")
+    )
+    ranked = select(members, position).where(members.c.call_cid.in_(bindparam("cids", expanding=True)))
+    ranked_rows = ranked.subquery()
+    return (
+        select(*(ranked_rows.c[column.name] for column in members.columns))
+        .where(ranked_rows.c.position <= bindparam("limit"))
+        .order_by(ranked_rows.c.call_cid, ranked_rows.c.created_at, ranked_rows.c.user_id)
+    )
+
+
+_FIRST_MEMBERS = _first_members_statement()
+
+
 class MemberRepository:
     def __init__(self, session: AsyncSession, signer: CursorSigner, users: UserRepository) -> None:
         self._session = session
@@ -312,23 +336,7 @@ class MemberRepository:
         """The oldest `limit` members of each call, in one query (window function)."""
         if not cids or limit <= 0:
             return {cid: [] for cid in cids}
-        position = (
-            func.row_number()
-            .over(
-                partition_by=CallMemberRow.call_cid,
-                order_by=(CallMemberRow.created_at, CallMemberRow.user_id),
-            )
-            .label("position")
-        )
-        ranked = select(CallMemberRow, position).where(CallMemberRow.call_cid.in_(cids)).subquery()
-        member = aliased(CallMemberRow, ranked)
-        rows = (
-            await self._session.scalars(
-                select(member)
-                .where(ranked.c.position <= limit)
-                .order_by(ranked.c.call_cid, ranked.c.created_at, ranked.c.user_id)
-            )
-        ).all()
+        rows = (await self._session.execute(_FIRST_MEMBERS, {"cids": list(cids), "limit": limit})).all()
         grouped: dict[str, list[MemberRecord]] = {cid: [] for cid in cids}
         for record in await self._records(rows):
             grouped[record.call_cid].append(record)
