@@ -93,7 +93,9 @@ class CallplaneServer:
         self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
-        self.store = await Store.open(self.config.resolved_database_url)
+        self.store = await Store.open(
+            self.config.resolved_database_url, custom_indexes=self.config.custom_indexes
+        )
         limits = self.config.limits
         self.hub = EventHub(
             self.store,

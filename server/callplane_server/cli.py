@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "serve":
-        config = config_module.load(args)
+        try:
+            config = config_module.load(args)
+        except ValueError as error:
+            raise SystemExit(f"callplane: {error}") from None
         logging.basicConfig(
             level=getattr(logging, config.log_level, logging.INFO),
             format="%(asctime)s %(levelname)s %(name)s %(message)s",

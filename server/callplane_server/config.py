@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from callplane_server.services.limits import Limits
+from callplane_server.store.custom_indexes import CustomIndex, parse_custom_index
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class Config:
     api_secret: str = ""
     # host:port for Prometheus metrics over HTTP (/metrics); empty: not served.
     metrics_listen: str = ""
+    # Compound indexes on call custom data for QueryCalls (see store/custom_indexes.py).
+    custom_indexes: tuple[CustomIndex, ...] = ()
 
     @property
     def resolved_database_url(self) -> str:
@@ -71,6 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-listen",
         help="host:port serving Prometheus /metrics (CALLPLANE_METRICS_LISTEN; default off)",
+    )
+    parser.add_argument(
+        "--custom-index",
+        action="append",
+        metavar="SPEC",
+        help="index call custom data for QueryCalls, e.g. region:string,priority:number:desc "
+        "(repeatable; CALLPLANE_CUSTOM_INDEXES, specs separated by ';')",
     )
     parser.add_argument("--shutdown-grace", type=float, help="seconds to drain on SIGTERM (default 10)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (CALLPLANE_LOG_LEVEL; default INFO)")
@@ -131,4 +141,12 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         lease_ttl_seconds=float(env.get("CALLPLANE_LEASE_TTL_SECONDS") or defaults.lease_ttl_seconds),
         metrics_listen=pick("metrics_listen", "CALLPLANE_METRICS_LISTEN") or "",
         api_secret=_secret(pick("api_secret_file", "CALLPLANE_API_SECRET_FILE"), env),
+        custom_indexes=_custom_indexes(args, env),
     )
+
+
+def _custom_indexes(args: argparse.Namespace | None, env: Mapping[str, str]) -> tuple[CustomIndex, ...]:
+    specs = getattr(args, "custom_index", None) if args is not None else None
+    if not specs:
+        specs = [spec for spec in env.get("CALLPLANE_CUSTOM_INDEXES", "").split(";") if spec.strip()]
+    return tuple(parse_custom_index(spec) for spec in specs)

@@ -27,6 +27,7 @@ VENV_BIN = Path(sys.executable).parent
 SECRET = "callplane-bench-secret-" + "0" * 48
 CALL_TYPE = "default"
 REGIONS = ("eu", "us", "ap", "sa")
+QUERY_CALLS_INDEX = "region:string,priority:number:desc"
 TOPICS = ("standup", "support", "sales", "interview", "town-hall")
 
 
@@ -112,6 +113,9 @@ def callplane(database_url: str, folder: Path, metrics_port: int) -> Iterator[Pr
         database_url,
         "--metrics-listen",
         f"127.0.0.1:{metrics_port}",
+        # The compound index QueryCalls' filter and sort follow, declared as an operator would.
+        "--custom-index",
+        QUERY_CALLS_INDEX,
     ]
     with _process(command, f"127.0.0.1:{port}", folder / "callplane.log", env) as process:
         yield process

@@ -323,6 +323,12 @@ class Database:
 
         return stop
 
+    async def run_ddl(self, statements: list[str]) -> None:
+        """Runs schema statements in one transaction on the writer (at startup, before serving)."""
+        async with self.write_engine.begin() as connection:
+            for statement in statements:
+                await connection.exec_driver_sql(statement)
+
     async def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision (idempotent; serialized across processes)."""
         from callplane_server.store.migrations.runner import upgrade_to_head

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from callplane_server.errors import CallplaneError, Unavailable
+from callplane_server.store.custom_indexes import CustomIndex, ensure_custom_indexes
 from callplane_server.store.database import Database
 from callplane_server.store.events import EventRepository
 from callplane_server.store.idempotency import IdempotencyRepository
@@ -55,11 +56,14 @@ class Store:
         self.change_listeners: list[Callable[[frozenset[str] | None], None]] = []
 
     @classmethod
-    async def open(cls, database_url: str, *, migrate: bool = True) -> Store:
+    async def open(
+        cls, database_url: str, *, migrate: bool = True, custom_indexes: Sequence[CustomIndex] = ()
+    ) -> Store:
         store = cls(Database(database_url))
         try:
             if migrate:
                 await store.database.migrate()
+            await ensure_custom_indexes(store.database, custom_indexes)
             secret = await store.database.run(
                 lambda session: SecretRepository(session).get_or_create("cursor_signing_key"), write=True
             )

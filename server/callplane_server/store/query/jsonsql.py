@@ -1,9 +1,11 @@
 """Dialect-specific SQL for reading typed values out of JSON documents (the `custom` columns).
 
 The filter and sort compilers are dialect-neutral; they build these elements and SQLAlchemy renders them
-per dialect through `@compiles`. Every element takes the document column and a path of object keys; the
-path is always a bound parameter (never spliced into the SQL text), and the only literals rendered are
-the fixed JSON type names below.
+per dialect through `@compiles`. Every element takes the document column and a path of object keys. The
+path is rendered into the SQL text as a literal, so that a query can use an expression index on the same
+path (`custom_indexes.py`; neither SQLite nor PostgreSQL matches an index expression against a bound
+parameter). That is safe because every segment must match `[A-Za-z0-9_-]+` (checked here, whoever
+builds the element), so a path can hold no quote; values are always bound parameters.
 
 Semantics shared by both dialects:
 - `JsonTypeIs(doc, path, kind)`: whether the value at the path exists and has the JSON type `kind`.
@@ -20,18 +22,16 @@ object key on SQLite. Custom data is keyed by names in practice, so we accept th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from sqlalchemy import Boolean, Float, String, Text, bindparam
-from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.engine import Dialect
+from sqlalchemy import Boolean, Float, String, bindparam
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.elements import BindParameter, ColumnElement
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.type_api import TypeEngine
 from sqlalchemy.sql.visitors import InternalTraversal
-from sqlalchemy.types import TypeDecorator
 
 ScalarKind = Literal["string", "number", "boolean"]
 TypeKind = Literal["string", "number", "boolean", "null", "array", "present"]
@@ -55,31 +55,23 @@ _SCALAR_TYPES: dict[str, TypeEngine[Any]] = {"string": String(), "number": Float
 _PG_CASTS: dict[str, str] = {"string": "TEXT", "number": "FLOAT8", "boolean": "BOOLEAN"}
 
 
-class JsonPathType(TypeDecorator[Sequence[str]]):
-    """A JSON path bound as a parameter: `$."a"."b"` on SQLite, `text[]` `{a,b}` on PostgreSQL.
-
-    Segments are validated by the filter compiler (`[A-Za-z0-9_-]+`), so the SQLite double quotes cannot
-    be escaped out of; and the value is a bind parameter in any case."""
-
-    impl = String
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        if dialect.name == "postgresql":
-            return dialect.type_descriptor(ARRAY(Text()))
-        return dialect.type_descriptor(String())
-
-    def process_bind_param(self, value: Sequence[str] | None, dialect: Dialect) -> Any:
-        if value is None:
-            return None
-        if dialect.name == "postgresql":
-            return list(value)
-        return "$" + "".join(f'."{segment}"' for segment in value)
+PATH_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def json_path(segments: Sequence[str]) -> BindParameter[Sequence[str]]:
-    """An anonymous bind parameter holding a path of object keys."""
-    return bindparam(None, tuple(segments), type_=JsonPathType(), unique=True)
+def checked_segments(segments: Sequence[str]) -> tuple[str, ...]:
+    """The path, after checking that it can be rendered as a literal (see the module docstring)."""
+    path = tuple(segments)
+    if not path or not all(isinstance(s, str) and PATH_SEGMENT.fullmatch(s) for s in path):
+        raise ValueError(f"not a JSON path of [A-Za-z0-9_-]+ keys: {path!r}")
+    return path
+
+
+def _sqlite_path(segments: Sequence[str]) -> str:
+    return "'$" + "".join(f'."{segment}"' for segment in segments) + "'"
+
+
+def _pg_path(segments: Sequence[str]) -> str:
+    return "CAST('{" + ",".join(segments) + "}' AS TEXT[])"
 
 
 def _clause(doc: Any) -> ColumnElement[Any]:
@@ -90,18 +82,19 @@ def _clause(doc: Any) -> ColumnElement[Any]:
 
 
 class _JsonElement(ColumnElement[Any]):
-    """Base: a document column, a bound path and a kind that is part of the statement cache key."""
+    """Base: a document column, a literal path and a kind; path and kind are part of the statement
+    cache key (the path is in the SQL text)."""
 
     inherit_cache = True
     _traverse_internals = [  # noqa: RUF012 - SQLAlchemy's declared structure, read by the cache-key logic
         ("doc", InternalTraversal.dp_clauseelement),
-        ("path", InternalTraversal.dp_clauseelement),
+        ("segments", InternalTraversal.dp_string_list),
         ("kind", InternalTraversal.dp_string),
     ]
 
     def __init__(self, doc: Any, segments: Sequence[str], kind: str) -> None:
         self.doc = _clause(doc)
-        self.path = json_path(segments)
+        self.segments = checked_segments(segments)
         self.kind = kind
 
     @property
@@ -153,7 +146,7 @@ class JsonArrayContains(_JsonElement):
 
 
 def _sqlite_parts(element: _JsonElement, compiler: SQLCompiler, kw: dict[str, Any]) -> tuple[str, str]:
-    return compiler.process(element.doc, **kw), compiler.process(element.path, **kw)
+    return compiler.process(element.doc, **kw), _sqlite_path(element.segments)
 
 
 def _sqlite_type_test(doc: str, path: str, kind: str) -> str:
@@ -198,9 +191,7 @@ def _sqlite_array_contains(element: JsonArrayContains, compiler: SQLCompiler, **
 
 
 def _pg_parts(element: _JsonElement, compiler: SQLCompiler, kw: dict[str, Any]) -> tuple[str, str]:
-    doc = compiler.process(element.doc, **kw)
-    path = f"CAST({compiler.process(element.path, **kw)} AS TEXT[])"
-    return doc, path
+    return compiler.process(element.doc, **kw), _pg_path(element.segments)
 
 
 def _pg_type_test(doc: str, path: str, kind: str) -> str:
