@@ -408,3 +408,45 @@ async def test_query_members_never_shows_a_page_older_than_an_acknowledged_chang
         calls.QueryMembers(call_service_pb2.QueryMembersRequest(type="default", id=call_id)),
         grpc.StatusCode.NOT_FOUND,
     )
+
+
+async def test_query_calls_never_shows_a_call_older_than_an_acknowledged_change(calls, users, unique):
+    # QueryCalls reuses cached calls whose stored row it just read unchanged; a change to the call, its
+    # members or their users must show in the next page.
+    ids = await make_users(users, unique, 2)
+    tag = unique("tag")
+    call_id = unique("c")
+    await calls.GetOrCreateCall(
+        call_service_pb2.GetOrCreateCallRequest(
+            type="default",
+            id=call_id,
+            data=call_service_pb2.CallData(
+                members=[call_pb2.MemberRequest(user_id=ids[0])], custom=struct({"tag": tag, "n": 1})
+            ),
+        )
+    )
+
+    async def state() -> tuple[float, list[tuple[str, str, str]]]:
+        response = await calls.QueryCalls(
+            call_service_pb2.QueryCallsRequest(filter_conditions=struct({"custom.tag": tag}))
+        )
+        (found,) = response.calls
+        return (
+            plain(found.call.custom)["n"],
+            sorted((m.user_id, m.role, m.user.name) for m in found.members),
+        )
+
+    assert await state() == (1, [(ids[0], "user", ids[0])])
+    assert await state() == (1, [(ids[0], "user", ids[0])])
+    await calls.UpdateCall(
+        call_service_pb2.UpdateCallRequest(type="default", id=call_id, set_custom=struct({"n": 2}))
+    )
+    assert await state() == (2, [(ids[0], "user", ids[0])])
+    await calls.UpdateCallMembers(
+        change(call_id, update=[call_pb2.MemberRequest(user_id=ids[1], role="admin")])
+    )
+    assert await state() == (2, sorted([(ids[0], "user", ids[0]), (ids[1], "admin", ids[1])]))
+    await users.UpsertUsers(
+        user_pb2.UpsertUsersRequest(users=[user_pb2.UserRequest(id=ids[0], name="renamed")])
+    )
+    assert await state() == (2, sorted([(ids[0], "user", "renamed"), (ids[1], "admin", ids[1])]))

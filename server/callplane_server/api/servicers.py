@@ -7,6 +7,7 @@ from typing import TypeVar
 import grpc
 
 from callplane.v1 import (
+    call_pb2,
     call_service_pb2,
     call_service_pb2_grpc,
     call_type_service_pb2,
@@ -110,6 +111,15 @@ def _rendered(view: CallView, reply_type: type[Reply], **fields: object) -> Repl
     return reply
 
 
+def _rendered_state(view: CallView) -> call_pb2.CallState:
+    """A page entry, rendered once per state, member count and capabilities (see _rendered)."""
+    key = (call_pb2.CallState, len(view.members), tuple(view.own_capabilities))
+    state = view.rendered.get(key)
+    if state is None:
+        state = view.rendered[key] = call_state(view)
+    return state
+
+
 class CallServicer(call_service_pb2_grpc.CallServiceServicer):
     def __init__(self, service: CallService) -> None:
         self._service = service
@@ -163,7 +173,7 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
     async def QueryCalls(self, request, context: Context):
         page = await self._service.query(page_request(request), request.members_limit)
         return call_service_pb2.QueryCallsResponse(
-            calls=[call_state(view) for view in page.items], next=page.next, prev=page.prev
+            calls=[_rendered_state(view) for view in page.items], next=page.next, prev=page.prev
         )
 
     async def UpdateCallMembers(self, request, context: Context):

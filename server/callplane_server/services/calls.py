@@ -476,9 +476,12 @@ class CallService:
         )
         problems.raise_if_any()
 
-        async def work(tx: Transaction) -> Page[CallView]:
+        async def work(
+            tx: Transaction,
+        ) -> tuple[Page[CallView], dict[str, CachedCall], dict[str, frozenset[str]]]:
             caller = await load_caller(tx)
             types = {record.name: record for record in await tx.call_types.list()}
+            grants = {name: record.grants for name, record in types.items()}
             reader = None
             if not caller.is_server:
                 assert caller.user is not None and caller.user_id is not None
@@ -487,26 +490,47 @@ class CallService:
                     role=caller.user.role,
                     teams=caller.user.teams,
                     call_cids=caller.principal.call_cids,
-                    grants={name: record.grants for name, record in types.items()},
+                    grants=grants,
                 )
             calls = await tx.calls.query(page, reader=reader)
-            cids = [call.cid for call in calls.items]
-            members = await tx.members.first(cids, limit)
-            capabilities = await capabilities_for_calls(
-                tx, caller, calls.items, {name: record.grants for name, record in types.items()}
+            # A cached entry equal to the row just read is that very state (every change bumps
+            # last_seq), so its members, settings and renderings serve; only the other calls are read.
+            entries: dict[str, CachedCall] = {}
+            fresh: dict[str, CachedCall] = {}
+            for call in calls.items:
+                entry = self._cache.get(call.cid)
+                if entry is not None and entry.call == call:
+                    entries[call.cid] = entry
+            missing = [call for call in calls.items if call.cid not in entries]
+            # With the cache on, read as many members as any read may ask for, so they can fill it.
+            members = await tx.members.first(
+                [call.cid for call in missing], MAX_MEMBERS_LIMIT if self._cache.enabled else limit
             )
+            for call in missing:
+                type_settings = types[call.type].settings if call.type in types else {}
+                settings = merge_settings(type_settings, call.settings_override)
+                entries[call.cid] = fresh[call.cid] = CachedCall(call, settings, members[call.cid])
+            capabilities = await capabilities_for_calls(tx, caller, calls.items, grants)
             views = [
                 CallView(
                     call,
-                    merge_settings(
-                        types[call.type].settings if call.type in types else {}, call.settings_override
-                    ),
-                    members[call.cid],
+                    entries[call.cid].settings,
+                    entries[call.cid].members[:limit],
                     own_capabilities=ordered_capabilities(capabilities[call.cid]),
+                    rendered=entries[call.cid].rendered,
                 )
                 for call in calls.items
             ]
-            return Page(views, calls.next, calls.prev)
+            return Page(views, calls.next, calls.prev), fresh, capabilities
+
+        generation = self._cache.generation
+        found, fresh, capabilities = await self._store.read(work)
+        principal = current_principal()
+        for cid, entry in fresh.items():
+            if "read-call" in capabilities[cid]:  # the cache keeps only principals that may read
+                entry.capabilities[principal] = capabilities[cid]
+                self._cache.put(cid, entry, generation)
+        return found
 
         return await self._store.read(work)
 

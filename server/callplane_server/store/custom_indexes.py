@@ -64,7 +64,7 @@ def parse_custom_index(spec: str) -> CustomIndex:
         if order not in ("asc", "desc"):
             raise ValueError(f"custom index {spec!r}: order {order!r} is not asc or desc")
         try:
-            path = checked_segments(path_text.split("."))
+            path = checked_segments(path_text.split("."))  # "" splits to [""], which fails the check
         except ValueError:
             raise ValueError(
                 f"custom index {spec!r}: {path_text!r} is not a path of [A-Za-z0-9_-]+ keys"

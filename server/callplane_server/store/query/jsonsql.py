@@ -59,9 +59,10 @@ PATH_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def checked_segments(segments: Sequence[str]) -> tuple[str, ...]:
-    """The path, after checking that it can be rendered as a literal (see the module docstring)."""
+    """The path (empty: the document itself), after checking that it can be rendered as a literal (see
+    the module docstring)."""
     path = tuple(segments)
-    if not path or not all(isinstance(s, str) and PATH_SEGMENT.fullmatch(s) for s in path):
+    if not all(isinstance(s, str) and PATH_SEGMENT.fullmatch(s) for s in path):
         raise ValueError(f"not a JSON path of [A-Za-z0-9_-]+ keys: {path!r}")
     return path
 
