@@ -251,10 +251,12 @@ class CallRepository:
 
     async def query(self, page: PageRequest, *, reader: CallReader | None = None) -> Page[CallRecord]:
         """Live calls; with `reader` (a user token) only those it may read (read-call)."""
-        base = select(CallRow).where(CallRow.deleted_at.is_(None))
+        base = select(CallRow.__table__).where(CallRow.deleted_at.is_(None))
         if reader is not None:
             base = base.where(calls_with_capability(reader, "read-call"))
-        rows, next_cursor, prev_cursor = await fetch_page(self._session, base, CALLS, page, self._signer)
+        rows, next_cursor, prev_cursor = await fetch_page(
+            self._session, base, CALLS, page, self._signer, whole_rows=True
+        )
         return Page([_call_record(row) for row in rows], next_cursor, prev_cursor)
 
 

@@ -290,12 +290,15 @@ async def fetch_page(
     signer: CursorSigner,
     *,
     scope: str = "",
+    whole_rows: bool = False,
 ) -> tuple[list[Any], str, str]:
     """One page of `base` (a `select(Model)` with the caller's own WHERE), filtered, sorted and cut at
     the cursor: returns (ORM objects in display order, next cursor or "", prev cursor or "").
 
     `base` must select exactly the entity's model, unaliased (the array filters correlate on it), and must
     not eager-load collections with joins. `scope` (e.g. the call cid for members) is bound into cursors.
+    With `whole_rows`, `base` selects the model's table instead (`select(Model.__table__)`, skipping ORM
+    loading) and the items are the result rows, whose columns read like the model's attributes.
     """
     if not 1 <= page.limit <= MAX_LIMIT:
         raise InvalidArgument.for_field("limit", f"must be between 1 and {MAX_LIMIT}")
@@ -328,10 +331,10 @@ async def fetch_page(
     rows = rows[: page.limit]
     if backwards:
         rows.reverse()
-    items = [row[0] for row in rows]
+    items = rows if whole_rows else [row[0] for row in rows]
     # Boundary values come from SQL (not the Python objects) so they match what the keyset compares.
-    first = list(rows[0][1:]) if rows else None
-    last = list(rows[-1][1:]) if rows else None
+    first = list(rows[0][-len(keys) :]) if rows else None  # the cp_sort_* columns, added last
+    last = list(rows[-1][-len(keys) :]) if rows else None
 
     def cursor(towards: Direction, values: Sequence[Any]) -> str:
         return _encode_cursor(signer, towards, fingerprint, keys, values)
