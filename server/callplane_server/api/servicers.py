@@ -136,7 +136,9 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
                 settings_override=settings_to_dict(data.settings_override),
                 starts_at=timestamp_to_datetime(data, "starts_at"),
                 team=data.team,
-            ),
+            )
+            if request.HasField("data")
+            else CallData(),  # most requests find the call and send no data: skip the conversions
             request.members_limit,
             ring=request.ring,
             notify=request.notify,

@@ -192,8 +192,10 @@ class CallService:
         if data.team and not TEAM_NAME.fullmatch(data.team):
             problems.add("data.team", f"{data.team!r} is not a valid team")
         self._check_members(data.members, "data.members", problems)
-        check_custom_size(data.custom, self._limits.max_call_custom_bytes, "data.custom", problems)
-        validate_settings(data.settings_override, "data.settings_override", problems)
+        if data.custom:
+            check_custom_size(data.custom, self._limits.max_call_custom_bytes, "data.custom", problems)
+        if data.settings_override:  # no override is always valid
+            validate_settings(data.settings_override, "data.settings_override", problems)
         principal = current_principal()
         if not principal.is_server:
             # User tokens create calls as themselves.
