@@ -190,14 +190,6 @@ def _call_message(view: CallView) -> call_pb2.Call:
     return message
 
 
-def call_state(view: CallView) -> call_pb2.CallState:
-    return call_pb2.CallState(
-        call=call_message(view),
-        members=member_messages(view),
-        own_capabilities=view.own_capabilities,
-    )
-
-
 _TRACKS = {
     "audio": session_pb2.TRACK_TYPE_AUDIO,
     "video": session_pb2.TRACK_TYPE_VIDEO,

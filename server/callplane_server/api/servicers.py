@@ -18,7 +18,6 @@ from callplane.v1 import (
 from callplane_server.domain.records import CallView
 from callplane_server.messages import (
     call_message,
-    call_state,
     call_type_message,
     grants_to_dict,
     member_inputs,
@@ -36,7 +35,10 @@ from callplane_server.services.calls import CallData, CallService, CallUpdate
 from callplane_server.services.users import UserInput, UserPatch, UserService
 
 Context = grpc.aio.ServicerContext
-Reply = TypeVar("Reply", call_service_pb2.GetCallResponse, call_service_pb2.GetOrCreateCallResponse)
+# The messages made of a call view: the call, its first members and the caller's capabilities.
+Reply = TypeVar(
+    "Reply", call_service_pb2.GetCallResponse, call_service_pb2.GetOrCreateCallResponse, call_pb2.CallState
+)
 
 
 class CallTypeServicer(call_type_service_pb2_grpc.CallTypeServiceServicer):
@@ -97,8 +99,8 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
 
 
 def _rendered(view: CallView, reply_type: type[Reply], **fields: object) -> Reply:
-    """The reply for a view, built once per state of a cached call: a hot call is read far more often
-    than it changes, and building the reply costs more than serializing it."""
+    """The reply (or QueryCalls page entry) for a view, built once per state of a cached call: a hot call
+    is read far more often than it changes, and building the reply costs more than serializing it."""
     key = (reply_type, len(view.members), tuple(view.own_capabilities), tuple(fields.items()))
     reply = view.rendered.get(key)
     if reply is None:
@@ -109,15 +111,6 @@ def _rendered(view: CallView, reply_type: type[Reply], **fields: object) -> Repl
             **fields,
         )
     return reply
-
-
-def _rendered_state(view: CallView) -> call_pb2.CallState:
-    """A page entry, rendered once per state, member count and capabilities (see _rendered)."""
-    key = (call_pb2.CallState, len(view.members), tuple(view.own_capabilities))
-    state = view.rendered.get(key)
-    if state is None:
-        state = view.rendered[key] = call_state(view)
-    return state
 
 
 class CallServicer(call_service_pb2_grpc.CallServiceServicer):
@@ -175,7 +168,7 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
     async def QueryCalls(self, request, context: Context):
         page = await self._service.query(page_request(request), request.members_limit)
         return call_service_pb2.QueryCallsResponse(
-            calls=[_rendered_state(view) for view in page.items], next=page.next, prev=page.prev
+            calls=[_rendered(view, call_pb2.CallState) for view in page.items], next=page.next, prev=page.prev
         )
 
     async def UpdateCallMembers(self, request, context: Context):

@@ -16,11 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import get_args
 
+from sqlalchemy.engine import Dialect
+
 from callplane_server.store.database import Database
 from callplane_server.store.models import CallRow
-from callplane_server.store.query.jsonsql import JsonScalar, ScalarKind, checked_segments
+from callplane_server.store.query.entities import CUSTOM_PREFIX
+from callplane_server.store.query.filters import MAX_PATH_DEPTH, parse_custom_path
+from callplane_server.store.query.jsonsql import JsonScalar, ScalarKind
 
-_CUSTOM_PREFIX = "custom."
 _KINDS = get_args(ScalarKind)
 
 
@@ -57,34 +60,35 @@ def parse_custom_index(spec: str) -> CustomIndex:
             raise ValueError(f"custom index {spec!r}: {part.strip()!r} is not path:kind[:asc|desc]")
         path_text, kind = pieces[0], pieces[1]
         order = pieces[2] if len(pieces) == 3 else "asc"
-        if path_text.startswith(_CUSTOM_PREFIX):
-            path_text = path_text[len(_CUSTOM_PREFIX) :]
         if kind not in _KINDS:
             raise ValueError(f"custom index {spec!r}: kind {kind!r} is not one of {', '.join(_KINDS)}")
         if order not in ("asc", "desc"):
             raise ValueError(f"custom index {spec!r}: order {order!r} is not asc or desc")
-        try:
-            path = checked_segments(path_text.split("."))  # "" splits to [""], which fails the check
-        except ValueError:
+        # The same paths a query may name (keys and depth), so every declared index can be used.
+        segments = parse_custom_path(
+            path_text if path_text.startswith(CUSTOM_PREFIX) else CUSTOM_PREFIX + path_text
+        )
+        if segments is None:
             raise ValueError(
-                f"custom index {spec!r}: {path_text!r} is not a path of [A-Za-z0-9_-]+ keys"
-            ) from None
-        fields.append(IndexedField(path, kind, order == "desc"))  # type: ignore[arg-type]
+                f"custom index {spec!r}: {path_text!r} is not a path of at most {MAX_PATH_DEPTH} "
+                "[A-Za-z0-9_-]+ keys"
+            )
+        fields.append(IndexedField(tuple(segments), kind, order == "desc"))  # type: ignore[arg-type]
     return CustomIndex(tuple(fields))
 
 
-def _create_statement(index: CustomIndex, dialect: str, compile_dialect: object) -> str:
+def _create_statement(index: CustomIndex, dialect: Dialect) -> str:
     custom = CallRow.__table__.c.custom
     columns = []
     for field in index.fields:
         expression = str(
             JsonScalar(custom, field.path, field.kind).compile(
-                dialect=compile_dialect,  # type: ignore[arg-type]
+                dialect=dialect,
                 compile_kwargs={"include_table": False},  # an index expression names bare columns
             )
         )
         order = "DESC" if field.descending else "ASC"
-        if dialect == "postgresql":
+        if dialect.name == "postgresql":
             # The compilers sort NULL as the smallest value (SQLite's own order); PostgreSQL's default
             # puts NULL last ascending, so say it, or the index order would not match the query's.
             order += " NULLS LAST" if field.descending else " NULLS FIRST"
@@ -97,4 +101,4 @@ async def ensure_custom_indexes(database: Database, indexes: Sequence[CustomInde
     """Creates the declared indexes that do not exist yet (undeclaring one does not drop it)."""
     if indexes:
         dialect = database.write_engine.dialect
-        await database.run_ddl([_create_statement(index, database.dialect, dialect) for index in indexes])
+        await database.run_ddl([_create_statement(index, dialect) for index in indexes])

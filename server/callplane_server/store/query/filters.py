@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -28,7 +27,13 @@ from callplane_server.store.query.entities import (
     JsonArrayField,
     ScalarField,
 )
-from callplane_server.store.query.jsonsql import JsonArrayContains, JsonScalar, JsonTypeIs, ScalarKind
+from callplane_server.store.query.jsonsql import (
+    PATH_SEGMENT,
+    JsonArrayContains,
+    JsonScalar,
+    JsonTypeIs,
+    ScalarKind,
+)
 
 REASON = "INVALID_FILTER"
 ROOT = "filter_conditions"
@@ -38,7 +43,6 @@ MAX_CONDITIONS = 200  # operator applications in one filter
 MAX_LIST = 100  # elements of one $in / $nin list
 MAX_STRING = 1024  # characters of one string operand
 MAX_PATH_DEPTH = 10  # segments of a custom.<path>
-_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 
 COMBINATORS = ("$and", "$or", "$nor")
 _COMPARISONS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists")
@@ -87,7 +91,7 @@ def canonical_filter(conditions: dict[str, Any] | None) -> str:
 def parse_custom_path(field: str) -> list[str] | None:
     """Segments of `custom.<a.b.c>`, or None when the path is malformed."""
     segments = field[len(CUSTOM_PREFIX) :].split(".")
-    if len(segments) > MAX_PATH_DEPTH or not all(_SEGMENT.fullmatch(segment) for segment in segments):
+    if len(segments) > MAX_PATH_DEPTH or not all(PATH_SEGMENT.fullmatch(segment) for segment in segments):
         return None
     return segments
 
