@@ -9,9 +9,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 
 from callplane_server.app import CallplaneServer
 from callplane_server.auth.tokens import create_token
@@ -179,3 +181,10 @@ async def running_server(backend: str, folder: Path, **config: object) -> AsyncI
         finally:
             await authed.close()
             await server.stop(grace=0)
+
+
+def struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    """A google.protobuf.Struct holding `value` (custom data and filters in requests)."""
+    message = struct_pb2.Struct()
+    message.update(value)
+    return message

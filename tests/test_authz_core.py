@@ -12,7 +12,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2
 
 from callplane.v1 import (
     call_pb2,
@@ -28,7 +27,7 @@ from callplane.v1 import (
 )
 from callplane_server.domain.capabilities import CAPABILITIES
 from tests.errors import expect_error
-from tests.support import RunningServer, channel, running_server, user_token
+from tests.support import RunningServer, channel, running_server, struct, user_token
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 ALL = list(CAPABILITIES)
@@ -63,12 +62,6 @@ def admin(server: RunningServer) -> Stubs:
 async def acting_as(server: RunningServer, user_id: str, **claims: Any) -> AsyncIterator[Stubs]:
     async with channel(server.target, token=user_token(user_id, **claims)) as user_channel:
         yield stubs_for(user_channel)
-
-
-def struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    message.update(value)
-    return message
 
 
 def grants(**roles: list[str]) -> dict[str, call_type_pb2.Capabilities]:

@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 
 from callplane.v1 import (
     call_data_service_pb2,
@@ -55,7 +55,7 @@ from callplane.v1 import (
 from callplane_server.auth.tokens import create_token
 from callplane_server.domain.capabilities import CAPABILITIES
 from tests.errors import DOMAIN, decode
-from tests.support import SERVER_TOKEN, RunningServer, channel, running_server, user_token
+from tests.support import SERVER_TOKEN, RunningServer, channel, running_server, struct, user_token
 
 SERVICE_MODULES = (
     call_type_service_pb2,
@@ -136,12 +136,6 @@ Expected = grpc.StatusCode | Denied
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    json_format.ParseDict(value, message)
-    return message
 
 
 def tokens() -> dict[str, str | None]:

@@ -27,7 +27,7 @@ from callplane.v1 import (
 )
 from callplane_server.services.limits import Limits
 from tests.errors import expect_error
-from tests.support import RunningServer
+from tests.support import RunningServer, struct
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -36,12 +36,6 @@ REPLACE = session_pb2.CUSTOM_DATA_MODE_REPLACE
 MERGE = session_pb2.CUSTOM_DATA_MODE_SHALLOW_MERGE
 STREAM_TIMEOUT = 15.0
 LIMITS = Limits()
-
-
-def struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    message.update(value)
-    return message
 
 
 def plain(message: struct_pb2.Struct) -> dict[str, Any]:

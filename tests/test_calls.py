@@ -12,14 +12,9 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from callplane.v1 import call_pb2, call_service_pb2, call_type_pb2, user_pb2
 from tests.errors import expect_error
+from tests.support import struct
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-
-
-def struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    message.update(value)
-    return message
 
 
 def plain(message: struct_pb2.Struct) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf import struct_pb2
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from callplane.v1 import call_service_pb2, call_service_pb2_grpc, query_pb2
@@ -17,15 +16,9 @@ from callplane_server.config import Config, add_arguments, load
 from callplane_server.domain.records import PageRequest, SortInput
 from callplane_server.store import Transaction
 from callplane_server.store.custom_indexes import IndexedField, parse_custom_index
-from tests.support import running_server
+from tests.support import running_server, struct
 
 SPEC = "region:string,priority:number:desc"
-
-
-def struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    message.update(value)
-    return message
 
 
 def test_specs_parse_into_ordered_typed_fields() -> None:

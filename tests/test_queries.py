@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from callplane.v1 import (
     call_pb2,
@@ -26,16 +26,11 @@ from callplane.v1 import (
     user_pb2_grpc,
 )
 from tests.errors import expect_error
+from tests.support import struct
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 ASC, DESC = query_pb2.SORT_DIRECTION_ASC, query_pb2.SORT_DIRECTION_DESC
 NUMBER, STRING, BOOLEAN = query_pb2.SORT_TYPE_NUMBER, query_pb2.SORT_TYPE_STRING, query_pb2.SORT_TYPE_BOOLEAN
-
-
-def struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    message.update(value)
-    return message
 
 
 def rfc3339(stamp: timestamp_pb2.Timestamp) -> str:

@@ -30,7 +30,7 @@ from callplane.v1 import (
 from callplane_server.app import CallplaneServer
 from callplane_server.config import Config
 from tests.errors import expect_error
-from tests.support import TEST_SECRET, RunningServer, TestClock, fresh_database, running_server
+from tests.support import TEST_SECRET, RunningServer, TestClock, fresh_database, running_server, struct
 from tests.support import channel as authed_channel
 
 LEASE_TTL = 600.0  # longer than every timer these tests run past, so leases only expire where intended
@@ -60,12 +60,6 @@ def watch(server: RunningServer) -> event_service_pb2_grpc.EventServiceStub:
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-
-def struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    message.update(value)
-    return message
 
 
 def plain(message: struct_pb2.Struct) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 
 from callplane.v1 import (
     call_pb2,
@@ -45,7 +45,7 @@ from callplane.v1 import (
 )
 from callplane_server.events import hub as hub_module
 from callplane_server.store.events import StoredEvent
-from tests.support import BACKENDS, RunningServer, running_server
+from tests.support import BACKENDS, RunningServer, running_server, struct
 
 SEED = 20260101
 CALLS = 3
@@ -53,10 +53,6 @@ USERS = 6
 WRITERS = 4
 OPS_PER_WRITER = 25
 CATCH_UP_TIMEOUT = 60.0
-
-
-def struct(data: dict[str, Any]) -> struct_pb2.Struct:
-    return json_format.ParseDict(data, struct_pb2.Struct())
 
 
 def tokens_of(event: event_pb2.Event) -> list[str]:

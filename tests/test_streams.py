@@ -21,7 +21,7 @@ import grpc
 import grpc.aio
 import pytest
 import pytest_asyncio
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 
 from callplane.v1 import (
     call_service_pb2,
@@ -39,7 +39,7 @@ from callplane_server.app import CallplaneServer
 from callplane_server.config import Config
 from callplane_server.services.limits import Limits
 from tests.errors import decode, expect_error
-from tests.support import TEST_SECRET, RunningServer, TestClock, fresh_database, running_server
+from tests.support import TEST_SECRET, RunningServer, TestClock, fresh_database, running_server, struct
 from tests.support import channel as authed_channel
 
 READ_TIMEOUT = 15.0
@@ -60,10 +60,6 @@ def events(server: RunningServer) -> event_service_pb2_grpc.EventServiceStub:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-
-def struct(data: dict[str, Any]) -> struct_pb2.Struct:
-    return json_format.ParseDict(data, struct_pb2.Struct())
 
 
 def custom_of(event: event_pb2.Event) -> dict[str, Any]:

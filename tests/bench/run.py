@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import struct_pb2
 
 from callplane.v1 import call_service_pb2, call_service_pb2_grpc, query_pb2
 from callplane_server import runtime
@@ -45,16 +44,10 @@ from tests.bench.servers import (
     wait_serving,
 )
 from tests.bench.stats import proc_status
-from tests.support import new_database
+from tests.support import new_database, struct
 
 RESULTS_DIR = REPO / "tests" / "bench" / "results"
 GET_CALL = "/callplane.v1.CallService/GetCall"
-
-
-def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    struct = struct_pb2.Struct()
-    struct.update(value)
-    return struct
 
 
 def workloads(calls: int) -> dict[str, tuple[str, bytes]]:
@@ -72,7 +65,7 @@ def workloads(calls: int) -> dict[str, tuple[str, bytes]]:
                 call_service_pb2.UpdateCallRequest(
                     type=CALL_TYPE,
                     id=call_id(calls // 2 + 1),
-                    set_custom=_struct({"host.tier": "pro", "bump": 1}),
+                    set_custom=struct({"host.tier": "pro", "bump": 1}),
                 )
             ),
         ),
@@ -80,7 +73,7 @@ def workloads(calls: int) -> dict[str, tuple[str, bytes]]:
             "/callplane.v1.CallService/QueryCalls",
             h2load.grpc_body(
                 call_service_pb2.QueryCallsRequest(
-                    filter_conditions=_struct({"custom.region": "eu", "custom.priority": {"$gte": 5}}),
+                    filter_conditions=struct({"custom.region": "eu", "custom.priority": {"$gte": 5}}),
                     sort=[
                         query_pb2.SortParam(
                             field="custom.priority",
@@ -220,12 +213,9 @@ async def bench_backend(backend: str, args: Any, postgres_url: str) -> dict[str,
                         seconds=args.fanout_seconds,
                     )
                     print(f"[{backend}] fan-out: {json.dumps(result['fanout'])}", flush=True)
+                    idle_calls = [(CALL_TYPE, call_id(i)) for i in range(args.calls)]
                     result["idle_watches"] = await fanout.measure_idle_rss(
-                        server.target,
-                        token,
-                        server.pid,
-                        [(CALL_TYPE, call_id(i)) for i in range(args.calls)],
-                        streams=args.idle_streams,
+                        server.target, token, server.pid, idle_calls, streams=args.idle_streams
                     )
                     print(f"[{backend}] idle watches: {json.dumps(result['idle_watches'])}", flush=True)
                     with reference(reply, folder) as reference_server:
@@ -234,7 +224,7 @@ async def bench_backend(backend: str, args: Any, postgres_url: str) -> dict[str,
                             reference_server.target,
                             token,
                             reference_server.pid,
-                            [(CALL_TYPE, call_id(i)) for i in range(args.calls)],
+                            idle_calls,
                             streams=args.idle_streams,
                         )
                     print(
