@@ -11,6 +11,8 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import IntEnum
 from functools import partial
 
 from callplane_server.store import Store, Transaction
@@ -20,8 +22,32 @@ log = logging.getLogger(__name__)
 
 #: Recipients of one event: [(user_id, user_seq)].
 Recipients = list[tuple[str, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Withheld:
+    """Stands for an event its subscriber may not see (an addressed event, to others): it moves the
+    subscriber's cursor past the event, so its seqs stay contiguous, and is never sent."""
+
+    position: int
+    seq: int
+    size: int = 0
+
+    @classmethod
+    def of(cls, stored: StoredEvent) -> Withheld:
+        return cls(stored.position, stored.seq, stored.size)
+
+
 #: Returns what to deliver to this subscriber for an event (None: not for it).
-Matcher = Callable[[StoredEvent, Recipients], StoredEvent | None]
+Matcher = Callable[[StoredEvent, Recipients], StoredEvent | Withheld | None]
+
+
+class RecipientsNeeded(IntEnum):
+    """Which events' recipients a subscriber's matcher is given (the tailer reads no more than needed)."""
+
+    NONE = 0
+    ADDRESSED = 1  # of addressed events only (who may see them)
+    ALL = 2  # of every event (WatchUser)
 
 
 class Overflow:
@@ -41,21 +67,23 @@ class Subscription:
     one timer: no asyncio.Queue and no task per wait, because a server holds many thousands of these
     mostly idle, and waking one is on the path of every delivered event."""
 
-    __slots__ = ("_items", "_waiter", "closed", "matcher", "maxsize", "overflowed", "wants_recipients")
+    __slots__ = ("_items", "_waiter", "closed", "matcher", "maxsize", "overflowed", "recipients")
 
-    def __init__(self, matcher: Matcher, maxsize: int, wants_recipients: bool = False) -> None:
+    def __init__(
+        self, matcher: Matcher, maxsize: int, recipients: RecipientsNeeded = RecipientsNeeded.NONE
+    ) -> None:
         self.matcher = matcher
         self.maxsize = maxsize
-        self.wants_recipients = wants_recipients
+        self.recipients = recipients
         self.overflowed = False
         self.closed = False
-        self._items: deque[StoredEvent | Overflow | Closed] = deque()
+        self._items: deque[StoredEvent | Withheld | Overflow | Closed] = deque()
         self._waiter: asyncio.Future[None] | None = None
 
     def qsize(self) -> int:
         return len(self._items)
 
-    def offer(self, item: StoredEvent) -> None:
+    def offer(self, item: StoredEvent | Withheld) -> None:
         if self.overflowed or self.closed:
             return
         if len(self._items) >= self.maxsize:
@@ -69,7 +97,7 @@ class Subscription:
         self.closed = True
         self._replace_contents(CLOSED)
 
-    async def next(self, idle_seconds: float) -> StoredEvent | Overflow | Closed | None:
+    async def next(self, idle_seconds: float) -> StoredEvent | Withheld | Overflow | Closed | None:
         """The next item, or None when nothing came within `idle_seconds`."""
         if not self._items:
             loop = asyncio.get_running_loop()
@@ -139,8 +167,10 @@ class EventHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def subscribe(self, matcher: Matcher, *, wants_recipients: bool = False) -> Subscription:
-        subscription = Subscription(matcher, self._queue_size, wants_recipients)
+    def subscribe(
+        self, matcher: Matcher, *, recipients: RecipientsNeeded = RecipientsNeeded.NONE
+    ) -> Subscription:
+        subscription = Subscription(matcher, self._queue_size, recipients)
         if self.closed:
             subscription.close()
         self._subscriptions.add(subscription)
@@ -167,10 +197,15 @@ class EventHub:
                 await asyncio.sleep(self._poll_interval)
 
     async def _read_batch(
-        self, after: int, need_recipients: bool, tx: Transaction
+        self, after: int, needed: RecipientsNeeded, tx: Transaction
     ) -> tuple[list[StoredEvent], dict[int, Recipients]]:
         batch = await tx.events.events_after_position(after, self._batch_size)
-        recipients = await tx.events.recipients_of([e.position for e in batch]) if need_recipients else {}
+        if needed is RecipientsNeeded.ALL:
+            recipients = await tx.events.recipients_of([e.position for e in batch])
+        elif needed is RecipientsNeeded.ADDRESSED:
+            recipients = await tx.events.recipients_of([e.position for e in batch if e.addressed])
+        else:
+            recipients = {}
         return batch, recipients
 
     async def poll(self) -> int:
@@ -178,9 +213,8 @@ class EventHub:
         dispatched = 0
         while True:
             after = self.last_position
-            need_recipients = any(s.wants_recipients for s in self._subscriptions)
-
-            batch, recipients = await self._store.read(partial(self._read_batch, after, need_recipients))
+            needed = max((s.recipients for s in self._subscriptions), default=RecipientsNeeded.NONE)
+            batch, recipients = await self._store.read(partial(self._read_batch, after, needed))
             for stored in batch:
                 for subscription in list(self._subscriptions):
                     item = subscription.matcher(stored, recipients.get(stored.position, []))

@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Protocol
 
 from callplane_server.auth.context import current_principal
@@ -22,7 +23,15 @@ from callplane_server.errors import (
     Unavailable,
     ViolationCollector,
 )
-from callplane_server.events.hub import CLOSED, OVERFLOW, EventHub, Recipients, Subscription
+from callplane_server.events.hub import (
+    CLOSED,
+    OVERFLOW,
+    EventHub,
+    Recipients,
+    RecipientsNeeded,
+    Subscription,
+    Withheld,
+)
 from callplane_server.services.authz import Caller, load_caller, require, require_admin, require_self
 from callplane_server.services.call_lookup import call_not_found, live_call
 from callplane_server.services.clock import Clock
@@ -68,6 +77,44 @@ class EventFilter:
         )
 
 
+@dataclass(frozen=True)
+class Audience:
+    """Whom a stream is for. An addressed custom event reaches only its recipients, on every stream and
+    replay; its sender gets it only by addressing itself. Server tokens and global admins (who may read
+    the firehose anyway) see every event."""
+
+    user_id: str | None = None  # None: sees everything
+
+    @classmethod
+    def of(cls, caller: Caller) -> Audience:
+        return EVERYONE if caller.is_admin else cls(caller.user_id)
+
+    @property
+    def recipients_needed(self) -> RecipientsNeeded:
+        return RecipientsNeeded.NONE if self.user_id is None else RecipientsNeeded.ADDRESSED
+
+    def sees(self, stored: StoredEvent, recipients: Recipients) -> bool:
+        return (
+            self.user_id is None
+            or not stored.addressed
+            or any(user_id == self.user_id for user_id, _ in recipients)
+        )
+
+    async def screen(self, tx: Transaction, events: list[StoredEvent]) -> list[StoredEvent | Withheld]:
+        """Events read from the log, with those this audience may not see withheld."""
+        if self.user_id is None:
+            return list(events)
+        addressed = [stored.position for stored in events if stored.addressed]
+        recipients = await tx.events.recipients_of(addressed) if addressed else {}
+        return [
+            stored if self.sees(stored, recipients.get(stored.position, [])) else Withheld.of(stored)
+            for stored in events
+        ]
+
+
+EVERYONE = Audience()
+
+
 class Presence(Protocol):
     """Implemented by the session service: a WatchCall stream can hold a participant's presence."""
 
@@ -83,8 +130,8 @@ StreamItem = Snapshot | StoredEvent | ProgressMark
 class _Follow:
     """How one kind of stream reads the log and numbers its events."""
 
-    read_after: Callable[[int], Awaitable[list[StoredEvent]]]
-    key: Callable[[StoredEvent], int]
+    read_after: Callable[[int], Awaitable[Sequence[StoredEvent | Withheld]]]
+    key: Callable[[StoredEvent | Withheld], int]
     # Per-call and per-user numbers are contiguous, so a jump means something was missed.
     contiguous: bool
     progress: Callable[[int], int] = field(default=lambda cursor: cursor)
@@ -123,12 +170,19 @@ class EventStreamService:
             problems.add("after_seq", "give snapshot or after_seq, not both")
         problems.raise_if_any()
         cid = f"{call_type}:{call_id}"
+        audience = EVERYONE
         if not current_principal().is_server:
             # Checked once, when the stream starts (holding presence also needs the caller's own
             # participant: SessionService.keep_alive checks that).
-            await self._store.read(lambda tx: self._require_readable(tx, [cid]))
+            audience = await self._store.read(lambda tx: self._require_readable(tx, [cid]))
+
+        def matcher(stored: StoredEvent, recipients: Recipients) -> StoredEvent | Withheld | None:
+            if stored.call_cid != cid:
+                return None
+            return stored if audience.sees(stored, recipients) else Withheld.of(stored)
+
         # Subscribe before reading anything, so nothing committed after the read can be missed.
-        subscription = self._hub.subscribe(lambda stored, _r: stored if stored.call_cid == cid else None)
+        subscription = self._hub.subscribe(matcher, recipients=audience.recipients_needed)
         holds_presence = False
         try:
             # Presence is taken before the first message, so a client that leaves right after it
@@ -143,12 +197,14 @@ class EventStreamService:
             else:
                 cursor = await self._store.read(lambda tx: self._call_resume_point(tx, cid, after_seq))
 
-            async def read_after(position: int) -> list[StoredEvent]:
-                return await self._store.read(
-                    lambda tx: tx.events.call_events_after(
-                        cid, position, CATCH_UP_BATCH, max_bytes=CATCH_UP_BYTES
-                    )
+            async def read(position: int, tx: Transaction) -> list[StoredEvent | Withheld]:
+                events = await tx.events.call_events_after(
+                    cid, position, CATCH_UP_BATCH, max_bytes=CATCH_UP_BYTES
                 )
+                return await audience.screen(tx, events)
+
+            async def read_after(position: int) -> list[StoredEvent | Withheld]:
+                return await self._store.read(partial(read, position))
 
             follow = _Follow(read_after=read_after, key=lambda stored: stored.seq, contiguous=True)
             from_now = not snapshot and after_seq is None
@@ -161,10 +217,12 @@ class EventStreamService:
                 await asyncio.shield(self.presence.stream_closed(call_type, call_id, participant_session_id))
 
     @staticmethod
-    async def _require_readable(tx: Transaction, cids: Sequence[str]) -> None:
+    async def _require_readable(tx: Transaction, cids: Sequence[str]) -> Audience:
+        """Checks read-call on each call; returns whom the stream is for."""
         caller = await load_caller(tx)
         for cid in cids:
             await require(tx, caller, await live_call(tx, cid), "read-call")
+        return Audience.of(caller)
 
     async def _call_resume_point(self, tx: Transaction, cid: str, after_seq: int | None) -> int:
         bounds = await tx.events.call_seq_bounds(cid)
@@ -203,7 +261,7 @@ class EventStreamService:
                     )
             return None
 
-        subscription = self._hub.subscribe(matcher, wants_recipients=True)
+        subscription = self._hub.subscribe(matcher, recipients=RecipientsNeeded.ALL)
         try:
 
             async def resume(tx: Transaction) -> int:
@@ -243,9 +301,15 @@ class EventStreamService:
     async def subscribe(
         self, filters: EventFilter, *, after_position: int | None
     ) -> AsyncIterator[StreamItem]:
+        audience = EVERYONE
         if not current_principal().is_server:
-            await self._store.read(lambda tx: self._authorize_subscription(tx, filters))
-        subscription = self._hub.subscribe(lambda stored, _r: stored if filters.matches(stored) else None)
+            audience = await self._store.read(lambda tx: self._authorize_subscription(tx, filters))
+
+        def matcher(stored: StoredEvent, recipients: Recipients) -> StoredEvent | None:
+            # Positions are not contiguous here: what this audience may not see is simply left out.
+            return stored if filters.matches(stored) and audience.sees(stored, recipients) else None
+
+        subscription = self._hub.subscribe(matcher, recipients=audience.recipients_needed)
         try:
 
             async def resume(tx: Transaction) -> int:
@@ -254,17 +318,19 @@ class EventStreamService:
 
             cursor = await self._store.read(resume)
 
-            async def read_after(position: int) -> list[StoredEvent]:
-                return await self._store.read(
-                    lambda tx: tx.events.events_after_position(
-                        position,
-                        CATCH_UP_BATCH,
-                        call_types=filters.call_types,
-                        call_cids=filters.call_cids,
-                        event_types=filters.event_types,
-                        max_bytes=CATCH_UP_BYTES,
-                    )
+            async def read(position: int, tx: Transaction) -> list[StoredEvent | Withheld]:
+                events = await tx.events.events_after_position(
+                    position,
+                    CATCH_UP_BATCH,
+                    call_types=filters.call_types,
+                    call_cids=filters.call_cids,
+                    event_types=filters.event_types,
+                    max_bytes=CATCH_UP_BYTES,
                 )
+                return await audience.screen(tx, events)
+
+            async def read_after(position: int) -> list[StoredEvent | Withheld]:
+                return await self._store.read(partial(read, position))
 
             # Filtered positions are not contiguous; progress reports how far the log was scanned.
             follow = _Follow(
@@ -280,11 +346,11 @@ class EventStreamService:
         finally:
             self._hub.unsubscribe(subscription)
 
-    async def _authorize_subscription(self, tx: Transaction, filters: EventFilter) -> None:
+    async def _authorize_subscription(self, tx: Transaction, filters: EventFilter) -> Audience:
         """Admins see every event; other user tokens name their calls (call_cids), each readable."""
         caller = await load_caller(tx)
         if caller.is_admin:
-            return
+            return EVERYONE
         if not filters.call_cids:
             require_admin(caller, "SubscribeEvents without call_cids")
         cids = list(dict.fromkeys(filters.call_cids))
@@ -300,7 +366,7 @@ class EventStreamService:
             if not separator or probe.violations:
                 problems.add(f"call_cids[{index}]", f"{cid!r} is not a call cid (type:id)")
         problems.raise_if_any()
-        await self._require_readable(tx, cids)
+        return await self._require_readable(tx, cids)
 
     # -- the one follow loop -----------------------------------------------------------------------
 
@@ -319,7 +385,8 @@ class EventStreamService:
                 subscription.overflowed = False
                 batch = await follow.read_after(cursor)
                 for stored in batch:
-                    yield stored
+                    if not isinstance(stored, Withheld):
+                        yield stored
                     cursor = follow.key(stored)
                 if len(batch) == CATCH_UP_BATCH or sum(stored.size for stored in batch) >= CATCH_UP_BYTES:
                     continue  # maybe more in the log
@@ -337,14 +404,15 @@ class EventStreamService:
             if item is OVERFLOW:
                 catching_up = True
                 continue
-            assert isinstance(item, StoredEvent)
+            assert isinstance(item, StoredEvent | Withheld)
             key = follow.key(item)
             if key <= cursor:
                 continue
             if follow.contiguous and key != cursor + 1:
                 catching_up = True
                 continue
-            yield item
+            if not isinstance(item, Withheld):
+                yield item
             cursor = key
 
 

@@ -47,6 +47,14 @@ class StoredEvent:
     # subscribers is serialized once.
     frames: dict[bytes, bytes] = field(default_factory=dict, compare=False, repr=False)
 
+    @property
+    def addressed(self) -> bool:
+        """A custom event sent to chosen users or roles: only its recipients may see it."""
+        if self.type != "custom":
+            return False
+        custom = self.event.custom
+        return bool(custom.to_user_ids or custom.to_roles)
+
 
 def _decode(row: EventRow) -> StoredEvent:
     event = event_pb2.Event.FromString(row.payload)

@@ -199,11 +199,15 @@ class SendCallEventRequest(_message.Message):
 
     @_builtins.property
     def to_user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Recipients by user id."""
+        """Recipients by user id. With `to_user_ids` or `to_roles` set the event is addressed: it reaches only
+        its recipients (on WatchCall, WatchUser, SubscribeEvents and replays) and is withheld from everyone
+        else's streams; server tokens and global admins see every event. The sender receives its own
+        addressed event only if it addresses itself. Empty with empty `to_roles`: everyone watching the call.
+        """
 
     @_builtins.property
     def to_roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Recipients by call role."""
+        """Recipients by call role (members with the role, and participants by their role, when it was sent)."""
 
     def __init__(
         self,

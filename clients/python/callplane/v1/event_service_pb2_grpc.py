@@ -34,6 +34,9 @@ class EventServiceStub:
     - Snapshot then changes: `snapshot` sends the current state tagged with the seq it reflects, then every
     later event, with no race between the two.
     - Progress: idle streams get periodic progress messages carrying the current seq.
+    - Addressed events: a custom event sent to chosen users or roles is withheld from the streams of
+    user tokens it is not addressed to; their seqs skip it, and their progress and resume points move
+    past it. Server tokens and global admins see every event.
     A resume point older than retention is FAILED_PRECONDITION `EVENTS_COMPACTED` (earliest retained seq
     in the metadata); one in the future is OUT_OF_RANGE. When the server shuts down, streams end with
     UNAVAILABLE: reconnect with the last seq seen.
@@ -71,6 +74,9 @@ class EventServiceServicer:
     - Snapshot then changes: `snapshot` sends the current state tagged with the seq it reflects, then every
     later event, with no race between the two.
     - Progress: idle streams get periodic progress messages carrying the current seq.
+    - Addressed events: a custom event sent to chosen users or roles is withheld from the streams of
+    user tokens it is not addressed to; their seqs skip it, and their progress and resume points move
+    past it. Server tokens and global admins see every event.
     A resume point older than retention is FAILED_PRECONDITION `EVENTS_COMPACTED` (earliest retained seq
     in the metadata); one in the future is OUT_OF_RANGE. When the server shuts down, streams end with
     UNAVAILABLE: reconnect with the last seq seen.
@@ -133,6 +139,9 @@ class EventService:
     - Snapshot then changes: `snapshot` sends the current state tagged with the seq it reflects, then every
     later event, with no race between the two.
     - Progress: idle streams get periodic progress messages carrying the current seq.
+    - Addressed events: a custom event sent to chosen users or roles is withheld from the streams of
+    user tokens it is not addressed to; their seqs skip it, and their progress and resume points move
+    past it. Server tokens and global admins see every event.
     A resume point older than retention is FAILED_PRECONDITION `EVENTS_COMPACTED` (earliest retained seq
     in the metadata); one in the future is OUT_OF_RANGE. When the server shuts down, streams end with
     UNAVAILABLE: reconnect with the last seq seen.

@@ -35,6 +35,9 @@ class EventServiceStub:
     - Snapshot then changes: `snapshot` sends the current state tagged with the seq it reflects, then every
       later event, with no race between the two.
     - Progress: idle streams get periodic progress messages carrying the current seq.
+    - Addressed events: a custom event sent to chosen users or roles is withheld from the streams of
+      user tokens it is not addressed to; their seqs skip it, and their progress and resume points move
+      past it. Server tokens and global admins see every event.
     A resume point older than retention is FAILED_PRECONDITION `EVENTS_COMPACTED` (earliest retained seq
     in the metadata); one in the future is OUT_OF_RANGE. When the server shuts down, streams end with
     UNAVAILABLE: reconnect with the last seq seen.
@@ -63,6 +66,9 @@ class EventServiceAsyncStub(EventServiceStub):
     - Snapshot then changes: `snapshot` sends the current state tagged with the seq it reflects, then every
       later event, with no race between the two.
     - Progress: idle streams get periodic progress messages carrying the current seq.
+    - Addressed events: a custom event sent to chosen users or roles is withheld from the streams of
+      user tokens it is not addressed to; their seqs skip it, and their progress and resume points move
+      past it. Server tokens and global admins see every event.
     A resume point older than retention is FAILED_PRECONDITION `EVENTS_COMPACTED` (earliest retained seq
     in the metadata); one in the future is OUT_OF_RANGE. When the server shuts down, streams end with
     UNAVAILABLE: reconnect with the last seq seen.
@@ -87,6 +93,9 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
     - Snapshot then changes: `snapshot` sends the current state tagged with the seq it reflects, then every
       later event, with no race between the two.
     - Progress: idle streams get periodic progress messages carrying the current seq.
+    - Addressed events: a custom event sent to chosen users or roles is withheld from the streams of
+      user tokens it is not addressed to; their seqs skip it, and their progress and resume points move
+      past it. Server tokens and global admins see every event.
     A resume point older than retention is FAILED_PRECONDITION `EVENTS_COMPACTED` (earliest retained seq
     in the metadata); one in the future is OUT_OF_RANGE. When the server shuts down, streams end with
     UNAVAILABLE: reconnect with the last seq seen.
