@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -204,7 +205,6 @@ async def test_create_members_batch_limit(calls, users, unique):
 @pytest.mark.parametrize(
     ("call_type", "call_id", "data", "field"),
     [
-        ("default", "", {}, "id"),
         ("default", "has space", {}, "id"),
         ("default", "x" * 65, {}, "id"),
         ("default", "colon:x", {}, "id"),
@@ -252,6 +252,26 @@ async def test_get_or_create_invalid_arguments(calls, unique, call_type, call_id
         and ":" not in call_id
     ):
         await expect_error(get(calls, call_id), grpc.StatusCode.NOT_FOUND)
+
+
+async def test_empty_id_creates_a_call_with_a_generated_id(calls, users, unique):
+    """Like Stream's "leave it empty and we'll generate one": each request creates a new call."""
+    (creator,) = [unique("u")]
+    await users.UpsertUsers(user_pb2.UpsertUsersRequest(users=[user_pb2.UserRequest(id=creator)]))
+    first = await create(calls, "", created_by_id=creator, custom=struct({"n": 1}))
+    second = await create(calls, "", created_by_id=creator, custom=struct({"n": 2}))
+    assert first.created and second.created
+    assert first.call.id != second.call.id
+    for response in (first, second):
+        assert str(uuid.UUID(response.call.id, version=4)) == response.call.id
+        assert response.call.cid == f"default:{response.call.id}"
+        found = await get(calls, response.call.id)
+        assert found.call.created_by_user_id == creator
+        assert json_format.MessageToDict(found.call.custom) == json_format.MessageToDict(response.call.custom)
+    # Validation still applies to the rest of the request, and nothing is created.
+    await expect_error(
+        create(calls, "", created_by_id="bad id"), INVALID, "INVALID_ARGUMENT", fields=["data.created_by_id"]
+    )
 
 
 async def test_longest_call_id(calls, unique):

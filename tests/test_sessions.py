@@ -262,6 +262,19 @@ async def test_join_validation_and_missing_things(sessions, calls, users, unique
     )
 
 
+async def test_join_with_create_and_no_id_makes_a_new_call(sessions, calls, users, unique):
+    (alice,) = await make_users(users, unique, 1)
+    first = await join(sessions, "", alice, create=True)
+    second = await join(sessions, "", alice, create=True)
+    assert first.call.id and first.call.id != second.call.id
+    assert first.call.created_by_user_id == alice
+    assert [p.user_id for p in first.session.participants] == [alice]
+    found = await calls.GetCall(call_service_pb2.GetCallRequest(type="default", id=first.call.id))
+    assert found.call.ongoing
+    # Without `create` an id is required.
+    await expect_error(join(sessions, "", alice), grpc.StatusCode.INVALID_ARGUMENT, fields=["id"])
+
+
 async def test_member_role_and_user_role(sessions, calls, users, unique):
     host, member, admin = await make_users(users, unique, 3)
     await users.UpsertUsers(user_pb2.UpsertUsersRequest(users=[user_pb2.UserRequest(id=admin, role="admin")]))

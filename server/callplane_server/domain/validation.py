@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from typing import Any
 
 from callplane_server.errors import ViolationCollector
@@ -29,9 +30,18 @@ def check_pattern(
         problems.add(field, f"{value!r} is not a valid {what}")
 
 
-def check_call_key(call_type: str, call_id: str, problems: ViolationCollector) -> None:
+def check_call_key(
+    call_type: str, call_id: str, problems: ViolationCollector, *, generated_if_empty: bool = False
+) -> None:
+    """`generated_if_empty`: an empty id asks the server to make one (see new_call_id)."""
     check_pattern(call_type, CALL_TYPE_NAME, "type", "call type (1..64 of a-z 0-9 _ -)", problems)
-    check_pattern(call_id, CALL_ID, "id", "call id (1..64 of A-Z a-z 0-9 _ -)", problems)
+    if call_id or not generated_if_empty:
+        check_pattern(call_id, CALL_ID, "id", "call id (1..64 of A-Z a-z 0-9 _ -)", problems)
+
+
+def new_call_id() -> str:
+    """A call id made by the server: a random UUID (122 random bits, URL-safe, a valid CALL_ID)."""
+    return str(uuid.uuid4())
 
 
 def custom_size(custom: dict[str, Any]) -> int:

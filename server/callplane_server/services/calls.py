@@ -22,6 +22,7 @@ from callplane_server.domain.validation import (
     USER_ID,
     check_call_key,
     check_custom_size,
+    new_call_id,
     resolve_limit,
 )
 from callplane_server.errors import (
@@ -181,9 +182,10 @@ class CallService:
         video: bool = False,
     ) -> CallView:
         """With `ring` / `notify` (only when this request creates the call): rings or notifies every
-        member except the creator, in the creating transaction."""
+        member except the creator, in the creating transaction. An empty `call_id` creates a call with an
+        id made by the server (the view carries it)."""
         problems = ViolationCollector()
-        check_call_key(call_type, call_id, problems)
+        check_call_key(call_type, call_id, problems, generated_if_empty=True)
         limit = resolve_limit(
             members_limit, "members_limit", problems, default=DEFAULT_MEMBERS_LIMIT, maximum=MAX_MEMBERS_LIMIT
         )
@@ -207,17 +209,28 @@ class CallService:
         if (ring or notify) and not data.created_by_id:
             problems.add("data.created_by_id", "is required with ring or notify (the caller)")
         problems.raise_if_any()
+        generated = not call_id
+        if generated:
+            call_id = new_call_id()
         cid = f"{call_type}:{call_id}"
         # Most calls to this RPC find the call: answer those as a read, without taking the write lock.
         # A call that is missing (or deleted) goes on to the write transaction, which decides for real.
-        try:
-            return await self._read_view(cid, limit)
-        except NotFound:
-            pass
+        if not generated:
+            try:
+                return await self._read_view(cid, limit)
+            except NotFound:
+                pass
 
         async def work(tx: Transaction) -> CallView:
             caller = await load_caller(tx)
             existing = await tx.calls.get(cid)
+            if existing is not None and generated:
+                # A generated id only ever creates: never hand out somebody else's call.
+                raise Aborted(
+                    f"the generated call id {call_id!r} is taken; retry",
+                    reason="GENERATED_ID_TAKEN",
+                    metadata={"cid": cid},
+                )
             if existing is not None:
                 if existing.deleted_at is not None:
                     raise FailedPrecondition(

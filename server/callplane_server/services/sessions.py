@@ -279,7 +279,7 @@ class SessionService:
         data: CallData | None = None,
     ) -> JoinResult:
         problems = ViolationCollector()
-        check_call_key(call_type, call_id, problems)
+        check_call_key(call_type, call_id, problems, generated_if_empty=create)
         check_pattern(user_id, USER_ID, "user_id", "user id", problems)
         if participant_session_id and not PARTICIPANT_SESSION_ID.fullmatch(participant_session_id):
             problems.add(
@@ -291,14 +291,14 @@ class SessionService:
         check_custom_size(custom, self._limits.max_participant_custom_bytes, "custom", problems)
         problems.raise_if_any()
         require_self(Caller(current_principal(), None), user_id)
-        cid = f"{call_type}:{call_id}"
         if create:
             # The same rules (and the same call.created event) as GetOrCreateCall; the joining user is the
-            # creator unless `data` names one.
+            # creator unless `data` names one. An empty id creates a call with a generated one.
             data = data or CallData()
             if not data.created_by_id:
                 data.created_by_id = user_id
-            await self._calls.get_or_create(call_type, call_id, data, 0)
+            call_id = (await self._calls.get_or_create(call_type, call_id, data, 0)).call.id
+        cid = f"{call_type}:{call_id}"
         psid = participant_session_id or uuid.uuid4().hex
 
         async def work(tx: Transaction) -> JoinResult:

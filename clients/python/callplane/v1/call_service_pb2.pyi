@@ -89,7 +89,9 @@ class GetOrCreateCallRequest(_message.Message):
     type: _builtins.str
     """Call type name."""
     id: _builtins.str
-    """Call id."""
+    """Call id. Empty: the server creates a new call with a generated id (a UUID4; every request creates
+    another call, so retries need care) and returns it in `call.id`.
+    """
     members_limit: _builtins.int
     """How many members to return, 0..100 (0 means the default, 25)."""
     ring: _builtins.bool

@@ -40,7 +40,7 @@ class JoinCallRequest(_message.Message):
     type: _builtins.str
     """Call type name."""
     id: _builtins.str
-    """Call id."""
+    """Call id. Empty with `create`: a new call with a generated id (returned in `call.id`)."""
     user_id: _builtins.str
     """The joining user (an existing user)."""
     participant_session_id: _builtins.str
