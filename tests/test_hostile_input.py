@@ -5,6 +5,7 @@ naming the field (never UNKNOWN or INTERNAL), and a rejected write changes nothi
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,7 @@ from callplane.v1 import (
     user_pb2,
 )
 from callplane_server.domain.validation import MAX_CUSTOM_DEPTH
-from tests.errors import expect_error
+from tests.errors import decode, expect_error
 from tests.support import RunningServer, channel, struct, user_token
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -505,3 +506,81 @@ async def test_the_edges_of_the_timestamp_range_are_valid_and_joinable(server, c
                 await join  # long past its start: open
             else:
                 await expect_error(join, grpc.StatusCode.FAILED_PRECONDITION, reason="CALL_IN_BACKSTAGE")
+
+
+# --- undecodable requests -----------------------------------------------------------------------------
+
+
+def _invalid_utf8_get_call() -> bytes:
+    # GetCallRequest.type (field 1, length-delimited) holding the bytes ff fe.
+    return bytes([0x0A, 2, 0xFF, 0xFE]) + call_service_pb2.GetCallRequest(id="x").SerializeToString()
+
+
+UNDECODABLE = {
+    "garbage": b"\xff\xff\xff\xff\xff",
+    "truncated": call_service_pb2.GetCallRequest(type="default", id="x" * 40).SerializeToString()[:-5],
+    "invalid-utf8": _invalid_utf8_get_call(),
+}
+
+
+async def _raw_error(target: str, method: str, payload: bytes, *, stream: bool, token: bool = True):
+    async with channel(target) if token else grpc.aio.insecure_channel(target) as raw:
+        if stream:
+            call = raw.unary_stream(method, request_serializer=None, response_deserializer=None)(payload)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async with asyncio.timeout(STREAM_TIMEOUT):
+                    async for _ in call:
+                        pass
+        else:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await raw.unary_unary(method, request_serializer=None, response_deserializer=None)(payload)
+    return decode(caught.value)
+
+
+def _check_malformed(details) -> None:
+    assert details.code == INVALID, f"{details.code.name}: {details.message}"
+    assert details.reason == "MALFORMED_REQUEST", details.reason
+    assert details.info is not None and details.info.domain == "callplane"
+    for internal in ("DecodeError", "Exception", "Traceback", "upb", "<class"):
+        assert internal not in details.message, details.message
+    assert "could not be decoded" in details.message, details.message
+
+
+@pytest.mark.parametrize("kind", sorted(UNDECODABLE))
+async def test_undecodable_unary_and_stream_requests_are_invalid_argument(server, kind, caplog):
+    caplog.set_level(logging.INFO, logger="callplane.rpc")
+    payload = UNDECODABLE[kind]
+    _check_malformed(
+        await _raw_error(server.target, "/callplane.v1.CallService/GetCall", payload, stream=False)
+    )
+    _check_malformed(
+        await _raw_error(server.target, "/callplane.v1.EventService/WatchCall", payload, stream=True)
+    )
+    logged = [r.getMessage() for r in caplog.records if r.name == "callplane.rpc"]
+    assert any(
+        line.startswith("rpc /callplane.v1.CallService/GetCall INVALID_ARGUMENT") for line in logged
+    ), logged
+    assert any(
+        line.startswith("rpc /callplane.v1.EventService/WatchCall INVALID_ARGUMENT") for line in logged
+    ), logged
+
+
+async def test_struct_nested_past_the_decoder_limit_is_malformed_and_changes_nothing(
+    server, calls, users, sessions, events, unique
+):
+    world = await make_world(users, calls, sessions, unique)
+    before = await state(users, events, world)
+    request = call_service_pb2.UpdateCallRequest(**world.key)
+    request.custom.update(nested(60))  # in place: copying it would hit the decode limit already
+    details = await _raw_error(
+        server.target, "/callplane.v1.CallService/UpdateCall", request.SerializeToString(), stream=False
+    )
+    _check_malformed(details)
+    assert await state(users, events, world) == before
+
+
+async def test_undecodable_request_without_a_token_is_unauthenticated(server):
+    details = await _raw_error(
+        server.target, "/callplane.v1.CallService/GetCall", UNDECODABLE["garbage"], stream=False, token=False
+    )
+    assert details.code == grpc.StatusCode.UNAUTHENTICATED, details.message
