@@ -584,3 +584,17 @@ async def test_undecodable_request_without_a_token_is_unauthenticated(server):
         server.target, "/callplane.v1.CallService/GetCall", UNDECODABLE["garbage"], stream=False, token=False
     )
     assert details.code == grpc.StatusCode.UNAUTHENTICATED, details.message
+
+
+# --- messages of multi-field validation errors ----------------------------------------------------------
+
+
+async def test_an_invalid_call_key_says_which_fields_and_why(calls):
+    details = await expect_error(
+        calls.GetCall(call_service_pb2.GetCallRequest(type="Bad Type!", id="")),
+        INVALID,
+        fields=["type", "id"],
+    )
+    assert details.message.startswith("invalid request: "), details.message
+    assert "type: 'Bad Type!' is not a valid call type" in details.message, details.message
+    assert "id: is required" in details.message, details.message
