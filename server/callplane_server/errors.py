@@ -84,6 +84,10 @@ class Unavailable(CallplaneError):
     default_reason = "UNAVAILABLE"
 
 
+# Violations spelled out in an error's message; the BadRequest details carry all of them.
+_LISTED_VIOLATIONS = 5
+
+
 @dataclass
 class ViolationCollector:
     """Gathers every problem in a request so one error names them all."""
@@ -94,11 +98,16 @@ class ViolationCollector:
         self.violations.append(FieldViolation(field_path, description))
 
     def raise_if_any(self, message: str = "invalid request", *, reason: str = "INVALID_ARGUMENT") -> None:
+        """Raises InvalidArgument naming every violation: one is the message (`field: why`), several
+        follow `message` (`invalid request: type: why; id: why`), the first few spelled out."""
         if not self.violations:
             return
+        listed = "; ".join(f"{v.field}: {v.description}" for v in self.violations[:_LISTED_VIOLATIONS])
         if len(self.violations) == 1:
-            only = self.violations[0]
-            message = f"{only.field}: {only.description}"
+            message = listed
+        else:
+            more = len(self.violations) - _LISTED_VIOLATIONS
+            message = f"{message}: {listed}" + (f"; and {more} more" if more > 0 else "")
         raise InvalidArgument(
             message,
             reason=reason,

@@ -22,7 +22,8 @@ from callplane_server.domain.records import (
     SortInput,
     UserRecord,
 )
-from callplane_server.domain.validation import DEFAULT_PAGE_LIMIT
+from callplane_server.domain.validation import DEFAULT_PAGE_LIMIT, MAX_CUSTOM_DEPTH
+from callplane_server.errors import InvalidArgument
 
 _DIRECTIONS = {
     query_pb2.SORT_DIRECTION_UNSPECIFIED: "asc",
@@ -37,12 +38,77 @@ _SORT_TYPES = {
 }
 
 
-def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(value)
+class _Rejected(Exception):
+    """A value struct_to_dict refuses; `suffix` gathers the path below the field as it unwinds."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.suffix: list[str] = []
 
 
-def optional_struct(message: Message, field: str) -> dict[str, Any] | None:
-    return struct_to_dict(getattr(message, field)) if message.HasField(field) else None
+def struct_to_dict(value: struct_pb2.Struct, path: str) -> dict[str, Any]:
+    """The Struct at request field `path` as a dict (numbers as floats, as json_format gives them).
+    Non-finite numbers (no JSON for them) and nesting past MAX_CUSTOM_DEPTH are INVALID_ARGUMENT naming
+    the place, e.g. `data.custom.score` or `filter_conditions.$or[1].custom.x`."""
+    if not value.fields:
+        return {}
+    try:
+        return _object(value, 1)
+    except _Rejected as rejected:
+        raise InvalidArgument.for_field(
+            path + "".join(reversed(rejected.suffix)), rejected.description
+        ) from None
+
+
+def optional_struct(message: Message, field: str, path: str) -> dict[str, Any] | None:
+    return struct_to_dict(getattr(message, field), path) if message.HasField(field) else None
+
+
+_TOO_DEEP = f"custom data and filters may nest at most {MAX_CUSTOM_DEPTH} levels of objects and lists"
+
+
+def _object(struct: struct_pb2.Struct, depth: int) -> dict[str, Any]:
+    if depth > MAX_CUSTOM_DEPTH:
+        raise _Rejected(_TOO_DEEP)
+    result = {}
+    for key, item in struct.fields.items():
+        try:
+            result[key] = _value(item, depth)
+        except _Rejected as rejected:
+            rejected.suffix.append(f".{key}")
+            raise
+    return result
+
+
+def _list(values: struct_pb2.ListValue, depth: int) -> list[Any]:
+    if depth > MAX_CUSTOM_DEPTH:
+        raise _Rejected(_TOO_DEEP)
+    result = []
+    for index, item in enumerate(values.values):
+        try:
+            result.append(_value(item, depth))
+        except _Rejected as rejected:
+            rejected.suffix.append(f"[{index}]")
+            raise
+    return result
+
+
+def _value(item: struct_pb2.Value, depth: int) -> Any:
+    kind = item.WhichOneof("kind")
+    if kind == "string_value":
+        return item.string_value
+    if kind == "number_value":
+        number = item.number_value
+        if number - number != 0.0:  # NaN or ±Infinity
+            raise _Rejected(f"must be a finite number, not {number}")
+        return number
+    if kind == "bool_value":
+        return item.bool_value
+    if kind == "struct_value":
+        return _object(item.struct_value, depth + 1)
+    if kind == "list_value":
+        return _list(item.list_value, depth + 1)
+    return None  # null_value, or no kind set (json_format reads that as null too)
 
 
 def dict_to_struct(value: dict[str, Any] | None, target: struct_pb2.Struct) -> None:
@@ -51,14 +117,25 @@ def dict_to_struct(value: dict[str, Any] | None, target: struct_pb2.Struct) -> N
         target.update(value)
 
 
-def timestamp_to_datetime(message: Message, field: str) -> datetime | None:
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Timestamp's valid range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+_MIN_SECONDS = int((datetime(1, 1, 1, tzinfo=UTC) - _EPOCH).total_seconds())
+_MAX_SECONDS = int((datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC) - _EPOCH).total_seconds())
+
+
+def timestamp_to_datetime(message: Message, field: str, path: str) -> datetime | None:
+    """The Timestamp `field` of `message` (request field `path`), None when unset; outside Timestamp's
+    range (or nanos outside 0..999,999,999) it is INVALID_ARGUMENT naming `path`."""
     if not message.HasField(field):
         return None
     stamp: timestamp_pb2.Timestamp = getattr(message, field)
+    if not 0 <= stamp.nanos <= 999_999_999:
+        raise InvalidArgument.for_field(path, f"nanos must be 0..999999999, got {stamp.nanos}")
+    if not _MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS:
+        raise InvalidArgument.for_field(
+            path, f"seconds {stamp.seconds} is outside 0001-01-01T00:00:00Z..9999-12-31T23:59:59Z"
+        )
     return stamp.ToDatetime(tzinfo=UTC)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def set_timestamp(target: timestamp_pb2.Timestamp, value: datetime | None) -> None:
@@ -109,7 +186,7 @@ def page_request(request: Message) -> PageRequest:
         for param in request.sort  # type: ignore[attr-defined]
     )
     return PageRequest(
-        filter_conditions=optional_struct(request, "filter_conditions"),
+        filter_conditions=optional_struct(request, "filter_conditions", "filter_conditions"),
         sort=sort,
         limit=request.limit or DEFAULT_PAGE_LIMIT,  # type: ignore[attr-defined]
         next=request.next,  # type: ignore[attr-defined]
@@ -117,8 +194,12 @@ def page_request(request: Message) -> PageRequest:
     )
 
 
-def member_inputs(members: Iterable[call_pb2.MemberRequest]) -> list[MemberInput]:
-    return [MemberInput(m.user_id, m.role, optional_struct(m, "custom")) for m in members]
+def member_inputs(members: Iterable[call_pb2.MemberRequest], path: str) -> list[MemberInput]:
+    """The members of request field `path` (e.g. `update_members`)."""
+    return [
+        MemberInput(m.user_id, m.role, optional_struct(m, "custom", f"{path}[{index}].custom"))
+        for index, m in enumerate(members)
+    ]
 
 
 def call_type_message(record: CallTypeRecord) -> call_type_pb2.CallType:

@@ -24,7 +24,7 @@ def _change(request) -> CustomChange:
         raise InvalidArgument.for_field("mode", f"unknown custom data mode {request.mode}")
     return CustomChange(
         mode=mode,
-        custom=struct_to_dict(request.custom),
+        custom=struct_to_dict(request.custom, "custom"),
         keys_to_delete=list(request.keys_to_delete),
         etag=request.etag,
     )
@@ -55,7 +55,7 @@ class CallDataServicer(call_data_service_pb2_grpc.CallDataServiceServicer):
             request.type,
             request.id,
             request.user_id,
-            struct_to_dict(request.custom),
+            struct_to_dict(request.custom, "custom"),
             list(request.to_user_ids),
             list(request.to_roles),
             request.request_id,

@@ -18,6 +18,7 @@ from callplane_server import errors
 from callplane_server.api.metrics import RpcMetrics
 from callplane_server.auth.context import set_principal
 from callplane_server.auth.tokens import TokenVerifier, parse_bearer
+from callplane_server.domain.validation import MAX_CUSTOM_DEPTH
 
 log = logging.getLogger("callplane.rpc")
 
@@ -105,7 +106,7 @@ class RpcWrapper:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(method, "unary", handler.unary_unary, self._authenticator, self._metrics),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(method, handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -118,7 +119,7 @@ class RpcWrapper:
             )
             return grpc.unary_stream_rpc_method_handler(
                 wrapped,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(method, handler.request_deserializer),
                 response_serializer=_passing_bytes(handler.response_serializer),
             )
         return handler
@@ -161,6 +162,48 @@ class _WrappedGenericHandler(grpc.GenericRpcHandler):
                 return None
             wrapped = self._wrapped[method] = self._wrapper.wrap(method, handler)
         return wrapped
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not decode. grpc.aio decodes before any handler runs and
+    answers a decoder's exception with UNKNOWN and the exception's text; handing the wrapper this marker
+    instead lets it answer INVALID_ARGUMENT (after authentication) and log the RPC like any other."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: errors.InvalidArgument) -> None:
+        self.error = error
+
+
+def _decode_problem(error: Exception) -> str:
+    """What was wrong with the bytes, in the client's terms (the decoder's own text names its internals)."""
+    text = str(error)
+    if "UTF-8" in text:
+        return "a string field is not valid UTF-8"
+    if "Depth" in text or "depth" in text or isinstance(error, RecursionError):
+        return f"messages nest too deeply (custom data and filters allow at most {MAX_CUSTOM_DEPTH} levels)"
+    return "the bytes are not a valid protobuf encoding of the request message"
+
+
+def _tolerant(method: str, deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        # DecodeError from protobuf; any exception a decoder raises here comes from the client's bytes.
+        except Exception as error:
+            problem = _decode_problem(error)
+            return _Undecodable(
+                errors.InvalidArgument(
+                    f"the request could not be decoded: {problem}",
+                    reason="MALFORMED_REQUEST",
+                    metadata={"method": method},
+                )
+            )
+
+    return deserialize
 
 
 def _passing_bytes(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
@@ -208,6 +251,8 @@ def _wrap_unary(
         started = time.perf_counter()
         try:
             authenticator.authenticate(method, context)
+            if type(request) is _Undecodable:
+                raise request.error
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -229,6 +274,8 @@ def _wrap_stream(
         started = time.perf_counter()
         try:
             authenticator.authenticate(method, context)
+            if type(request) is _Undecodable:
+                raise request.error
             async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:

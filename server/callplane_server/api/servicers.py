@@ -76,14 +76,19 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
 
     async def UpsertUsers(self, request, context: Context):
         users = [
-            UserInput(u.id, u.name, u.image, u.role, list(u.teams), struct_to_dict(u.custom))
-            for u in request.users
+            UserInput(
+                u.id, u.name, u.image, u.role, list(u.teams), struct_to_dict(u.custom, f"users[{i}].custom")
+            )
+            for i, u in enumerate(request.users)
         ]
         records = await self._service.upsert(users)
         return user_pb2.UpsertUsersResponse(users=[user_message(r) for r in records])
 
     async def UpdateUsersPartial(self, request, context: Context):
-        patches = [UserPatch(u.id, struct_to_dict(u.set), list(u.unset)) for u in request.users]
+        patches = [
+            UserPatch(u.id, struct_to_dict(u.set, f"users[{i}].set"), list(u.unset))
+            for i, u in enumerate(request.users)
+        ]
         records = await self._service.update_partial(patches)
         return user_pb2.UpdateUsersPartialResponse(users=[user_message(r) for r in records])
 
@@ -124,10 +129,10 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
             request.id,
             CallData(
                 created_by_id=data.created_by_id,
-                members=member_inputs(data.members),
-                custom=struct_to_dict(data.custom),
+                members=member_inputs(data.members, "data.members"),
+                custom=struct_to_dict(data.custom, "data.custom"),
                 settings_override=settings_to_dict(data.settings_override),
-                starts_at=timestamp_to_datetime(data, "starts_at"),
+                starts_at=timestamp_to_datetime(data, "starts_at", "data.starts_at"),
                 team=data.team,
             )
             if request.HasField("data")
@@ -145,13 +150,13 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
 
     async def UpdateCall(self, request, context: Context):
         change = CallUpdate(
-            custom=optional_struct(request, "custom"),
-            set_custom=struct_to_dict(request.set_custom),
+            custom=optional_struct(request, "custom", "custom"),
+            set_custom=struct_to_dict(request.set_custom, "set_custom"),
             unset_custom=list(request.unset_custom),
             settings_override=settings_to_dict(request.settings_override)
             if request.HasField("settings_override")
             else None,
-            starts_at=timestamp_to_datetime(request, "starts_at"),
+            starts_at=timestamp_to_datetime(request, "starts_at", "starts_at"),
             etag=request.etag,
         )
         view = await self._service.update(request.type, request.id, change, request.members_limit)
@@ -173,7 +178,10 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
 
     async def UpdateCallMembers(self, request, context: Context):
         change = await self._service.update_members(
-            request.type, request.id, member_inputs(request.update_members), list(request.remove_members)
+            request.type,
+            request.id,
+            member_inputs(request.update_members, "update_members"),
+            list(request.remove_members),
         )
         return call_service_pb2.UpdateCallMembersResponse(
             members=[member_message(m) for m in change.members], removed_user_ids=change.removed_user_ids

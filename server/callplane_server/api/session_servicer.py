@@ -31,10 +31,10 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         if request.create:
             data = CallData(
                 created_by_id=request.data.created_by_id,
-                members=member_inputs(request.data.members),
-                custom=struct_to_dict(request.data.custom),
+                members=member_inputs(request.data.members, "data.members"),
+                custom=struct_to_dict(request.data.custom, "data.custom"),
                 settings_override=settings_to_dict(request.data.settings_override),
-                starts_at=timestamp_to_datetime(request.data, "starts_at"),
+                starts_at=timestamp_to_datetime(request.data, "starts_at", "data.starts_at"),
                 team=request.data.team,
             )
         result = await self._service.join(
@@ -42,7 +42,7 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             request.id,
             request.user_id,
             participant_session_id=request.participant_session_id,
-            custom=struct_to_dict(request.custom),
+            custom=struct_to_dict(request.custom, "custom"),
             create=request.create,
             data=data,
         )

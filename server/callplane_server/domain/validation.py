@@ -19,6 +19,10 @@ MAX_BATCH = 100
 MAX_MEMBERS_LIMIT = 100
 DEFAULT_MEMBERS_LIMIT = 25
 DEFAULT_PAGE_LIMIT = 25
+# Levels of objects and lists in custom data and filters (the document itself is level 1). protobuf's
+# decoders stop at 100 nested messages, and each level costs up to three (Value, Struct, map entry): at
+# 32, custom data still decodes inside the deepest response that carries it (an event's member's user).
+MAX_CUSTOM_DEPTH = 32
 
 
 def check_pattern(
@@ -53,6 +57,23 @@ def check_custom_size(custom: dict[str, Any], limit: int, field: str, problems: 
     size = custom_size(custom)
     if size > limit:
         problems.add(field, f"custom data is {size} bytes; the limit is {limit}")
+
+
+def custom_depth(value: Any) -> int:
+    """Levels of objects and lists in a JSON-shaped value (a scalar: 0)."""
+    if isinstance(value, dict):
+        children = value.values()
+    elif isinstance(value, list):
+        children = value
+    else:
+        return 0
+    return 1 + max((custom_depth(child) for child in children), default=0)
+
+
+def check_custom_depth(custom: dict[str, Any], field: str, problems: ViolationCollector) -> None:
+    """For documents built by dotted-path edits, whose parts were each within the depth limit."""
+    if custom_depth(custom) > MAX_CUSTOM_DEPTH:
+        problems.add(field, f"custom data may nest at most {MAX_CUSTOM_DEPTH} levels of objects and lists")
 
 
 def resolve_limit(value: int, field: str, problems: ViolationCollector, *, default: int, maximum: int) -> int:

@@ -21,6 +21,7 @@ from callplane_server.domain.validation import (
     TEAM_NAME,
     USER_ID,
     check_call_key,
+    check_custom_depth,
     check_custom_size,
     new_call_id,
     resolve_limit,
@@ -379,6 +380,8 @@ class CallService:
                     custom = apply_unset(custom, segments)
             size_problems = ViolationCollector()
             check_custom_size(custom, self._limits.max_call_custom_bytes, "set_custom", size_problems)
+            if set_paths:
+                check_custom_depth(custom, "set_custom", size_problems)
             size_problems.raise_if_any()
             override = call.settings_override
             if change.settings_override:

@@ -167,6 +167,17 @@ def _participant_left(cid: str, participant: ParticipantRecord) -> FailedPrecond
     )
 
 
+def _joinable_from(starts_at: datetime | None, ahead_seconds: int) -> datetime | None:
+    """When ordinary users may join a backstage call: `ahead_seconds` before its start (a start in year 1
+    leaves no earlier datetime: from then)."""
+    if starts_at is None:
+        return None
+    try:
+        return starts_at - timedelta(seconds=ahead_seconds)
+    except OverflowError:
+        return datetime.min.replace(tzinfo=starts_at.tzinfo)
+
+
 def _call_ended(cid: str) -> FailedPrecondition:
     return FailedPrecondition(f"call {cid!r} has ended", reason="CALL_ENDED", metadata={"cid": cid})
 
@@ -347,7 +358,7 @@ class SessionService:
             settings = view.settings
             if call.backstage and "join-backstage" not in capabilities:
                 ahead = int(settings.get("backstage", {}).get("join_ahead_time_seconds") or 0)
-                opens_at = call.starts_at - timedelta(seconds=ahead) if call.starts_at else None
+                opens_at = _joinable_from(call.starts_at, ahead)
                 if opens_at is None or now < opens_at:
                     metadata: dict[str, object] = {"cid": cid}
                     if opens_at is not None:

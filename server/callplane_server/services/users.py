@@ -13,6 +13,7 @@ from callplane_server.domain.validation import (
     ROLE_NAME,
     TEAM_NAME,
     USER_ID,
+    check_custom_depth,
     check_custom_size,
     check_pattern,
 )
@@ -160,6 +161,8 @@ class UserService:
                 check_custom_size(
                     record.custom, self._limits.max_user_custom_bytes, f"users[{index}].custom", violations
                 )
+                if any("." in path for path in patch.set):
+                    check_custom_depth(record.custom, f"users[{index}].custom", violations)
                 updated.append(record)
             violations.raise_if_any()
             await tx.users.save(updated)
