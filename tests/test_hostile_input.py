@@ -565,6 +565,21 @@ async def test_undecodable_unary_and_stream_requests_are_invalid_argument(server
     ), logged
 
 
+async def test_undecodable_reflection_request_is_invalid_argument(server):
+    """Reflection is the one client-and-server streaming RPC: garbage in its request stream too."""
+    async with channel(server.target) as raw:
+        call = raw.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            request_serializer=None,
+            response_deserializer=None,
+        )(iter([UNDECODABLE["garbage"]]))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async with asyncio.timeout(STREAM_TIMEOUT):
+                async for _ in call:
+                    pass
+    _check_malformed(decode(caught.value))
+
+
 async def test_struct_nested_past_the_decoder_limit_is_malformed_and_changes_nothing(
     server, calls, users, sessions, events, unique
 ):

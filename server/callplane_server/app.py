@@ -11,7 +11,7 @@ from datetime import timedelta
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from callplane.v1 import (
     call_data_service_pb2,
@@ -144,11 +144,16 @@ class CallplaneServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if self.config.reflection:
-            reflection.enable_server_reflection(
-                (
-                    *SERVICE_NAMES,
-                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                    reflection.SERVICE_NAME,
+            # The asyncio servicer, registered directly: enable_server_reflection() only picks it for a
+            # grpc.aio.Server, and the registrar stands in for one (the sync servicer would block a thread
+            # per stream and could not be wrapped like every other handler).
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                reflection.aio.ReflectionServicer(
+                    (
+                        *SERVICE_NAMES,
+                        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                        reflection.SERVICE_NAME,
+                    )
                 ),
                 server,
             )

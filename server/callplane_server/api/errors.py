@@ -122,6 +122,12 @@ class RpcWrapper:
                 request_deserializer=_tolerant(method, handler.request_deserializer),
                 response_serializer=_passing_bytes(handler.response_serializer),
             )
+        if handler.stream_stream is not None:  # reflection
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_bidi(method, handler.stream_stream, self._authenticator, self._metrics),
+                request_deserializer=_tolerant(method, handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
         return handler
 
 
@@ -284,5 +290,34 @@ def _wrap_stream(
             await _abort(context, error)
         finally:
             _finish(method, "server_stream", context, started, metrics)
+
+    return wrapper
+
+
+def _wrap_bidi(
+    method: str,
+    behavior: Callable[..., AsyncIterator[Any]],
+    authenticator: Authenticator,
+    metrics: RpcMetrics,
+) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapper(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+
+        async def decoded() -> AsyncIterator[Any]:
+            async for request in requests:
+                if type(request) is _Undecodable:
+                    raise request.error
+                yield request
+
+        try:
+            authenticator.authenticate(method, context)
+            async for response in behavior(decoded(), context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await _abort(context, error)
+        finally:
+            _finish(method, "bidi_stream", context, started, metrics)
 
     return wrapper
