@@ -281,6 +281,7 @@ def test_every_domain_error_has_a_specific_code():
         errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
         errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
         errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+        errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     }
     subclasses = set(errors.CallplaneError.__subclasses__())
     assert subclasses == set(expected), "a new error class needs a status code"

@@ -20,7 +20,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from callplane_server.errors import CallplaneError, Unavailable
+from callplane_server import deadlines
+from callplane_server.errors import CallplaneError, DeadlineExceeded, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,18 @@ class _Unit:
     done: asyncio.Future[Any]
     # The submitter's context (who is calling, for instance): the unit runs in it, not the group's.
     context: contextvars.Context
+    # The submitter's RPC deadline (time.monotonic()), and whether it stopped waiting (cancelled).
+    deadline: float | None = None
+    abandoned: bool = False
+
+    def caller_gone(self) -> bool:
+        return self.abandoned or deadlines.passed(self.deadline)
+
+
+def _caller_gone() -> DeadlineExceeded:
+    return DeadlineExceeded(
+        "the deadline passed before the write committed; it was rolled back", reason="DEADLINE_EXCEEDED"
+    )
 
 
 class _GroupCommit:
@@ -123,6 +136,8 @@ class _GroupCommit:
     queue up; the next transaction runs all of them, each in its own session under a SAVEPOINT (a unit
     that fails rolls back alone, as if it had its own transaction), and commits once. Every unit is
     acknowledged only after that commit, so durability is unchanged (one fsync per group, not per write).
+    A unit whose caller is gone (deadline passed, RPC cancelled) when its turn comes, or by the end of its
+    work, rolls back to its savepoint alone and fails with DeadlineExceeded.
     """
 
     MAX_UNITS = 64
@@ -133,12 +148,22 @@ class _GroupCommit:
         self._running = False
 
     async def run(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        unit = _Unit(work, asyncio.get_running_loop().create_future(), contextvars.copy_context())  # type: ignore[arg-type]
+        unit = _Unit(
+            work,  # type: ignore[arg-type]
+            asyncio.get_running_loop().create_future(),
+            contextvars.copy_context(),
+            deadlines.current_deadline(),
+        )
         self._queue.append(unit)
         if not self._running:
             self._running = True
             asyncio.get_running_loop().create_task(self._drain())
-        return await asyncio.shield(unit.done)
+        try:
+            # Shielded: a unit the group has started must finish there, not be torn out of it.
+            return await asyncio.shield(unit.done)
+        except asyncio.CancelledError:
+            unit.abandoned = True  # rolled back if its savepoint is still open
+            raise
 
     async def _drain(self) -> None:
         try:
@@ -154,6 +179,9 @@ class _GroupCommit:
             async with self._engine.connect() as connection:
                 await connection.begin()  # BEGIN IMMEDIATE (see _configure_sqlite)
                 for unit in group:
+                    if unit.caller_gone():
+                        outcomes.append((False, _caller_gone()))
+                        continue
                     session = AsyncSession(
                         bind=connection,
                         join_transaction_mode="create_savepoint",
@@ -165,7 +193,10 @@ class _GroupCommit:
                             task = asyncio.get_running_loop().create_task(
                                 unit.work(session), context=unit.context
                             )
-                            outcomes.append((True, await task))
+                            result = await task
+                            if unit.caller_gone():
+                                raise _caller_gone()  # back to the savepoint: this unit only
+                        outcomes.append((True, result))
                     except Exception as error:
                         outcomes.append((False, error))
                     finally:
@@ -174,16 +205,21 @@ class _GroupCommit:
         except Exception as error:
             # Nothing of the group was committed (or we cannot know): every unit fails with the cause.
             for unit in group:
-                if not unit.done.done():
-                    unit.done.set_exception(error)
+                _settle(unit, False, error)
             return
         for unit, (succeeded, value) in zip(group, outcomes, strict=True):
-            if unit.done.done():
-                continue
-            if succeeded:
-                unit.done.set_result(value)
-            else:
-                unit.done.set_exception(value)
+            _settle(unit, succeeded, value)
+
+
+def _settle(unit: _Unit, succeeded: bool, value: Any) -> None:
+    if unit.done.done():
+        return
+    if unit.abandoned:
+        unit.done.cancel()  # nobody will read it (an exception left unread would be logged)
+    elif succeeded:
+        unit.done.set_result(value)
+    else:
+        unit.done.set_exception(value)
 
 
 class Database:
@@ -271,7 +307,11 @@ class Database:
                     if write and self._group_commit is not None:
                         return await self._group_commit.run(work)
                     async with self._session(write=write) as session:
-                        return await work(session)
+                        result = await work(session)
+                        if write and deadlines.passed(deadlines.current_deadline()):
+                            # Nobody waits for the answer: roll back rather than commit unseen.
+                            raise _caller_gone()
+                        return result
         except CallplaneError:
             raise
         except Exception as error:
