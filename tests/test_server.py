@@ -357,6 +357,40 @@ async def test_database_dropped_under_a_running_server_is_unavailable(backend, t
         assert details.reason == "DATABASE_UNAVAILABLE"
 
 
+async def test_database_refusing_connections_is_unavailable(backend, tmp_path):
+    """ALTER DATABASE ... ALLOW_CONNECTIONS false: new connections fail with SQLSTATE 55000."""
+    if backend != "postgres":
+        pytest.skip("needs a database server to refuse connections")
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    async with running_server(backend, tmp_path) as running:
+        stub = call_type_service_pb2_grpc.CallTypeServiceStub(running.channel)
+        await stub.ListCallTypes(call_type_service_pb2.ListCallTypesRequest())
+        url = make_url(running.server.config.database_url)
+        admin = await asyncpg.connect(
+            url.set(drivername="postgresql", database="postgres").render_as_string(False)
+        )
+        try:
+            await admin.execute(f'ALTER DATABASE "{url.database}" ALLOW_CONNECTIONS false')
+            # The server's pooled connections go too, so its next query has to connect anew.
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", url.database
+            )
+            details = await expect_error(
+                stub.ListCallTypes(call_type_service_pb2.ListCallTypesRequest(), timeout=30),
+                grpc.StatusCode.UNAVAILABLE,
+                "DATABASE_UNAVAILABLE",
+            )
+            assert "retry" in details.message
+        finally:
+            # Let the database be dropped afterwards.
+            await admin.execute(f'ALTER DATABASE "{url.database}" ALLOW_CONNECTIONS true')
+            await admin.close()
+        # Back to normal once connections are allowed again.
+        await stub.ListCallTypes(call_type_service_pb2.ListCallTypesRequest(), timeout=30)
+
+
 class _Proxy:
     """A TCP proxy in front of PostgreSQL that can be cut: open connections drop, new ones are refused."""
 

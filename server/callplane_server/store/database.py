@@ -249,6 +249,7 @@ class Database:
                 self.url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
             )
             self.read_engine = self.write_engine
+            self._connecting_is_an_outage(self.write_engine)
         self._write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False, autoflush=False)
         # SQLite has one writer connection: writers that queue for it share one commit.
         self._group_commit = _GroupCommit(self.write_engine) if self.dialect == "sqlite" else None
@@ -273,6 +274,16 @@ class Database:
             # A deferred transaction that later writes fails at once with "database is locked",
             # ignoring busy_timeout; writers therefore take the write lock up front.
             connection.exec_driver_sql(begin)
+
+    @staticmethod
+    def _connecting_is_an_outage(engine: AsyncEngine) -> None:
+        @event.listens_for(engine.sync_engine, "handle_error")
+        def on_error(context: Any) -> None:
+            # No connection yet: the server refused us (not accepting connections, SQLSTATE 55000 after
+            # ALTER DATABASE ... ALLOW_CONNECTIONS false; too many clients; database gone; shutting down).
+            # Whatever the SQLSTATE, nothing was asked of the database yet: an outage, not a fault.
+            if context.connection is None and not context.is_pre_ping:
+                context.is_disconnect = True
 
     @property
     def sole_writer(self) -> bool:
