@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import errno
 import fcntl
 import logging
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -79,6 +81,22 @@ def _is_unavailable(error: BaseException) -> bool:
         state = _sqlstate(error) or ""
         return state.startswith(("08", "3D", "28", "57P", "53"))
     return isinstance(error, exc.TimeoutError)
+
+
+def _is_out_of_space(error: BaseException) -> bool:
+    """SQLite's SQLITE_FULL ("database or disk is full"), PostgreSQL's disk_full (53100), ENOSPC."""
+    if _sqlstate(error) == "53100":
+        return True
+    candidate: BaseException | None = error
+    for _ in range(4):  # the error, the driver's, and what that wraps
+        if candidate is None:
+            break
+        if getattr(candidate, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return True
+        if isinstance(candidate, OSError) and candidate.errno == errno.ENOSPC:
+            return True
+        candidate = getattr(candidate, "orig", None) or candidate.__cause__
+    return False
 
 
 class DatabaseInUse(RuntimeError):
@@ -326,6 +344,12 @@ class Database:
         except CallplaneError:
             raise
         except Exception as error:
+            if _is_out_of_space(error):
+                log.error("database out of space: %s", error)
+                raise Unavailable(
+                    "the database has no space left on device; retry once an operator has freed some",
+                    reason="STORAGE_FULL",
+                ) from error
             if _is_unavailable(error) or _is_retryable(error):
                 log.warning("database unavailable: %s", error)
                 raise Unavailable(
