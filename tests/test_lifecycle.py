@@ -7,8 +7,10 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
+import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -82,6 +84,43 @@ async def test_sigterm_drains_logs_and_exits_zero(tmp_path: Path) -> None:
         log = "".join(lines) + rest
         assert "rpc /callplane.v1.CallService/GetOrCreateCall OK" in log
         assert "shutting down" in log and "stopped" in log
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_sigterm_with_a_health_watch_open_exits_without_waiting_the_grace(tmp_path: Path) -> None:
+    """Load balancers keep a Health/Watch open; on SIGTERM it gets NOT_SERVING and then ends, so the
+    server does not wait its shutdown grace (60 s here) for it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "callplane_server",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(tmp_path),
+        "--shutdown-grace",
+        "60",
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "CALLPLANE_API_SECRET": TEST_SECRET},
+    )
+    try:
+        port, _lines = await _wait_for_port(process)
+        async with authed_channel(f"127.0.0.1:{port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(watch.read(), timeout=15)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Far below the 60 s grace: the watch did not hold the drain.
+        assert await asyncio.wait_for(process.wait(), timeout=15) == 0
+        print(f"exited {time.monotonic() - signalled:.3f}s after SIGTERM with a health watch open")
     finally:
         if process.returncode is None:
             process.kill()

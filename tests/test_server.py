@@ -17,13 +17,19 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from callplane.v1 import call_service_pb2, call_type_service_pb2, call_type_service_pb2_grpc, user_pb2
+from callplane.v1 import (
+    call_service_pb2,
+    call_type_service_pb2,
+    call_type_service_pb2_grpc,
+    user_pb2,
+    user_pb2_grpc,
+)
 from callplane_server import config as config_module
 from callplane_server import errors
 from callplane_server.api.errors import status_code_for
 from callplane_server.services.limits import Limits
 from tests.errors import expect_error
-from tests.support import TEST_SECRET, fresh_database, running_server
+from tests.support import TEST_SECRET, fresh_database, running_server, struct
 from tests.support import channel as authed_channel
 
 SERVICES = ("callplane.v1.CallTypeService", "callplane.v1.UserService", "callplane.v1.CallService")
@@ -239,7 +245,7 @@ async def test_configured_limits_apply(backend, tmp_path):
     async with running_server(backend, tmp_path, limits=limits) as running:
         from google.protobuf import struct_pb2
 
-        from callplane.v1 import call_service_pb2_grpc, user_pb2_grpc
+        from callplane.v1 import call_service_pb2_grpc
 
         calls = call_service_pb2_grpc.CallServiceStub(running.channel)
         users = user_pb2_grpc.UserServiceStub(running.channel)
@@ -281,6 +287,7 @@ def test_every_domain_error_has_a_specific_code():
         errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
         errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
         errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+        errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     }
     subclasses = set(errors.CallplaneError.__subclasses__())
     assert subclasses == set(expected), "a new error class needs a status code"
@@ -354,6 +361,92 @@ async def test_database_dropped_under_a_running_server_is_unavailable(backend, t
             grpc.StatusCode.UNAVAILABLE,
         )
         assert details.reason == "DATABASE_UNAVAILABLE"
+
+
+async def test_database_refusing_connections_is_unavailable(backend, tmp_path):
+    """ALTER DATABASE ... ALLOW_CONNECTIONS false: new connections fail with SQLSTATE 55000."""
+    if backend != "postgres":
+        pytest.skip("needs a database server to refuse connections")
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    async with running_server(backend, tmp_path) as running:
+        stub = call_type_service_pb2_grpc.CallTypeServiceStub(running.channel)
+        await stub.ListCallTypes(call_type_service_pb2.ListCallTypesRequest())
+        url = make_url(running.server.config.database_url)
+        admin = await asyncpg.connect(
+            url.set(drivername="postgresql", database="postgres").render_as_string(False)
+        )
+        try:
+            await admin.execute(f'ALTER DATABASE "{url.database}" ALLOW_CONNECTIONS false')
+            # The server's pooled connections go too, so its next query has to connect anew.
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", url.database
+            )
+            details = await expect_error(
+                stub.ListCallTypes(call_type_service_pb2.ListCallTypesRequest(), timeout=30),
+                grpc.StatusCode.UNAVAILABLE,
+                "DATABASE_UNAVAILABLE",
+            )
+            assert "retry" in details.message
+        finally:
+            # Let the database be dropped afterwards.
+            await admin.execute(f'ALTER DATABASE "{url.database}" ALLOW_CONNECTIONS true')
+            await admin.close()
+        # Back to normal once connections are allowed again.
+        await stub.ListCallTypes(call_type_service_pb2.ListCallTypesRequest(), timeout=30)
+
+
+async def test_sqlite_full_names_the_cause(backend, tmp_path):
+    """SQLITE_FULL ("database or disk is full", here from a real SQLite file capped by max_page_count, as
+    a full disk would): UNAVAILABLE with reason STORAGE_FULL and a message saying so, not a bare outage."""
+    if backend != "sqlite":
+        pytest.skip("SQLite's page cap; PostgreSQL's disk_full is the next test")
+    async with running_server(backend, tmp_path) as running:
+        users = user_pb2_grpc.UserServiceStub(running.channel)
+        async with running.server.store.database.write_engine.connect() as connection:
+            # The writer's only connection (max_page_count is per connection): no page beyond today's.
+            pages = (await connection.exec_driver_sql("PRAGMA page_count")).scalar_one()
+            await connection.exec_driver_sql(f"PRAGMA max_page_count = {pages}")
+            await connection.commit()
+        many = [
+            user_pb2.UserRequest(id=f"filler-{index}", custom=struct({"blob": "x" * 3000}))
+            for index in range(50)
+        ]
+        details = await expect_error(
+            users.UpsertUsers(user_pb2.UpsertUsersRequest(users=many)),
+            grpc.StatusCode.UNAVAILABLE,
+            "STORAGE_FULL",
+        )
+        assert "no space left on device" in details.message
+
+
+async def test_postgres_disk_full_names_the_cause(backend, tmp_path):
+    """A real PostgreSQL error with SQLSTATE 53100 (disk_full) through the store's transaction runner."""
+    if backend != "postgres":
+        pytest.skip("PostgreSQL's SQLSTATE")
+    from sqlalchemy import text
+
+    from callplane_server.store import Store
+
+    async with fresh_database(backend, tmp_path) as url:
+        store = await Store.open(url)
+        try:
+
+            async def write(session):
+                await session.execute(
+                    text(
+                        "DO $$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device' "
+                        "USING ERRCODE = 'disk_full'; END $$"
+                    )
+                )
+
+            with pytest.raises(errors.Unavailable) as caught:
+                await store.database.run(write, write=True)
+            assert caught.value.reason == "STORAGE_FULL"
+            assert "no space left on device" in caught.value.message
+        finally:
+            await store.close()
 
 
 class _Proxy:

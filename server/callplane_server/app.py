@@ -10,7 +10,6 @@ from datetime import timedelta
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from callplane.v1 import (
@@ -35,6 +34,7 @@ from callplane_server import runtime
 from callplane_server.api.call_data_servicer import CallDataServicer
 from callplane_server.api.errors import Authenticator, RpcWrapper, WrappingRegistrar
 from callplane_server.api.event_servicer import EventServicer
+from callplane_server.api.health import HealthServicer
 from callplane_server.api.metrics import RpcMetrics
 from callplane_server.api.moderation_servicer import ModerationServicer
 from callplane_server.api.ring_servicer import RingServicer
@@ -198,7 +198,8 @@ class CallplaneServer:
                 log.exception("event compaction failed")
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful: health says NOT_SERVING first so balancers stop routing, then in-flight RPCs drain.
+        """Graceful: health says NOT_SERVING first so balancers stop routing (and health watches end once
+        they have sent it), then in-flight RPCs drain.
         Every step is bounded, so a stuck component is logged by name instead of hanging shutdown."""
         await _bounded("health", self._health.enter_graceful_shutdown())
         for task in self._background:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from datetime import timedelta
 
@@ -63,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         from callplane_server.app import serve
 
         runtime.run(serve(config))
+        # Stopped cleanly: the database is closed and every RPC has ended. Skip the interpreter's teardown
+        # (freeing every module and object took ~0.8 s, measured), so a rolling restart is not held up.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -84,6 +84,12 @@ class Unavailable(CallplaneError):
     default_reason = "UNAVAILABLE"
 
 
+class DeadlineExceeded(CallplaneError):
+    """The caller's deadline passed (or it went away) before the work was done; nothing was changed."""
+
+    default_reason = "DEADLINE_EXCEEDED"
+
+
 # Violations spelled out in an error's message; the BadRequest details carry all of them.
 _LISTED_VIOLATIONS = 5
 

@@ -3,18 +3,20 @@ one line per RPC. A domain error never reaches a client as UNKNOWN."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc._cython.cygrpc import ExecuteBatchError
 from grpc_status import rpc_status
 
-from callplane_server import errors
+from callplane_server import deadlines, errors
 from callplane_server.api.metrics import RpcMetrics
 from callplane_server.auth.context import set_principal
 from callplane_server.auth.tokens import TokenVerifier, parse_bearer
@@ -35,6 +37,7 @@ _CODES: dict[type[errors.CallplaneError], grpc.StatusCode] = {
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
@@ -228,10 +231,19 @@ _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 def _finish(
-    method: str, kind: str, context: grpc.aio.ServicerContext, started: float, metrics: RpcMetrics
+    method: str,
+    kind: str,
+    context: grpc.aio.ServicerContext,
+    started: float,
+    metrics: RpcMetrics,
+    *,
+    cancelled: bool = False,
 ) -> None:
     code = context.code()
-    if code is None:
+    if cancelled:
+        # The client went away (or its deadline passed): it saw no status from us.
+        name = "DEADLINE_EXCEEDED" if deadlines.passed(deadlines.current_deadline()) else "CANCELLED"
+    elif code is None:
         name = "OK"
     elif isinstance(code, int):  # code() may hand back the raw integer
         name = _CODE_NAMES.get(code, "UNKNOWN")
@@ -255,6 +267,8 @@ def _wrap_unary(
 ) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
+        deadlines.set_deadline(context.time_remaining())
+        cancelled = False
         try:
             authenticator.authenticate(method, context)
             if type(request) is _Undecodable:
@@ -262,62 +276,80 @@ def _wrap_unary(
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:  # grpc.aio cancels the handler when the client goes away
+            cancelled = True
+            raise
         except Exception as error:
             await _abort(context, error)
         finally:
-            _finish(method, kind, context, started, metrics)
+            _finish(method, kind, context, started, metrics, cancelled=cancelled)
 
     return wrapper
 
 
 def _wrap_stream(
     method: str,
-    behavior: Callable[..., AsyncIterator[Any]],
+    behavior: Callable[..., AsyncGenerator[Any, None]],
     authenticator: Authenticator,
     metrics: RpcMetrics,
-) -> Callable[..., AsyncIterator[Any]]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    kind: str = "server_stream",
+) -> Callable[..., Awaitable[None]]:
+    """Runs a generator handler and writes what it yields with context.write, so that a write failing
+    because the client went away (grpc's ExecuteBatchError, which grpc.aio logs at ERROR with a traceback
+    when it gets it before noticing the cancellation: a stalled stream the client cancels) ends the RPC
+    as cancelled instead: grpc's one DEBUG line and our CANCELLED line."""
+
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> None:
         started = time.perf_counter()
+        deadlines.set_deadline(context.time_remaining())
+        cancelled = False
+        responses: AsyncGenerator[Any, None] | None = None
         try:
             authenticator.authenticate(method, context)
             if type(request) is _Undecodable:
                 raise request.error
-            async for response in behavior(request, context):
-                yield response
+            responses = behavior(request, context)
+            async for response in responses:
+                try:
+                    await context.write(response)
+                except ExecuteBatchError:
+                    raise asyncio.CancelledError from None
         except grpc.aio.AbortError:
+            raise
+        except asyncio.CancelledError:  # the client cancelled or its deadline passed
+            cancelled = True
             raise
         except Exception as error:
             await _abort(context, error)
         finally:
-            _finish(method, "server_stream", context, started, metrics)
+            try:
+                if responses is not None:
+                    await responses.aclose()  # the handler's cleanup runs now, not when collected
+            finally:
+                _finish(method, kind, context, started, metrics, cancelled=cancelled)
 
     return wrapper
 
 
 def _wrap_bidi(
     method: str,
-    behavior: Callable[..., AsyncIterator[Any]],
+    behavior: Callable[..., AsyncGenerator[Any, None]],
     authenticator: Authenticator,
     metrics: RpcMetrics,
-) -> Callable[..., AsyncIterator[Any]]:
-    async def wrapper(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        started = time.perf_counter()
+) -> Callable[..., Awaitable[None]]:
+    """A client-and-server streaming handler (reflection) wrapped like a server stream, its requests
+    checked as they arrive."""
 
-        async def decoded() -> AsyncIterator[Any]:
+    async def screened(
+        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[Any]:
+        async def decoded() -> AsyncGenerator[Any]:
             async for request in requests:
                 if type(request) is _Undecodable:
                     raise request.error
                 yield request
 
-        try:
-            authenticator.authenticate(method, context)
-            async for response in behavior(decoded(), context):
-                yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as error:
-            await _abort(context, error)
-        finally:
-            _finish(method, "bidi_stream", context, started, metrics)
+        async for response in behavior(decoded(), context):
+            yield response
 
-    return wrapper
+    return _wrap_stream(method, screened, authenticator, metrics, kind="bidi_stream")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import errno
 import fcntl
 import logging
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,7 +22,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from callplane_server.errors import CallplaneError, Unavailable
+from callplane_server import deadlines
+from callplane_server.errors import CallplaneError, DeadlineExceeded, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,22 @@ def _is_unavailable(error: BaseException) -> bool:
     return isinstance(error, exc.TimeoutError)
 
 
+def _is_out_of_space(error: BaseException) -> bool:
+    """SQLite's SQLITE_FULL ("database or disk is full"), PostgreSQL's disk_full (53100), ENOSPC."""
+    if _sqlstate(error) == "53100":
+        return True
+    candidate: BaseException | None = error
+    for _ in range(4):  # the error, the driver's, and what that wraps
+        if candidate is None:
+            break
+        if getattr(candidate, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return True
+        if isinstance(candidate, OSError) and candidate.errno == errno.ENOSPC:
+            return True
+        candidate = getattr(candidate, "orig", None) or candidate.__cause__
+    return False
+
+
 class DatabaseInUse(RuntimeError):
     """Another server process already serves this SQLite database."""
 
@@ -116,6 +135,18 @@ class _Unit:
     done: asyncio.Future[Any]
     # The submitter's context (who is calling, for instance): the unit runs in it, not the group's.
     context: contextvars.Context
+    # The submitter's RPC deadline (time.monotonic()), and whether it stopped waiting (cancelled).
+    deadline: float | None = None
+    abandoned: bool = False
+
+    def caller_gone(self) -> bool:
+        return self.abandoned or deadlines.passed(self.deadline)
+
+
+def _caller_gone() -> DeadlineExceeded:
+    return DeadlineExceeded(
+        "the deadline passed before the write committed; it was rolled back", reason="DEADLINE_EXCEEDED"
+    )
 
 
 class _GroupCommit:
@@ -123,6 +154,8 @@ class _GroupCommit:
     queue up; the next transaction runs all of them, each in its own session under a SAVEPOINT (a unit
     that fails rolls back alone, as if it had its own transaction), and commits once. Every unit is
     acknowledged only after that commit, so durability is unchanged (one fsync per group, not per write).
+    A unit whose caller is gone (deadline passed, RPC cancelled) when its turn comes, or by the end of its
+    work, rolls back to its savepoint alone and fails with DeadlineExceeded.
     """
 
     MAX_UNITS = 64
@@ -133,12 +166,22 @@ class _GroupCommit:
         self._running = False
 
     async def run(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        unit = _Unit(work, asyncio.get_running_loop().create_future(), contextvars.copy_context())  # type: ignore[arg-type]
+        unit = _Unit(
+            work,  # type: ignore[arg-type]
+            asyncio.get_running_loop().create_future(),
+            contextvars.copy_context(),
+            deadlines.current_deadline(),
+        )
         self._queue.append(unit)
         if not self._running:
             self._running = True
             asyncio.get_running_loop().create_task(self._drain())
-        return await asyncio.shield(unit.done)
+        try:
+            # Shielded: a unit the group has started must finish there, not be torn out of it.
+            return await asyncio.shield(unit.done)
+        except asyncio.CancelledError:
+            unit.abandoned = True  # rolled back if its savepoint is still open
+            raise
 
     async def _drain(self) -> None:
         try:
@@ -154,6 +197,9 @@ class _GroupCommit:
             async with self._engine.connect() as connection:
                 await connection.begin()  # BEGIN IMMEDIATE (see _configure_sqlite)
                 for unit in group:
+                    if unit.caller_gone():
+                        outcomes.append((False, _caller_gone()))
+                        continue
                     session = AsyncSession(
                         bind=connection,
                         join_transaction_mode="create_savepoint",
@@ -165,7 +211,10 @@ class _GroupCommit:
                             task = asyncio.get_running_loop().create_task(
                                 unit.work(session), context=unit.context
                             )
-                            outcomes.append((True, await task))
+                            result = await task
+                            if unit.caller_gone():
+                                raise _caller_gone()  # back to the savepoint: this unit only
+                        outcomes.append((True, result))
                     except Exception as error:
                         outcomes.append((False, error))
                     finally:
@@ -174,16 +223,21 @@ class _GroupCommit:
         except Exception as error:
             # Nothing of the group was committed (or we cannot know): every unit fails with the cause.
             for unit in group:
-                if not unit.done.done():
-                    unit.done.set_exception(error)
+                _settle(unit, False, error)
             return
         for unit, (succeeded, value) in zip(group, outcomes, strict=True):
-            if unit.done.done():
-                continue
-            if succeeded:
-                unit.done.set_result(value)
-            else:
-                unit.done.set_exception(value)
+            _settle(unit, succeeded, value)
+
+
+def _settle(unit: _Unit, succeeded: bool, value: Any) -> None:
+    if unit.done.done():
+        return
+    if unit.abandoned:
+        unit.done.cancel()  # nobody will read it (an exception left unread would be logged)
+    elif succeeded:
+        unit.done.set_result(value)
+    else:
+        unit.done.set_exception(value)
 
 
 class Database:
@@ -213,6 +267,7 @@ class Database:
                 self.url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
             )
             self.read_engine = self.write_engine
+            self._connecting_is_an_outage(self.write_engine)
         self._write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False, autoflush=False)
         # SQLite has one writer connection: writers that queue for it share one commit.
         self._group_commit = _GroupCommit(self.write_engine) if self.dialect == "sqlite" else None
@@ -237,6 +292,16 @@ class Database:
             # A deferred transaction that later writes fails at once with "database is locked",
             # ignoring busy_timeout; writers therefore take the write lock up front.
             connection.exec_driver_sql(begin)
+
+    @staticmethod
+    def _connecting_is_an_outage(engine: AsyncEngine) -> None:
+        @event.listens_for(engine.sync_engine, "handle_error")
+        def on_error(context: Any) -> None:
+            # No connection yet: the server refused us (not accepting connections, SQLSTATE 55000 after
+            # ALTER DATABASE ... ALLOW_CONNECTIONS false; too many clients; database gone; shutting down).
+            # Whatever the SQLSTATE, nothing was asked of the database yet: an outage, not a fault.
+            if context.connection is None and not context.is_pre_ping:
+                context.is_disconnect = True
 
     @property
     def sole_writer(self) -> bool:
@@ -271,10 +336,20 @@ class Database:
                     if write and self._group_commit is not None:
                         return await self._group_commit.run(work)
                     async with self._session(write=write) as session:
-                        return await work(session)
+                        result = await work(session)
+                        if write and deadlines.passed(deadlines.current_deadline()):
+                            # Nobody waits for the answer: roll back rather than commit unseen.
+                            raise _caller_gone()
+                        return result
         except CallplaneError:
             raise
         except Exception as error:
+            if _is_out_of_space(error):
+                log.error("database out of space: %s", error)
+                raise Unavailable(
+                    "the database has no space left on device; retry once an operator has freed some",
+                    reason="STORAGE_FULL",
+                ) from error
             if _is_unavailable(error) or _is_retryable(error):
                 log.warning("database unavailable: %s", error)
                 raise Unavailable(
