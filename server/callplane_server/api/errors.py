@@ -85,6 +85,7 @@ class Authenticator:
 
     def authenticate(self, method: str, context: grpc.aio.ServicerContext) -> None:
         if method.startswith(_OPEN_PREFIXES):
+            set_principal(None)  # open to everyone, so acting for nobody
             return
         authorization = None
         for key, value in context.invocation_metadata() or ():

@@ -137,7 +137,9 @@ class _GroupCommit:
         self._queue.append(unit)
         if not self._running:
             self._running = True
-            asyncio.get_running_loop().create_task(self._drain())
+            # Started by whichever writer comes first (often inside an RPC): an empty context, so the
+            # drainer holds nobody's authority; each unit runs in the context of its own writer.
+            asyncio.get_running_loop().create_task(self._drain(), context=contextvars.Context())
         return await asyncio.shield(unit.done)
 
     async def _drain(self) -> None:
@@ -314,7 +316,7 @@ class Database:
                     log.warning("event notifications unavailable (%s); polling only, retrying", error)
                     await asyncio.sleep(1.0)
 
-        task = asyncio.create_task(keep_listening(), name=f"listen-{channel}")
+        task = asyncio.create_task(keep_listening(), name=f"listen-{channel}", context=contextvars.Context())
 
         async def stop() -> None:
             task.cancel()
