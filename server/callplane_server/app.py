@@ -92,6 +92,8 @@ class CallplaneServer:
         self.metrics = RpcMetrics()
         self.metrics_port = 0
         self._background: list[asyncio.Task[None]] = []
+        #: Every method registered (full names), health and reflection included.
+        self.rpc_methods: list[str] = []
 
     async def start(self) -> int:
         self.store = await Store.open(
@@ -153,6 +155,7 @@ class CallplaneServer:
                 ),
                 server,
             )
+        self.rpc_methods = list(server.methods)
         self.port = grpc_server.add_insecure_port(self.config.listen)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.listen}")
