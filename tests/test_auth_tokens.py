@@ -28,6 +28,7 @@ def _unsigned(claims: dict[str, object]) -> str:
     return f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(claims)}."
 
 
+# Built at import: claims that must not expire while the suite runs get a day (a minute did not last).
 NOW = int(datetime.now(UTC).timestamp())
 BAD_TOKENS = {
     "missing": (None, "TOKEN_MISSING"),
@@ -43,7 +44,7 @@ BAD_TOKENS = {
     "user-without-exp": (jwt.encode({"user_id": "alice", "iat": NOW}, TEST_SECRET), "TOKEN_CLAIMS_INVALID"),
     "without-iat": (jwt.encode({"server": True}, TEST_SECRET), "TOKEN_CLAIMS_INVALID"),
     "empty-user": (
-        jwt.encode({"user_id": "", "iat": NOW, "exp": NOW + 60}, TEST_SECRET),
+        jwt.encode({"user_id": "", "iat": NOW, "exp": NOW + 86_400}, TEST_SECRET),
         "TOKEN_CLAIMS_INVALID",
     ),
 }
