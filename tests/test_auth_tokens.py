@@ -16,7 +16,7 @@ from callplane.v1 import call_service_pb2, call_service_pb2_grpc, user_pb2, user
 from callplane_server.auth.tokens import create_token, verify_token
 from callplane_server.errors import Unauthenticated
 from tests.errors import expect_error
-from tests.support import SERVER_TOKEN, TEST_SECRET, RunningServer, channel, user_token
+from tests.support import SERVER_TOKEN, TEST_SECRET, RunningServer, channel, struct, user_token
 
 
 def _b64(data: dict[str, object]) -> str:
@@ -28,6 +28,7 @@ def _unsigned(claims: dict[str, object]) -> str:
     return f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(claims)}."
 
 
+# Built at import: claims that must not expire while the suite runs get a day (a minute did not last).
 NOW = int(datetime.now(UTC).timestamp())
 BAD_TOKENS = {
     "missing": (None, "TOKEN_MISSING"),
@@ -43,7 +44,7 @@ BAD_TOKENS = {
     "user-without-exp": (jwt.encode({"user_id": "alice", "iat": NOW}, TEST_SECRET), "TOKEN_CLAIMS_INVALID"),
     "without-iat": (jwt.encode({"server": True}, TEST_SECRET), "TOKEN_CLAIMS_INVALID"),
     "empty-user": (
-        jwt.encode({"user_id": "", "iat": NOW, "exp": NOW + 60}, TEST_SECRET),
+        jwt.encode({"user_id": "", "iat": NOW, "exp": NOW + 86_400}, TEST_SECRET),
         "TOKEN_CLAIMS_INVALID",
     ),
 }
@@ -80,11 +81,23 @@ async def test_streams_need_a_token_too(server: RunningServer) -> None:
         assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_valid_server_and_user_tokens_are_accepted(server: RunningServer) -> None:
-    for token in (SERVER_TOKEN, user_token("token-user")):
-        async with channel(server.target, token=token) as authed:
-            users = user_pb2_grpc.UserServiceStub(authed)
-            await users.QueryUsers(user_pb2.QueryUsersRequest())
+async def test_valid_server_and_user_tokens_are_accepted(server: RunningServer, unique) -> None:
+    """Each token is accepted as whom it names: the server finds the user it created (in a team of its
+    own); the user's token sees exactly itself (nobody outside its teams)."""
+    user_id, team = unique("token-user"), unique("team")
+    async with channel(server.target, token=SERVER_TOKEN) as authed:
+        users = user_pb2_grpc.UserServiceStub(authed)
+        await users.UpsertUsers(
+            user_pb2.UpsertUsersRequest(users=[user_pb2.UserRequest(id=user_id, teams=[team])])
+        )
+        seen_by_server = await users.QueryUsers(
+            user_pb2.QueryUsersRequest(filter_conditions=struct({"id": user_id}))
+        )
+    async with channel(server.target, token=user_token(user_id)) as authed:
+        users = user_pb2_grpc.UserServiceStub(authed)
+        seen_by_user = await users.QueryUsers(user_pb2.QueryUsersRequest(limit=100))
+    assert [user.id for user in seen_by_server.users] == [user_id]
+    assert [user.id for user in seen_by_user.users] == [user_id]
 
 
 async def test_health_is_open_without_a_token(server: RunningServer) -> None:

@@ -6,34 +6,13 @@ import grpc
 import pytest
 
 from callplane.v1 import call_service_pb2, call_type_pb2, call_type_service_pb2
+from callplane_server.domain.capabilities import BUILTIN_ROLES, CAPABILITIES
 from tests.errors import expect_error
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 BUILTINS = ("audio_room", "default", "development", "livestream")
-CAPABILITIES = (
-    "create-call",
-    "read-call",
-    "join-call",
-    "join-ended-call",
-    "join-backstage",
-    "update-call",
-    "update-call-settings",
-    "end-call",
-    "change-max-duration",
-    "send-audio",
-    "send-video",
-    "screenshare",
-    "remove-call-member",
-    "update-call-member",
-    "update-call-permissions",
-    "mute-users",
-    "block-users",
-    "kick-user",
-    "pin-for-everyone",
-    "create-reaction",
-)
-ROLES = ("admin", "call_member", "host", "moderator", "user")
+ROLES = BUILTIN_ROLES  # the server's own names, not a copy that could drift from them
 
 # section, field, (invalid values), (valid boundary values)
 RANGES = [

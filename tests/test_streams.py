@@ -456,8 +456,8 @@ async def test_watch_user_errors(api: Calls) -> None:
     )
 
 
-async def test_watch_user_through_send_call_event_when_available(api: Calls) -> None:
-    """The same through the public RPC (SendCallEvent) once the call data service implements it."""
+async def test_watch_user_through_send_call_event(api: Calls) -> None:
+    """The same through the public RPC (SendCallEvent)."""
     from callplane.v1 import call_data_service_pb2, call_data_service_pb2_grpc
 
     erin, frank = new_id("erin"), new_id("frank")
@@ -467,16 +467,11 @@ async def test_watch_user_through_send_call_event_when_available(api: Calls) -> 
     stub = call_data_service_pb2_grpc.CallDataServiceStub(api.server.channel)
     stream = api.watch_user(frank, after_seq=0)
     await stream.progress()
-    try:
-        sent = await stub.SendCallEvent(
-            call_data_service_pb2.SendCallEventRequest(
-                type="default", id=call_id, user_id=erin, custom=struct({"hi": 1}), to_user_ids=[frank]
-            )
+    sent = await stub.SendCallEvent(
+        call_data_service_pb2.SendCallEventRequest(
+            type="default", id=call_id, user_id=erin, custom=struct({"hi": 1}), to_user_ids=[frank]
         )
-    except grpc.aio.AioRpcError as error:
-        if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-            pytest.skip("SendCallEvent is not implemented yet")
-        raise
+    )
     event = await stream.event()
     assert (event.user_seq, event.seq, event.call_cid, event.type) == (1, sent.seq, cid, "custom")
     stream.cancel()

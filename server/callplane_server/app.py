@@ -40,7 +40,8 @@ from callplane_server.api.moderation_servicer import ModerationServicer
 from callplane_server.api.ring_servicer import RingServicer
 from callplane_server.api.servicers import CallServicer, CallTypeServicer, UserServicer
 from callplane_server.api.session_servicer import SessionServicer
-from callplane_server.auth.tokens import load_or_create_secret
+from callplane_server.auth.context import authority_context
+from callplane_server.auth.tokens import SERVER, load_or_create_secret
 from callplane_server.config import Config
 from callplane_server.events.hub import EventHub
 from callplane_server.services.call_data import CallDataService
@@ -91,6 +92,8 @@ class CallplaneServer:
         self.metrics = RpcMetrics()
         self.metrics_port = 0
         self._background: list[asyncio.Task[None]] = []
+        #: Every method registered (full names), health and reflection included.
+        self.rpc_methods: list[str] = []
 
     async def start(self) -> int:
         self.store = await Store.open(
@@ -157,16 +160,24 @@ class CallplaneServer:
                 ),
                 server,
             )
+        self.rpc_methods = list(server.methods)
         self.port = grpc_server.add_insecure_port(self.config.listen)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.listen}")
-        await grpc_server.start()
+        # grpc.aio serves each RPC in a task descending from the ones start() creates, so start() runs in a
+        # context with no principal: an RPC has exactly the principal its authentication sets, nothing
+        # inherited from whoever started the server.
+        await asyncio.create_task(grpc_server.start(), context=authority_context(None))
         self._server = grpc_server
         if self.config.metrics_listen:
             self.metrics_port = self.metrics.serve(self.config.metrics_listen)
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._background.append(asyncio.create_task(self._compact_periodically(), name="event-compaction"))
+        self._background.append(
+            asyncio.create_task(
+                self._compact_periodically(), name="event-compaction", context=authority_context(SERVER)
+            )
+        )
         if self.config.run_timers:
             self.timers.start()
         log.info(

@@ -21,6 +21,7 @@ from callplane_server.api.metrics import RpcMetrics
 from callplane_server.auth.context import set_principal
 from callplane_server.auth.tokens import TokenVerifier, parse_bearer
 from callplane_server.domain.validation import MAX_CUSTOM_DEPTH
+from callplane_server.services.authz import MissingRule, rule_for
 
 log = logging.getLogger("callplane.rpc")
 
@@ -89,6 +90,7 @@ class Authenticator:
 
     def authenticate(self, method: str, context: grpc.aio.ServicerContext) -> None:
         if method.startswith(_OPEN_PREFIXES):
+            set_principal(None)  # open to everyone, so acting for nobody
             return
         authorization = None
         for key, value in context.invocation_metadata() or ():
@@ -134,21 +136,41 @@ class RpcWrapper:
         return handler
 
 
+def _unchecked(method: str) -> bool:
+    """Whether serving `method` would skip authorization: it is not open and RPC_RULES has no entry."""
+    if method.startswith(_OPEN_PREFIXES):
+        return False
+    try:
+        rule_for(method)
+    except MissingRule:
+        return True
+    return False
+
+
 class WrappingRegistrar:
     """Stands in for the grpc.aio.Server while the generated `add_*Servicer_to_server` functions (and
     health, reflection) register: each method handler is wrapped once, here, rather than on every RPC
-    as a ServerInterceptor would (which costs a coroutine and new handler objects per call)."""
+    as a ServerInterceptor would (which costs a coroutine and new handler objects per call).
+
+    A method without an entry in RPC_RULES (services/authz.py) is refused: registering it raises
+    MissingRule, so the server does not start. `methods` lists every method registered."""
 
     def __init__(self, server: grpc.aio.Server, wrapper: RpcWrapper) -> None:
         self._server = server
         self._wrapper = wrapper
+        self.methods: list[str] = []
 
     def add_registered_method_handlers(
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
     ) -> None:
+        methods = [f"/{service}/{name}" for name in handlers]
+        for method in methods:
+            if not method.startswith(_OPEN_PREFIXES):
+                rule_for(method)  # raises MissingRule naming the method: the server does not start
         self._server.add_registered_method_handlers(
             service, {name: self._wrapper.wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
         )
+        self.methods.extend(methods)
 
     def add_generic_rpc_handlers(self, generic_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         self._server.add_generic_rpc_handlers(
@@ -168,6 +190,9 @@ class _WrappedGenericHandler(grpc.GenericRpcHandler):
         if wrapped is None:
             handler = self._inner.service(handler_call_details)
             if handler is None:
+                return None
+            if _unchecked(method):  # never served unchecked (UNIMPLEMENTED)
+                log.error("refusing to serve %s: it has no entry in RPC_RULES", method)
                 return None
             wrapped = self._wrapped[method] = self._wrapper.wrap(method, handler)
         return wrapped

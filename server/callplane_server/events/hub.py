@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from functools import partial
 
+from callplane_server.auth.context import authority_context
 from callplane_server.store import Store, Transaction
 from callplane_server.store.events import NOTIFY_CHANNEL, StoredEvent
 
@@ -145,7 +146,10 @@ class EventHub:
         self._store.commit_listeners.append(self._ring)
         # Commits by other processes (PostgreSQL replicas) ring through LISTEN/NOTIFY; polling backs it up.
         self._stop_listening = await self._store.database.listen(NOTIFY_CHANNEL, self.ring)
-        self._task = asyncio.create_task(self._run(), name="event-tailer")
+        # No authority at all: the tailer decides nothing for anyone. Each subscription's matcher is bound
+        # to its own subscriber when the stream subscribes; a matcher that asked "who is acting?" here
+        # is refused (NO_PRINCIPAL) rather than answered "the server", which would see every event.
+        self._task = asyncio.create_task(self._run(), name="event-tailer", context=authority_context(None))
 
     def _ring(self, _position: int) -> None:
         self._doorbell.set()

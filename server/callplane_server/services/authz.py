@@ -6,7 +6,10 @@ per-user revocations (UpdateUserPermissions). The global role `admin` has every 
 none in a call of a team they are not in (unless they are a global admin), in a call outside their
 token's `call_cids`, or in a call that blocked them. A server token may do everything.
 
-RPC_RULES below is the one table of which capability each RPC checks (the README shows it)."""
+RPC_RULES below is the one table of which capability each RPC checks (the README shows it, and a test
+keeps the two equal). The API layer refuses to register an RPC that has no entry (`rule_for`), so a new
+RPC cannot be served before its rule is written down here (and the authorization matrix test fails until
+it has a row)."""
 
 from __future__ import annotations
 
@@ -70,6 +73,26 @@ RPC_RULES: dict[str, str] = {
     "ModerationService/UnblockUser": "block-users",
     "ModerationService/KickUser": "kick-user (+ block-users with block)",
 }
+
+
+PACKAGE = "callplane.v1"
+
+
+class MissingRule(RuntimeError):
+    """An RPC without an entry in RPC_RULES: the server refuses to start rather than serve it unchecked."""
+
+
+def rule_for(method: str) -> str:
+    """The RPC_RULES entry of a full method name ("/callplane.v1.CallService/GetCall")."""
+    service, _, rpc = method.removeprefix("/").partition("/")
+    package, _, service_name = service.rpartition(".")
+    rule = RPC_RULES.get(f"{service_name}/{rpc}") if package == PACKAGE else None
+    if rule is None:
+        raise MissingRule(
+            f"{method} has no entry in RPC_RULES (services/authz.py): write down what it checks, "
+            "and give it a row in the authorization matrix test"
+        )
+    return rule
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import re
 import uuid
@@ -18,8 +17,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from callplane.v1 import event_pb2
-from callplane_server.auth.context import current_principal
-from callplane_server.auth.tokens import Principal
+from callplane_server.auth.context import authority_context, current_principal
+from callplane_server.auth.tokens import SERVER, Principal
 from callplane_server.domain.call_types import merge_settings
 from callplane_server.domain.records import (
     CallRecord,
@@ -655,9 +654,10 @@ class SessionService:
         key = (participant.call_cid, participant_session_id)
         self._held[key] = self._held.get(key, 0) + 1
         if self._renewer is None and not self._closing:
-            # A fresh context: the renewer works with the server's authority, not the opening stream's.
+            # Started by the first stream that holds a participant, so inside that RPC: it gets a fresh
+            # context with the server's authority, not the opening stream's caller.
             self._renewer = asyncio.create_task(
-                self._renew_held(), name="participant-leases", context=contextvars.Context()
+                self._renew_held(), name="participant-leases", context=authority_context(SERVER)
             )
 
     async def stream_closed(self, call_type: str, call_id: str, participant_session_id: str) -> None:

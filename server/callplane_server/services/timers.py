@@ -10,6 +10,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
+from callplane_server.auth.context import acting_as, authority_context
+from callplane_server.auth.tokens import SERVER
 from callplane_server.domain.records import TimerRecord
 from callplane_server.services.clock import Clock
 from callplane_server.store import Store, Transaction
@@ -34,7 +36,8 @@ class TimerRunner:
         self._handlers[kind] = handler
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="timers")
+        # The server's own work, whoever happens to start the runner.
+        self._task = asyncio.create_task(self._run(), name="timers", context=authority_context(SERVER))
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -83,7 +86,10 @@ class TimerRunner:
             claimed = await tx.timers.claim(timer.id, now)
             if claimed is None:
                 return False
-            await handler(tx, claimed, now)
+            # Ring timeouts, lease expiry, session ends: nobody's request, so the server's authority (also
+            # when a test or tool calls run_due() directly).
+            with acting_as(SERVER):
+                await handler(tx, claimed, now)
             return True
 
         try:

@@ -175,7 +175,9 @@ class _GroupCommit:
         self._queue.append(unit)
         if not self._running:
             self._running = True
-            asyncio.get_running_loop().create_task(self._drain())
+            # Started by whichever writer comes first (often inside an RPC): an empty context, so the
+            # drainer holds nobody's authority; each unit runs in the context of its own writer.
+            asyncio.get_running_loop().create_task(self._drain(), context=contextvars.Context())
         try:
             # Shielded: a unit the group has started must finish there, not be torn out of it.
             return await asyncio.shield(unit.done)
@@ -389,7 +391,7 @@ class Database:
                     log.warning("event notifications unavailable (%s); polling only, retrying", error)
                     await asyncio.sleep(1.0)
 
-        task = asyncio.create_task(keep_listening(), name=f"listen-{channel}")
+        task = asyncio.create_task(keep_listening(), name=f"listen-{channel}", context=contextvars.Context())
 
         async def stop() -> None:
             task.cancel()
