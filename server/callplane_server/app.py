@@ -7,6 +7,7 @@ import logging
 import signal
 from collections.abc import Awaitable
 from datetime import timedelta
+from typing import cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -123,7 +124,12 @@ class CallplaneServer:
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
         self.api_secret = self.config.api_secret or load_or_create_secret(self.config.data_dir)
         grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        server = WrappingRegistrar(grpc_server, RpcWrapper(Authenticator(self.api_secret), self.metrics))
+        # Typed as the server it stands in for: the add_*_to_server functions below only call the two
+        # registration methods WrappingRegistrar provides.
+        server = cast(
+            grpc.aio.Server,
+            WrappingRegistrar(grpc_server, RpcWrapper(Authenticator(self.api_secret), self.metrics)),
+        )
         call_type_service_pb2_grpc.add_CallTypeServiceServicer_to_server(
             CallTypeServicer(CallTypeService(self.store, self.clock)), server
         )

@@ -7,7 +7,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -47,7 +47,7 @@ def status_code_for(error: errors.CallplaneError) -> grpc.StatusCode:
 def to_rpc_status(error: errors.CallplaneError) -> grpc.Status:
     code = status_code_for(error)
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
-    details = [info]
+    details: list[error_details_pb2.ErrorInfo | error_details_pb2.BadRequest] = [info]
     if error.field_violations:
         details.append(
             error_details_pb2.BadRequest(
@@ -83,13 +83,13 @@ class Authenticator:
     def __init__(self, secret: str) -> None:
         self._tokens = TokenVerifier(secret)
 
-    def authenticate(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    def authenticate(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if method.startswith(_OPEN_PREFIXES):
             return
         authorization = None
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
-                authorization = value
+                authorization = cast(str, value)  # only metadata keys ending in "-bin" carry bytes
         set_principal(self._tokens.verify(parse_bearer(authorization)))
 
 
@@ -101,7 +101,7 @@ class RpcWrapper:
         self._authenticator = authenticator
         self._metrics = metrics or RpcMetrics()
 
-    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(method, "unary", handler.unary_unary, self._authenticator, self._metrics),
@@ -113,8 +113,15 @@ class RpcWrapper:
             wrapped = (
                 _wrap_stream(method, behavior, self._authenticator, self._metrics)
                 if inspect.isasyncgenfunction(behavior)
-                # Handlers using context.write().
-                else _wrap_unary(method, "server_stream", behavior, self._authenticator, self._metrics)
+                # Handlers using context.write(): coroutine functions, which grpc.aio accepts for unary_stream
+                # though the stubs type it as returning an Iterator.
+                else _wrap_unary(
+                    method,
+                    "server_stream",
+                    cast("Callable[..., Awaitable[Any]]", behavior),
+                    self._authenticator,
+                    self._metrics,
+                )
             )
             return grpc.unary_stream_rpc_method_handler(
                 wrapped,
@@ -134,7 +141,7 @@ class WrappingRegistrar:
         self._wrapper = wrapper
 
     def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
         self._server.add_registered_method_handlers(
             service, {name: self._wrapper.wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
@@ -150,9 +157,11 @@ class _WrappedGenericHandler(grpc.GenericRpcHandler):
     def __init__(self, inner: grpc.GenericRpcHandler, wrapper: RpcWrapper) -> None:
         self._inner = inner
         self._wrapper = wrapper
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method
         wrapped = self._wrapped.get(method)
         if wrapped is None:
@@ -179,7 +188,7 @@ _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 def _finish(
-    method: str, kind: str, context: grpc.aio.ServicerContext, started: float, metrics: RpcMetrics
+    method: str, kind: str, context: grpc.aio.ServicerContext[Any, Any], started: float, metrics: RpcMetrics
 ) -> None:
     code = context.code()
     if code is None:
@@ -193,7 +202,7 @@ def _finish(
     log.info("rpc %s %s %.1fms", method, name, seconds * 1000)
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> None:
     await context.abort_with_status(to_rpc_status(_classify(error)))
 
 
@@ -204,7 +213,7 @@ def _wrap_unary(
     authenticator: Authenticator,
     metrics: RpcMetrics,
 ) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = time.perf_counter()
         try:
             authenticator.authenticate(method, context)
@@ -225,7 +234,7 @@ def _wrap_stream(
     authenticator: Authenticator,
     metrics: RpcMetrics,
 ) -> Callable[..., AsyncIterator[Any]]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         started = time.perf_counter()
         try:
             authenticator.authenticate(method, context)
