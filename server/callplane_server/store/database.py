@@ -133,6 +133,7 @@ class _GroupCommit:
         self._running = False
 
     async def run(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        # arg-type: _Unit runs `work` as a task, which needs a coroutine; every caller's work returns one.
         unit = _Unit(work, asyncio.get_running_loop().create_future(), contextvars.copy_context())  # type: ignore[arg-type]
         self._queue.append(unit)
         if not self._running:
