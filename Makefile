@@ -13,7 +13,7 @@ DATA_DIR ?= data
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: venv node run test bench lint format proto proto-check ci clean
+.PHONY: venv node run test bench lint typecheck breaking format proto proto-check ci clean
 
 venv: $(PY_STAMP)
 node: $(NODE_STAMP)
@@ -61,10 +61,29 @@ proto-check: proto
 	@test -z "$$(git status --porcelain --untracked-files=all -- $(GEN_DIR)/callplane/v1)" || \
 		(git status --porcelain -- $(GEN_DIR)/callplane/v1; echo "untracked generated files: run 'make proto' and commit" >&2; exit 1)
 
+## ruff, mypy --strict, buf lint and buf breaking.
 lint: $(PY_STAMP) $(NODE_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(MAKE) --no-print-directory typecheck breaking
 	$(BUF) lint
+
+## mypy --strict on the server and the Python client (configured in pyproject.toml).
+typecheck: $(PY_STAMP)
+	$(BIN)/mypy
+
+## The protos must not break the previous commit's (buf's FILE rules, buf.yaml). A clone without that
+## commit (shallow, or the first commit) is checked against HEAD instead: only uncommitted changes.
+breaking: $(NODE_STAMP)
+	@if ! git rev-parse --git-dir >/dev/null 2>&1; then \
+		echo "buf breaking: skipped, not a git checkout"; \
+	elif git rev-parse --verify --quiet 'HEAD~1^{commit}' >/dev/null; then \
+		echo "$(BUF) breaking --against '.git#ref=HEAD~1'"; \
+		$(BUF) breaking --against '.git#ref=HEAD~1'; \
+	else \
+		echo "buf breaking: HEAD~1 is not in this clone (shallow or first commit); checking against HEAD"; \
+		$(BUF) breaking --against '.git#ref=HEAD'; \
+	fi
 
 format: $(PY_STAMP)
 	$(BIN)/ruff check --fix .
@@ -73,4 +92,4 @@ format: $(PY_STAMP)
 ci: proto-check lint test
 
 clean:
-	rm -rf $(VENV) $(NODE_DIR)/node_modules .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(NODE_DIR)/node_modules .pytest_cache .ruff_cache .mypy_cache

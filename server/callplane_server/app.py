@@ -7,6 +7,7 @@ import logging
 import signal
 from collections.abc import Awaitable
 from datetime import timedelta
+from typing import cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -126,7 +127,10 @@ class CallplaneServer:
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
         self.api_secret = self.config.api_secret or load_or_create_secret(self.config.data_dir)
         grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        server = WrappingRegistrar(grpc_server, RpcWrapper(Authenticator(self.api_secret), self.metrics))
+        # Typed as the server it stands in for: the add_*_to_server functions below only call the two
+        # registration methods WrappingRegistrar provides.
+        registrar = WrappingRegistrar(grpc_server, RpcWrapper(Authenticator(self.api_secret), self.metrics))
+        server = cast(grpc.aio.Server, registrar)
         call_type_service_pb2_grpc.add_CallTypeServiceServicer_to_server(
             CallTypeServicer(CallTypeService(self.store, self.clock)), server
         )
@@ -150,7 +154,8 @@ class CallplaneServer:
             # The asyncio servicer, registered directly: enable_server_reflection() only picks it for a
             # grpc.aio.Server, and the registrar stands in for one (the sync servicer would block a thread
             # per stream and could not be wrapped like every other handler).
-            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            # no-untyped-call: grpcio-reflection's generated registration function has no annotations.
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
                 reflection.aio.ReflectionServicer(
                     (
                         *SERVICE_NAMES,
@@ -160,7 +165,7 @@ class CallplaneServer:
                 ),
                 server,
             )
-        self.rpc_methods = list(server.methods)
+        self.rpc_methods = list(registrar.methods)
         self.port = grpc_server.add_insecure_port(self.config.listen)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.listen}")

@@ -10,7 +10,16 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
-from callplane.v1 import call_pb2, call_type_pb2, event_pb2, query_pb2, session_pb2, user_pb2
+from callplane.v1 import (
+    call_pb2,
+    call_service_pb2,
+    call_type_pb2,
+    event_pb2,
+    query_pb2,
+    session_pb2,
+    session_service_pb2,
+    user_pb2,
+)
 from callplane_server.domain.records import (
     CallTypeRecord,
     CallView,
@@ -19,23 +28,34 @@ from callplane_server.domain.records import (
     PageRequest,
     ParticipantRecord,
     SessionRecord,
+    SortDirection,
     SortInput,
+    SortValueType,
     UserRecord,
 )
 from callplane_server.domain.validation import DEFAULT_PAGE_LIMIT, MAX_CUSTOM_DEPTH
 from callplane_server.errors import InvalidArgument
 
-_DIRECTIONS = {
+_DIRECTIONS: dict[int, SortDirection] = {
     query_pb2.SORT_DIRECTION_UNSPECIFIED: "asc",
     query_pb2.SORT_DIRECTION_ASC: "asc",
     query_pb2.SORT_DIRECTION_DESC: "desc",
 }
-_SORT_TYPES = {
+_SORT_TYPES: dict[int, SortValueType | None] = {
     query_pb2.SORT_TYPE_UNSPECIFIED: None,
     query_pb2.SORT_TYPE_STRING: "string",
     query_pb2.SORT_TYPE_NUMBER: "number",
     query_pb2.SORT_TYPE_BOOLEAN: "boolean",
 }
+
+# The Query* requests: each has filter_conditions, sort, limit, next and prev.
+PagedRequest = (
+    user_pb2.QueryUsersRequest
+    | call_service_pb2.QueryCallsRequest
+    | call_service_pb2.QueryMembersRequest
+    | session_service_pb2.QueryCallParticipantsRequest
+    | session_service_pb2.QueryCallSessionsRequest
+)
 
 
 class _Rejected(Exception):
@@ -175,22 +195,23 @@ def grants_to_dict(grants: Any) -> dict[str, list[str]]:
     return {role: list(capabilities.capabilities) for role, capabilities in grants.items()}
 
 
-def page_request(request: Message) -> PageRequest:
+def page_request(request: PagedRequest) -> PageRequest:
     sort = tuple(
         SortInput(
             field=param.field,
-            # An unknown enum value is passed through so that the query compiler rejects it (INVALID_SORT).
+            # An unknown enum value is passed through so that the query compiler rejects it (INVALID_SORT):
+            # a str that is deliberately no SortDirection, hence the ignore.
             direction=_DIRECTIONS.get(param.direction, f"unknown ({param.direction})"),  # type: ignore[arg-type]
             type=_SORT_TYPES.get(param.type),
         )
-        for param in request.sort  # type: ignore[attr-defined]
+        for param in request.sort
     )
     return PageRequest(
         filter_conditions=optional_struct(request, "filter_conditions", "filter_conditions"),
         sort=sort,
-        limit=request.limit or DEFAULT_PAGE_LIMIT,  # type: ignore[attr-defined]
-        next=request.next,  # type: ignore[attr-defined]
-        prev=request.prev,  # type: ignore[attr-defined]
+        limit=request.limit or DEFAULT_PAGE_LIMIT,
+        next=request.next,
+        prev=request.prev,
     )
 
 
@@ -277,7 +298,7 @@ _TRACKS = {
     "screen_share": session_pb2.TRACK_TYPE_SCREEN_SHARE,
     "screen_share_audio": session_pb2.TRACK_TYPE_SCREEN_SHARE_AUDIO,
 }
-TRACK_NAMES = {value: name for name, value in _TRACKS.items()}
+TRACK_NAMES: dict[int, str] = {value: name for name, value in _TRACKS.items()}
 
 
 def track_value(name: str) -> int:

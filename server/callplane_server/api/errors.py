@@ -8,12 +8,15 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc._cython.cygrpc import ExecuteBatchError
+
+# import-not-found: grpc ships no stubs for its Cython core, whose ExecuteBatchError is how a write to a
+# client that went away fails (see _wrap_stream).
+from grpc._cython.cygrpc import ExecuteBatchError  # type: ignore[import-not-found]
 from grpc_status import rpc_status
 
 from callplane_server import deadlines, errors
@@ -52,7 +55,7 @@ def status_code_for(error: errors.CallplaneError) -> grpc.StatusCode:
 def to_rpc_status(error: errors.CallplaneError) -> grpc.Status:
     code = status_code_for(error)
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
-    details = [info]
+    details: list[error_details_pb2.ErrorInfo | error_details_pb2.BadRequest] = [info]
     if error.field_violations:
         details.append(
             error_details_pb2.BadRequest(
@@ -88,14 +91,14 @@ class Authenticator:
     def __init__(self, secret: str) -> None:
         self._tokens = TokenVerifier(secret)
 
-    def authenticate(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    def authenticate(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if method.startswith(_OPEN_PREFIXES):
             set_principal(None)  # open to everyone, so acting for nobody
             return
         authorization = None
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
-                authorization = value
+                authorization = cast(str, value)  # only metadata keys ending in "-bin" carry bytes
         set_principal(self._tokens.verify(parse_bearer(authorization)))
 
 
@@ -107,7 +110,7 @@ class RpcWrapper:
         self._authenticator = authenticator
         self._metrics = metrics or RpcMetrics()
 
-    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(method, "unary", handler.unary_unary, self._authenticator, self._metrics),
@@ -119,8 +122,15 @@ class RpcWrapper:
             wrapped = (
                 _wrap_stream(method, behavior, self._authenticator, self._metrics)
                 if inspect.isasyncgenfunction(behavior)
-                # Handlers using context.write().
-                else _wrap_unary(method, "server_stream", behavior, self._authenticator, self._metrics)
+                # Handlers using context.write(): coroutine functions, which grpc.aio accepts for unary_stream
+                # though the stubs type it as returning an Iterator.
+                else _wrap_unary(
+                    method,
+                    "server_stream",
+                    cast("Callable[..., Awaitable[Any]]", behavior),
+                    self._authenticator,
+                    self._metrics,
+                )
             )
             return grpc.unary_stream_rpc_method_handler(
                 wrapped,
@@ -129,7 +139,13 @@ class RpcWrapper:
             )
         if handler.stream_stream is not None:  # reflection
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_bidi(method, handler.stream_stream, self._authenticator, self._metrics),
+                _wrap_bidi(
+                    method,
+                    # The stubs type stream handlers as synchronous; asyncio servicers' are async generators.
+                    cast(Callable[..., AsyncGenerator[Any, None]], handler.stream_stream),
+                    self._authenticator,
+                    self._metrics,
+                ),
                 request_deserializer=_tolerant(method, handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
@@ -161,7 +177,7 @@ class WrappingRegistrar:
         self.methods: list[str] = []
 
     def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
         methods = [f"/{service}/{name}" for name in handlers]
         for method in methods:
@@ -182,9 +198,11 @@ class _WrappedGenericHandler(grpc.GenericRpcHandler):
     def __init__(self, inner: grpc.GenericRpcHandler, wrapper: RpcWrapper) -> None:
         self._inner = inner
         self._wrapper = wrapper
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method
         wrapped = self._wrapped.get(method)
         if wrapped is None:
@@ -258,7 +276,7 @@ _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 def _finish(
     method: str,
     kind: str,
-    context: grpc.aio.ServicerContext,
+    context: grpc.aio.ServicerContext[Any, Any],
     started: float,
     metrics: RpcMetrics,
     *,
@@ -279,7 +297,7 @@ def _finish(
     log.info("rpc %s %s %.1fms", method, name, seconds * 1000)
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> None:
     await context.abort_with_status(to_rpc_status(_classify(error)))
 
 
@@ -290,7 +308,7 @@ def _wrap_unary(
     authenticator: Authenticator,
     metrics: RpcMetrics,
 ) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = time.perf_counter()
         deadlines.set_deadline(context.time_remaining())
         cancelled = False
@@ -324,7 +342,7 @@ def _wrap_stream(
     when it gets it before noticing the cancellation: a stalled stream the client cancels) ends the RPC
     as cancelled instead: grpc's one DEBUG line and our CANCELLED line."""
 
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         started = time.perf_counter()
         deadlines.set_deadline(context.time_remaining())
         cancelled = False
@@ -366,7 +384,7 @@ def _wrap_bidi(
     checked as they arrive."""
 
     async def screened(
-        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncGenerator[Any]:
         async def decoded() -> AsyncGenerator[Any]:
             async for request in requests:

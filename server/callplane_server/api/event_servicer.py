@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.message import Message
 
 from callplane.v1 import event_service_pb2, event_service_pb2_grpc
 from callplane_server.messages import (
@@ -17,7 +18,8 @@ from callplane_server.messages import (
 from callplane_server.services.streams import EventFilter, EventStreamService, ProgressMark, Snapshot
 from callplane_server.store.events import StoredEvent
 
-Context = grpc.aio.ServicerContext
+# Servicers never look at their context's message types (the generated base leaves them open too).
+Context = grpc.aio.ServicerContext[Message, Message]
 
 
 # The `event` field of each stream message: field number and wire type 2 (length-delimited).
@@ -69,9 +71,10 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
     def __init__(self, service: EventStreamService) -> None:
         self._service = service
 
-    async def WatchCall(
-        self, request, context: Context
-    ) -> AsyncIterator[event_service_pb2.WatchCallResponse]:
+    # Also yields pre-serialized frames (bytes), which errors._passing_bytes sends as they are.
+    async def WatchCall(  # type: ignore[override]
+        self, request: event_service_pb2.WatchCallRequest, context: Context
+    ) -> AsyncIterator[event_service_pb2.WatchCallResponse | bytes]:
         items = self._service.watch_call(
             request.type,
             request.id,
@@ -87,9 +90,10 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
             else:
                 yield event_service_pb2.WatchCallResponse(progress=_progress(item))
 
-    async def WatchUser(
-        self, request, context: Context
-    ) -> AsyncIterator[event_service_pb2.WatchUserResponse]:
+    # Also yields pre-serialized frames (bytes), which errors._passing_bytes sends as they are.
+    async def WatchUser(  # type: ignore[override]
+        self, request: event_service_pb2.WatchUserRequest, context: Context
+    ) -> AsyncIterator[event_service_pb2.WatchUserResponse | bytes]:
         items = self._service.watch_user(
             request.user_id, after_seq=request.after_seq if request.HasField("after_seq") else None
         )
@@ -99,9 +103,10 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
             elif isinstance(item, ProgressMark):
                 yield event_service_pb2.WatchUserResponse(progress=_progress(item))
 
-    async def SubscribeEvents(
-        self, request, context: Context
-    ) -> AsyncIterator[event_service_pb2.SubscribeEventsResponse]:
+    # Also yields pre-serialized frames (bytes), which errors._passing_bytes sends as they are.
+    async def SubscribeEvents(  # type: ignore[override]
+        self, request: event_service_pb2.SubscribeEventsRequest, context: Context
+    ) -> AsyncIterator[event_service_pb2.SubscribeEventsResponse | bytes]:
         filters = EventFilter(tuple(request.call_types), tuple(request.call_cids), tuple(request.event_types))
         items = self._service.subscribe(
             filters, after_position=request.after_position if request.HasField("after_position") else None

@@ -5,13 +5,15 @@ watch a load balancer keeps open does not hold the server's stop() for its whole
 from __future__ import annotations
 
 import asyncio
+from typing import Any, TypeAlias
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from callplane_server.errors import NotFound, Unavailable
 
-ServingStatus = health_pb2.HealthCheckResponse.ServingStatus
+# A HealthCheckResponse.ServingStatus value (the stubs declare the enum in a way mypy cannot name).
+ServingStatus: TypeAlias = int
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
@@ -22,7 +24,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         self._shutting_down = False
 
     async def Check(
-        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> health_pb2.HealthCheckResponse:
         status = self._statuses.get(request.service)
         if status is None:
@@ -33,7 +35,9 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             )
         return health_pb2.HealthCheckResponse(status=status)
 
-    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
         sent: ServingStatus | None = None
         while True:
             changed = self._changed

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from callplane.v1 import (
     call_pb2,
@@ -34,7 +35,8 @@ from callplane_server.services.call_types import CallTypeService
 from callplane_server.services.calls import CallData, CallService, CallUpdate
 from callplane_server.services.users import UserInput, UserPatch, UserService
 
-Context = grpc.aio.ServicerContext
+# Servicers never look at their context's message types (the generated base leaves them open too).
+Context = grpc.aio.ServicerContext[Message, Message]
 # The messages made of a call view: the call, its first members and the caller's capabilities.
 Reply = TypeVar(
     "Reply", call_service_pb2.GetCallResponse, call_service_pb2.GetOrCreateCallResponse, call_pb2.CallState
@@ -45,27 +47,37 @@ class CallTypeServicer(call_type_service_pb2_grpc.CallTypeServiceServicer):
     def __init__(self, service: CallTypeService) -> None:
         self._service = service
 
-    async def CreateCallType(self, request, context: Context):
+    async def CreateCallType(
+        self, request: call_type_service_pb2.CreateCallTypeRequest, context: Context
+    ) -> call_type_service_pb2.CreateCallTypeResponse:
         record = await self._service.create(
             request.name, settings_to_dict(request.settings), grants_to_dict(request.grants)
         )
         return call_type_service_pb2.CreateCallTypeResponse(call_type=call_type_message(record))
 
-    async def GetCallType(self, request, context: Context):
+    async def GetCallType(
+        self, request: call_type_service_pb2.GetCallTypeRequest, context: Context
+    ) -> call_type_service_pb2.GetCallTypeResponse:
         record = await self._service.get(request.name)
         return call_type_service_pb2.GetCallTypeResponse(call_type=call_type_message(record))
 
-    async def ListCallTypes(self, request, context: Context):
+    async def ListCallTypes(
+        self, request: call_type_service_pb2.ListCallTypesRequest, context: Context
+    ) -> call_type_service_pb2.ListCallTypesResponse:
         records = await self._service.list()
         return call_type_service_pb2.ListCallTypesResponse(call_types=[call_type_message(r) for r in records])
 
-    async def UpdateCallType(self, request, context: Context):
+    async def UpdateCallType(
+        self, request: call_type_service_pb2.UpdateCallTypeRequest, context: Context
+    ) -> call_type_service_pb2.UpdateCallTypeResponse:
         record = await self._service.update(
             request.name, settings_to_dict(request.settings), grants_to_dict(request.grants)
         )
         return call_type_service_pb2.UpdateCallTypeResponse(call_type=call_type_message(record))
 
-    async def DeleteCallType(self, request, context: Context):
+    async def DeleteCallType(
+        self, request: call_type_service_pb2.DeleteCallTypeRequest, context: Context
+    ) -> call_type_service_pb2.DeleteCallTypeResponse:
         await self._service.delete(request.name)
         return call_type_service_pb2.DeleteCallTypeResponse()
 
@@ -74,7 +86,9 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
     def __init__(self, service: UserService) -> None:
         self._service = service
 
-    async def UpsertUsers(self, request, context: Context):
+    async def UpsertUsers(
+        self, request: user_pb2.UpsertUsersRequest, context: Context
+    ) -> user_pb2.UpsertUsersResponse:
         users = [
             UserInput(
                 u.id, u.name, u.image, u.role, list(u.teams), struct_to_dict(u.custom, f"users[{i}].custom")
@@ -84,7 +98,9 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         records = await self._service.upsert(users)
         return user_pb2.UpsertUsersResponse(users=[user_message(r) for r in records])
 
-    async def UpdateUsersPartial(self, request, context: Context):
+    async def UpdateUsersPartial(
+        self, request: user_pb2.UpdateUsersPartialRequest, context: Context
+    ) -> user_pb2.UpdateUsersPartialResponse:
         patches = [
             UserPatch(u.id, struct_to_dict(u.set, f"users[{i}].set"), list(u.unset))
             for i, u in enumerate(request.users)
@@ -92,18 +108,22 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         records = await self._service.update_partial(patches)
         return user_pb2.UpdateUsersPartialResponse(users=[user_message(r) for r in records])
 
-    async def QueryUsers(self, request, context: Context):
+    async def QueryUsers(
+        self, request: user_pb2.QueryUsersRequest, context: Context
+    ) -> user_pb2.QueryUsersResponse:
         page = await self._service.query(page_request(request))
         return user_pb2.QueryUsersResponse(
             users=[user_message(r) for r in page.items], next=page.next, prev=page.prev
         )
 
-    async def DeleteUsers(self, request, context: Context):
+    async def DeleteUsers(
+        self, request: user_pb2.DeleteUsersRequest, context: Context
+    ) -> user_pb2.DeleteUsersResponse:
         deleted = await self._service.delete(list(request.user_ids))
         return user_pb2.DeleteUsersResponse(deleted_user_ids=deleted)
 
 
-def _rendered(view: CallView, reply_type: type[Reply], **fields: object) -> Reply:
+def _rendered(view: CallView, reply_type: type[Reply], **fields: bool) -> Reply:
     """The reply (or QueryCalls page entry) for a view, built once per state of a cached call: a hot call
     is read far more often than it changes, and building the reply costs more than serializing it."""
     key = (reply_type, len(view.members), tuple(view.own_capabilities), tuple(fields.items()))
@@ -122,7 +142,9 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
     def __init__(self, service: CallService) -> None:
         self._service = service
 
-    async def GetOrCreateCall(self, request, context: Context):
+    async def GetOrCreateCall(
+        self, request: call_service_pb2.GetOrCreateCallRequest, context: Context
+    ) -> call_service_pb2.GetOrCreateCallResponse:
         data = request.data
         view = await self._service.get_or_create(
             request.type,
@@ -144,11 +166,15 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
         )
         return _rendered(view, call_service_pb2.GetOrCreateCallResponse, created=view.created)
 
-    async def GetCall(self, request, context: Context):
+    async def GetCall(
+        self, request: call_service_pb2.GetCallRequest, context: Context
+    ) -> call_service_pb2.GetCallResponse:
         view = await self._service.get(request.type, request.id, request.members_limit)
         return _rendered(view, call_service_pb2.GetCallResponse)
 
-    async def UpdateCall(self, request, context: Context):
+    async def UpdateCall(
+        self, request: call_service_pb2.UpdateCallRequest, context: Context
+    ) -> call_service_pb2.UpdateCallResponse:
         change = CallUpdate(
             custom=optional_struct(request, "custom", "custom"),
             set_custom=struct_to_dict(request.set_custom, "set_custom"),
@@ -162,21 +188,29 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
         view = await self._service.update(request.type, request.id, change, request.members_limit)
         return call_service_pb2.UpdateCallResponse(call=call_message(view), members=member_messages(view))
 
-    async def EndCall(self, request, context: Context):
+    async def EndCall(
+        self, request: call_service_pb2.EndCallRequest, context: Context
+    ) -> call_service_pb2.EndCallResponse:
         view = await self._service.end(request.type, request.id)
         return call_service_pb2.EndCallResponse(call=call_message(view))
 
-    async def DeleteCall(self, request, context: Context):
+    async def DeleteCall(
+        self, request: call_service_pb2.DeleteCallRequest, context: Context
+    ) -> call_service_pb2.DeleteCallResponse:
         view = await self._service.delete(request.type, request.id, hard=request.hard)
         return call_service_pb2.DeleteCallResponse(call=call_message(view))
 
-    async def QueryCalls(self, request, context: Context):
+    async def QueryCalls(
+        self, request: call_service_pb2.QueryCallsRequest, context: Context
+    ) -> call_service_pb2.QueryCallsResponse:
         page = await self._service.query(page_request(request), request.members_limit)
         return call_service_pb2.QueryCallsResponse(
             calls=[_rendered(view, call_pb2.CallState) for view in page.items], next=page.next, prev=page.prev
         )
 
-    async def UpdateCallMembers(self, request, context: Context):
+    async def UpdateCallMembers(
+        self, request: call_service_pb2.UpdateCallMembersRequest, context: Context
+    ) -> call_service_pb2.UpdateCallMembersResponse:
         change = await self._service.update_members(
             request.type,
             request.id,
@@ -187,7 +221,9 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
             members=[member_message(m) for m in change.members], removed_user_ids=change.removed_user_ids
         )
 
-    async def QueryMembers(self, request, context: Context):
+    async def QueryMembers(
+        self, request: call_service_pb2.QueryMembersRequest, context: Context
+    ) -> call_service_pb2.QueryMembersResponse:
         page = await self._service.query_members(request.type, request.id, page_request(request))
         reply = page.rendered.get("QueryMembers")
         if reply is None:  # a cached page is rendered once

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf import duration_pb2
+from google.protobuf.message import Message
 
 from callplane.v1 import session_service_pb2, session_service_pb2_grpc
 from callplane_server.messages import (
@@ -19,14 +20,17 @@ from callplane_server.messages import (
 from callplane_server.services.calls import CallData
 from callplane_server.services.sessions import SessionService
 
-Context = grpc.aio.ServicerContext
+# Servicers never look at their context's message types (the generated base leaves them open too).
+Context = grpc.aio.ServicerContext[Message, Message]
 
 
 class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
     def __init__(self, service: SessionService) -> None:
         self._service = service
 
-    async def JoinCall(self, request, context: Context):
+    async def JoinCall(
+        self, request: session_service_pb2.JoinCallRequest, context: Context
+    ) -> session_service_pb2.JoinCallResponse:
         data = None
         if request.create:
             data = CallData(
@@ -57,15 +61,21 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             own_capabilities=sorted(result.capabilities),
         )
 
-    async def LeaveCall(self, request, context: Context):
+    async def LeaveCall(
+        self, request: session_service_pb2.LeaveCallRequest, context: Context
+    ) -> session_service_pb2.LeaveCallResponse:
         await self._service.leave(request.type, request.id, request.participant_session_id)
         return session_service_pb2.LeaveCallResponse()
 
-    async def KeepAlive(self, request, context: Context):
+    async def KeepAlive(
+        self, request: session_service_pb2.KeepAliveRequest, context: Context
+    ) -> session_service_pb2.KeepAliveResponse:
         participant = await self._service.keep_alive(request.type, request.id, request.participant_session_id)
         return session_service_pb2.KeepAliveResponse(participant=participant_message(participant))
 
-    async def UpdateParticipant(self, request, context: Context):
+    async def UpdateParticipant(
+        self, request: session_service_pb2.UpdateParticipantRequest, context: Context
+    ) -> session_service_pb2.UpdateParticipantResponse:
         participant, now = await self._service.update_participant(
             request.type, request.id, request.participant_session_id, list(request.published_tracks)
         )
@@ -73,7 +83,9 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             participant=participant_message(participant, now)
         )
 
-    async def QueryCallParticipants(self, request, context: Context):
+    async def QueryCallParticipants(
+        self, request: session_service_pb2.QueryCallParticipantsRequest, context: Context
+    ) -> session_service_pb2.QueryCallParticipantsResponse:
         found = await self._service.query_participants(request.type, request.id, page_request(request))
         return session_service_pb2.QueryCallParticipantsResponse(
             participants=[participant_message(p, found.now) for p in found.page.items],
@@ -84,7 +96,9 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             prev=found.page.prev,
         )
 
-    async def QueryCallSessions(self, request, context: Context):
+    async def QueryCallSessions(
+        self, request: session_service_pb2.QueryCallSessionsRequest, context: Context
+    ) -> session_service_pb2.QueryCallSessionsResponse:
         found = await self._service.query_sessions(request.type, request.id, page_request(request))
         return session_service_pb2.QueryCallSessionsResponse(
             sessions=[
@@ -95,10 +109,14 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             prev=found.page.prev,
         )
 
-    async def GoLive(self, request, context: Context):
+    async def GoLive(
+        self, request: session_service_pb2.GoLiveRequest, context: Context
+    ) -> session_service_pb2.GoLiveResponse:
         view = await self._service.go_live(request.type, request.id)
         return session_service_pb2.GoLiveResponse(call=call_message(view))
 
-    async def StopLive(self, request, context: Context):
+    async def StopLive(
+        self, request: session_service_pb2.StopLiveRequest, context: Context
+    ) -> session_service_pb2.StopLiveResponse:
         view = await self._service.stop_live(request.type, request.id)
         return session_service_pb2.StopLiveResponse(call=call_message(view))

@@ -108,7 +108,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 
 def merge_settings(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Section-wise merge: every field set in `override` replaces the one in `base`."""
-    merged = _copy_json(base)
+    merged: dict[str, Any] = _copy_json(base)
     for section, values in override.items():
         if isinstance(values, dict):
             merged.setdefault(section, {}).update(_copy_json(values))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from callplane_server.errors import ViolationCollector
@@ -61,6 +62,7 @@ def check_custom_size(custom: dict[str, Any], limit: int, field: str, problems: 
 
 def custom_depth(value: Any) -> int:
     """Levels of objects and lists in a JSON-shaped value (a scalar: 0)."""
+    children: Iterable[Any]
     if isinstance(value, dict):
         children = value.values()
     elif isinstance(value, list):

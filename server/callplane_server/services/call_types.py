@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 from callplane_server.domain.call_types import (
@@ -73,7 +74,7 @@ class CallTypeService:
         return await self._store.read(lambda tx: tx.call_types.list())
 
     async def update(
-        self, name: str, settings: dict[str, Any], grants: dict[str, list[str]] | None
+        self, name: str, settings: dict[str, Any], grants: dict[str, builtins.list[str]] | None
     ) -> CallTypeRecord:
         problems = ViolationCollector()
         validate_settings(settings, "settings", problems)

@@ -322,7 +322,9 @@ class CallService:
                 have = await require(tx, await load_caller(tx), call, "read-call")
                 return await self._view(tx, call, MAX_MEMBERS_LIMIT), have
 
-            full, have = await self._store.read(work)
+            # In two steps: unpacked straight from the call, mypy would keep `have` typed Optional.
+            loaded = await self._store.read(work)
+            full, have = loaded
             if cached is None or generation != self._cache.generation:
                 cached = CachedCall(full.call, full.settings, full.members)
             # else the cached state is still current: it only lacked this principal's capabilities.

@@ -41,7 +41,7 @@ CANCEL = "cancel"
 TIMEOUT = "timeout"
 #: Rejections that still count as a missed call (the callee never answered).
 _UNANSWERED = {CANCEL, TIMEOUT}
-_CLIENT_REASONS = {
+_CLIENT_REASONS: dict[int, str] = {
     ring_service_pb2.REJECT_REASON_UNSPECIFIED: DECLINE,
     ring_service_pb2.REJECT_REASON_DECLINE: DECLINE,
     ring_service_pb2.REJECT_REASON_BUSY: BUSY,
@@ -309,8 +309,8 @@ class RingingService:
                         reason="NOT_RINGING",
                         metadata={"cid": cid, "user_id": user_id},
                     )
-                for ring in rung:
-                    await _reject(tx, call, ring, CANCEL, now)
+                for outgoing in rung:
+                    await _reject(tx, call, outgoing, CANCEL, now)
             else:
                 ring = _current(await tx.rings.get(cid, user_id), call)
                 if ring is None or ring.status != RINGING:

@@ -368,7 +368,7 @@ class SessionService:
                         reason="CALL_IN_BACKSTAGE",
                         metadata=metadata,
                     )
-            session: SessionRecord | None = None
+            session = None  # (typed SessionRecord | None by the re-join branch above)
             if call.current_session_id:
                 session = await tx.sessions.get(call.current_session_id)
             live = await tx.sessions.live_participants(session.id) if session else []
@@ -442,9 +442,9 @@ class SessionService:
             try:
                 participant = await self._current_participant(tx, call, participant_session_id)
             except FailedPrecondition:
-                participant = await tx.sessions.find_participant(cid, participant_session_id)
-                if authorize and participant is not None:
-                    require_own_participant(await load_caller(tx), participant)
+                departed = await tx.sessions.find_participant(cid, participant_session_id)
+                if authorize and departed is not None:
+                    require_own_participant(await load_caller(tx), departed)
                 return  # already left: leaving is idempotent
             if authorize:
                 require_own_participant(await load_caller(tx), participant)
@@ -474,7 +474,7 @@ class SessionService:
         problems = self._key_problems(call_type, call_id, participant_session_id)
         names: list[str] = []
         for index, value in enumerate(published_tracks):
-            name = TRACK_NAMES.get(value)  # type: ignore[call-overload]
+            name = TRACK_NAMES.get(value)
             if name is None:
                 problems.add(f"published_tracks[{index}]", f"{value} is not a track type")
             elif name not in names:

@@ -65,7 +65,11 @@ class TimerRunner:
         fired = 0
         while True:
             now = self._clock()
-            due = await self._store.read(lambda tx, now=now: tx.timers.due(now, self._batch))
+
+            async def due_by(tx: Transaction, now: datetime = now) -> list[TimerRecord]:
+                return await tx.timers.due(now, self._batch)
+
+            due = await self._store.read(due_by)
             if not due:
                 return fired
             for timer in due:

@@ -73,6 +73,7 @@ def parse_custom_index(spec: str) -> CustomIndex:
                 f"custom index {spec!r}: {path_text!r} is not a path of at most {MAX_PATH_DEPTH} "
                 "[A-Za-z0-9_-]+ keys"
             )
+        # arg-type: kind is a str, checked against _KINDS above.
         fields.append(IndexedField(tuple(segments), kind, order == "desc"))  # type: ignore[arg-type]
     return CustomIndex(tuple(fields))
 

@@ -166,6 +166,7 @@ class _GroupCommit:
         self._running = False
 
     async def run(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        # arg-type: _Unit runs `work` as a task, which needs a coroutine; every caller's work returns one.
         unit = _Unit(
             work,  # type: ignore[arg-type]
             asyncio.get_running_loop().create_future(),

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, cast
 
 from google.protobuf import timestamp_pb2
-from sqlalchemy import and_, delete, func, select, text, update
+from sqlalchemy import CursorResult, Table, and_, delete, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from callplane.v1 import event_pb2
@@ -142,7 +143,7 @@ class EventRepository:
             )
             for user_id in item.recipients:
                 recipients.setdefault(user_id, []).append(position)
-        await self._session.execute(EventRow.__table__.insert(), rows)
+        await self._session.execute(cast(Table, EventRow.__table__).insert(), rows)
         # Sorted so concurrent writers lock user rows in the same order (no deadlocks).
         for user_id in sorted(recipients):
             positions = recipients[user_id]
@@ -157,7 +158,7 @@ class EventRepository:
                 continue
             user_first = int(user_last) - len(positions) + 1
             await self._session.execute(
-                EventRecipientRow.__table__.insert(),
+                cast(Table, EventRecipientRow.__table__).insert(),
                 [
                     {"user_id": user_id, "user_seq": user_first + index, "position": position}
                     for index, position in enumerate(positions)
@@ -285,5 +286,9 @@ class EventRepository:
         if newest_old is None:
             return 0
         await self._session.execute(delete(EventRecipientRow).where(EventRecipientRow.position <= newest_old))
-        result = await self._session.execute(delete(EventRow).where(EventRow.position <= newest_old))
+        # A DELETE's result is a CursorResult (with rowcount); Session.execute is typed to return Result.
+        result = cast(
+            "CursorResult[Any]",
+            await self._session.execute(delete(EventRow).where(EventRow.position <= newest_old)),
+        )
         return int(result.rowcount or 0)

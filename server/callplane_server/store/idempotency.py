@@ -5,9 +5,9 @@ key; the store retries its whole transaction, which then finds the winner's row.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import CursorResult, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from callplane_server.store.models import IdempotencyKeyRow
@@ -42,7 +42,11 @@ class IdempotencyRepository:
 
     async def compact(self, older_than: datetime) -> int:
         """Drops keys created before `older_than`; returns how many."""
-        result = await self._session.execute(
-            delete(IdempotencyKeyRow).where(IdempotencyKeyRow.created_at < older_than)
+        # A DELETE's result is a CursorResult (with rowcount); Session.execute is typed to return Result.
+        result = cast(
+            "CursorResult[Any]",
+            await self._session.execute(
+                delete(IdempotencyKeyRow).where(IdempotencyKeyRow.created_at < older_than)
+            ),
         )
         return int(result.rowcount or 0)

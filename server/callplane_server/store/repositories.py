@@ -178,7 +178,8 @@ class UserRepository:
                 )
             else:
                 row.name, row.image, row.role = record.name, record.image, record.role
-                row.custom, row.updated_at = record.custom, record.updated_at
+                # assignment: UserRecord.updated_at is Optional, but the records saved are stamped with now.
+                row.custom, row.updated_at = record.custom, record.updated_at  # type: ignore[assignment]
         await self._session.flush()
         ids = [r.id for r in records]
         await self._session.execute(delete(UserTeamRow).where(UserTeamRow.user_id.in_(ids)))

@@ -33,7 +33,7 @@ class _InlineCursor:
 
     def __init__(self, connection: _InlineConnection) -> None:
         self._connection = connection
-        self._cursor = connection.sqlite.cursor()
+        self._cursor = connection._open().cursor()
 
     async def __aenter__(self) -> _InlineCursor:
         return self
@@ -150,11 +150,12 @@ class _InlineAdaptedConnection(AsyncAdapt_aiosqlite_connection):
 
     @property
     def isolation_level(self) -> str | None:
+        # no-any-return: the adapter types _connection as SQLAlchemy's DBAPI protocol (attributes are Any)
         return self._connection.isolation_level  # type: ignore[no-any-return]
 
     @isolation_level.setter
     def isolation_level(self, value: str | None) -> None:
-        self._connection._open().isolation_level = value  # type: ignore[attr-defined]
+        self._connection._open().isolation_level = value
 
 
 class _InlineDBAPI(AsyncAdapt_aiosqlite_dbapi):
@@ -169,7 +170,8 @@ class _InlineDBAPI(AsyncAdapt_aiosqlite_dbapi):
         driver = aiosqlite.Connection(connector, iter_chunk_size=64)
         driver._thread.daemon = True  # as the stock dialect does: a leaked connection must not hang exit
         await_(driver)
-        return _InlineAdaptedConnection(self, _InlineConnection(driver, opened[0]))
+        # arg-type: _InlineConnection has what the adapter calls but not the protocol's catch-all __getattr__
+        return _InlineAdaptedConnection(self, _InlineConnection(driver, opened[0]))  # type: ignore[arg-type]
 
 
 class InlineSQLiteDialect(SQLiteDialect_aiosqlite):
@@ -179,5 +181,5 @@ class InlineSQLiteDialect(SQLiteDialect_aiosqlite):
     supports_statement_cache = True
 
     @classmethod
-    def import_dbapi(cls) -> _InlineDBAPI:  # type: ignore[override]
+    def import_dbapi(cls) -> _InlineDBAPI:
         return _InlineDBAPI(aiosqlite, sqlite3)

@@ -62,7 +62,7 @@ _MODES = {
 }
 
 
-def _mode(mode: str) -> int:
+def _mode(mode: str) -> session_pb2.CustomDataMode.ValueType:
     try:
         return _MODES[mode.lower()]
     except KeyError:

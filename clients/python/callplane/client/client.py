@@ -122,7 +122,7 @@ class CallplaneClient:
         return clone
 
     async def _call_metadata(self) -> tuple[tuple[str, str], ...]:
-        token = self._token
+        token: TokenProvider | Awaitable[str] | None = self._token
         if callable(token):
             token = token()
             if inspect.isawaitable(token):
@@ -318,14 +318,12 @@ class CallplaneClient:
         AND-ed list; empty matches all), in global `position` order. With `after_position` it starts
         exactly after it (0: from the first retained); without, from now on. Progress messages advance
         the resume point past filtered-out events; dropped connections resume transparently."""
-        filters = {
-            "call_types": _as_list(call_types),
-            "call_cids": _as_list(call_cids),
-            "event_types": _as_list(event_types),
-        }
+        types, cids, kinds = _as_list(call_types), _as_list(call_cids), _as_list(event_types)
 
         def make_request(cursor: int | None) -> event_service_pb2.SubscribeEventsRequest:
-            request = event_service_pb2.SubscribeEventsRequest(**filters)
+            request = event_service_pb2.SubscribeEventsRequest(
+                call_types=types, call_cids=cids, event_types=kinds
+            )
             if cursor is not None:
                 request.after_position = cursor
             return request

@@ -136,7 +136,7 @@ def settings_to_dict(settings: call_type_pb2.CallSettings) -> dict[str, Any]:
     return json_format.MessageToDict(settings, preserving_proto_field_name=True)
 
 
-_DIRECTIONS: dict[Any, int] = {
+_DIRECTIONS: dict[Any, query_pb2.SortDirection.ValueType] = {
     1: query_pb2.SORT_DIRECTION_ASC,
     -1: query_pb2.SORT_DIRECTION_DESC,
     "asc": query_pb2.SORT_DIRECTION_ASC,
@@ -144,7 +144,7 @@ _DIRECTIONS: dict[Any, int] = {
     "ascending": query_pb2.SORT_DIRECTION_ASC,
     "descending": query_pb2.SORT_DIRECTION_DESC,
 }
-_SORT_TYPES: dict[str, int] = {
+_SORT_TYPES: dict[str, query_pb2.SortType.ValueType] = {
     "string": query_pb2.SORT_TYPE_STRING,
     "str": query_pb2.SORT_TYPE_STRING,
     "number": query_pb2.SORT_TYPE_NUMBER,
@@ -182,13 +182,13 @@ def _sort_param(item: SortLike, path: str) -> query_pb2.SortParam:
             else:
                 raise ValueError(f"{path}.direction: expected 1, -1, 'asc' or 'desc', got {direction!r}")
         else:
-            param.direction = _DIRECTIONS[direction]  # type: ignore[assignment]
+            param.direction = _DIRECTIONS[direction]
     sort_type = item.get("type")
     if sort_type is not None:
         if isinstance(sort_type, str) and sort_type.lower() in _SORT_TYPES:
-            param.type = _SORT_TYPES[sort_type.lower()]  # type: ignore[assignment]
+            param.type = _SORT_TYPES[sort_type.lower()]
         elif isinstance(sort_type, int) and sort_type in query_pb2.SortType.values():
-            param.type = sort_type  # type: ignore[assignment]
+            param.type = sort_type  # type: ignore[assignment]  # an int, but one of SortType's values
         else:
             raise ValueError(f"{path}.type: expected 'number', 'string' or 'boolean', got {sort_type!r}")
     return param

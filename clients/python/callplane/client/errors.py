@@ -56,6 +56,8 @@ class CallplaneError(Exception):
         message: str = _safe(err, "details") or ""
         status: status_pb2.Status | None = None
         try:
+            # arg-type: typed for a grpc.Call; the RpcErrors grpc raises (AioRpcError too) have the code,
+            # details and trailing metadata it reads, and anything else fails below.
             status = rpc_status.from_call(err)  # type: ignore[arg-type]
         except (ValueError, AttributeError, TypeError):
             status = None
@@ -65,12 +67,13 @@ class CallplaneError(Exception):
         if status is not None:
             message = status.message or message
             for detail in status.details:
-                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                # arg-type (twice): the stubs type a message's DESCRIPTOR more widely than Any.Is's parameter.
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):  # type: ignore[arg-type]
                     info = error_details_pb2.ErrorInfo()
                     detail.Unpack(info)
                     reason, domain = info.reason, info.domain
                     metadata = dict(info.metadata)
-                elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):  # type: ignore[arg-type]
                     bad = error_details_pb2.BadRequest()
                     detail.Unpack(bad)
                     violations.extend((v.field, v.description) for v in bad.field_violations)

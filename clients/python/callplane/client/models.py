@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from callplane.client.convert import from_timestamp, grants_to_dict, settings_to_dict, struct_to_dict
 from callplane.client.custom import CustomData
@@ -362,13 +362,14 @@ class RingResult:
 
 def track_name(track: int) -> str:
     """`TRACK_TYPE_SCREEN_SHARE` → `"screen_share"`."""
-    return session_pb2.TrackType.Name(track).removeprefix("TRACK_TYPE_").lower()
+    number = cast("session_pb2.TrackType.ValueType", track)  # any int: Name() rejects unknown ones
+    return session_pb2.TrackType.Name(number).removeprefix("TRACK_TYPE_").lower()
 
 
-def to_track(track: str | int) -> int:
+def to_track(track: str | int) -> session_pb2.TrackType.ValueType:
     """`"screen_share"` (or `TRACK_TYPE_SCREEN_SHARE`, or the enum number) → the TrackType number."""
     if isinstance(track, int):
-        return track
+        return cast("session_pb2.TrackType.ValueType", track)  # passed through: the server checks it
     name = track.upper()
     if not name.startswith("TRACK_TYPE_"):
         name = f"TRACK_TYPE_{name}"

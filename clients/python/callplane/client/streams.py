@@ -66,7 +66,7 @@ class EventStream(AsyncIterator[StreamMessage]):
     def __init__(
         self,
         client: CallplaneClient,
-        method: Callable[..., grpc.aio.UnaryStreamCall],
+        method: Callable[..., grpc.aio.UnaryStreamCall[Any, Any]],
         make_request: Callable[[int | None], Any],
         key: Callable[[Any], int],
         *,
@@ -84,7 +84,7 @@ class EventStream(AsyncIterator[StreamMessage]):
         self.cursor = cursor
         #: How many times the stream reconnected.
         self.reconnects = 0
-        self._call: grpc.aio.UnaryStreamCall | None = None
+        self._call: grpc.aio.UnaryStreamCall[Any, Any] | None = None
         self._iterator: AsyncIterator[StreamMessage] | None = None
         self._closed = False
 
@@ -112,7 +112,7 @@ class EventStream(AsyncIterator[StreamMessage]):
         if iterator is not None and not iterator.ag_running:
             await iterator.aclose()
 
-    async def _open(self) -> tuple[grpc.aio.UnaryStreamCall, Any]:
+    async def _open(self) -> tuple[grpc.aio.UnaryStreamCall[Any, Any], Any]:
         """Start a call at the current resume point and wait for its first message (so a server that is
         still down fails here, inside the retry loop)."""
         if self._closed:
@@ -144,6 +144,8 @@ class EventStream(AsyncIterator[StreamMessage]):
         )
 
     async def _run(self) -> AsyncIterator[StreamMessage]:
+        call: grpc.aio.UnaryStreamCall[Any, Any]  # AsyncRetrying's call leaves _open's types behind
+        message: Any
         dropped = False
         while not self._closed:
             try:

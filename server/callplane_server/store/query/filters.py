@@ -14,9 +14,10 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import ColumnElement, and_, false, not_, or_, true
+from sqlalchemy.orm import QueryableAttribute
 
 from callplane_server.errors import ViolationCollector
 from callplane_server.store.query.entities import (
@@ -107,7 +108,11 @@ def escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _autocomplete(expression: ColumnElement[Any], prefix: str) -> ColumnElement[bool]:
+# An SQL expression, or a mapped attribute standing for its column.
+_Expression = ColumnElement[Any] | QueryableAttribute[Any]
+
+
+def _autocomplete(expression: _Expression, prefix: str) -> ColumnElement[bool]:
     # Word prefix: the whole value or any space-separated word in it starts with `prefix`.
     escaped = escape_like(prefix)
     return or_(
@@ -116,7 +121,7 @@ def _autocomplete(expression: ColumnElement[Any], prefix: str) -> ColumnElement[
     )
 
 
-def _text_search(expression: ColumnElement[Any], query: str) -> ColumnElement[bool]:
+def _text_search(expression: _Expression, query: str) -> ColumnElement[bool]:
     return and_(*(expression.ilike(f"%{escape_like(term)}%", escape="\\") for term in query.split()))
 
 
@@ -134,7 +139,7 @@ def _scalar_kind(value: Any) -> ScalarKind | None:
     return None
 
 
-def _compare(expression: ColumnElement[Any], op: str, operand: Any, *, nullable: bool) -> ColumnElement[bool]:
+def _compare(expression: _Expression, op: str, operand: object, *, nullable: bool) -> ColumnElement[bool]:
     """A comparison with Mongo null semantics; `operand` is already validated (a list for $in/$nin)."""
     if op == "$eq":
         return expression.is_(None) if operand is None else expression == operand
@@ -143,13 +148,12 @@ def _compare(expression: ColumnElement[Any], op: str, operand: Any, *, nullable:
             return expression.is_not(None)
         return or_(expression != operand, expression.is_(None)) if nullable else expression != operand
     if op == "$in":
-        return expression.in_(operand) if operand else false()
+        return expression.in_(cast("list[Any]", operand)) if operand else false()
     if op == "$nin":
         if not operand:
             return true()
-        return (
-            or_(expression.not_in(operand), expression.is_(None)) if nullable else expression.not_in(operand)
-        )
+        values = cast("list[Any]", operand)
+        return or_(expression.not_in(values), expression.is_(None)) if nullable else expression.not_in(values)
     if op == "$gt":
         return expression > operand
     if op == "$gte":
@@ -226,6 +230,7 @@ class _FilterCompiler:
             operations = [("$eq", value)]
             op_paths = [path]
         is_array = isinstance(field, ArrayField | JsonArrayField)
+        # union-attr: past the custom and array cases, field is a ScalarField (never None).
         allowed = _ALLOWED["custom" if custom is not None else "array" if is_array else field.kind]  # type: ignore[union-attr]
         parts: list[ColumnElement[bool]] = []
         for (op, operand), op_path in zip(operations, op_paths, strict=True):
@@ -317,12 +322,12 @@ class _FilterCompiler:
             # Struct numbers are doubles anyway; a float also binds as FLOAT8 on PostgreSQL (an int would
             # bind as INTEGER and overflow above 2^31).
             return float(operand)
-        return operand  # type: ignore[no-any-return]
+        return operand  # type: ignore[no-any-return]  # the bool that _scalar_kind found
 
     # --- per field kind ----------------------------------------------------------------------------
 
     def _scalar(self, field: ScalarField, op: str, operand: Any, path: str) -> ColumnElement[bool]:
-        column: ColumnElement[Any] = field.column  # type: ignore[assignment]
+        column = field.column
         if op == "$exists":
             return column.is_not(None) if self._bool(operand, path) else column.is_(None)
         if op in _TEXT:
@@ -342,7 +347,7 @@ class _FilterCompiler:
         return _compare(column, op, parse(operand, path), nullable=field.nullable)
 
     def _array(self, field: ArrayField, op: str, operand: Any, path: str) -> ColumnElement[bool]:
-        element: ColumnElement[Any] = field.element  # type: ignore[assignment]
+        element = field.element
         if op == "$exists":
             return field.exists() if self._bool(operand, path) else ~field.exists()
         if op in ("$in", "$nin"):
@@ -360,7 +365,7 @@ class _FilterCompiler:
         def element(item: Any, item_path: str) -> str:
             if item not in field.values:
                 raise self._fail(item_path, f"must be one of {', '.join(field.values)}")
-            return item  # type: ignore[no-any-return]
+            return item  # type: ignore[no-any-return]  # one of field.values, all str
 
         def contains_any(values: Sequence[str]) -> ColumnElement[bool]:
             tests = [JsonArrayContains(field.column, (), "string", value) for value in values]
@@ -385,8 +390,8 @@ class _FilterCompiler:
             return present if self._bool(operand, path) else not_(present)
         if op in _TEXT:
             text = self._search_text(operand, path)
-            value = JsonScalar(doc, segments, "string")
-            return _autocomplete(value, text) if op == "$autocomplete" else _text_search(value, text)
+            scalar = JsonScalar(doc, segments, "string")
+            return _autocomplete(scalar, text) if op == "$autocomplete" else _text_search(scalar, text)
         if op == "$contains":
             item = self._custom_scalar(operand, path)
             kind = _scalar_kind(item)
@@ -399,6 +404,7 @@ class _FilterCompiler:
                 raise self._fail(path, "values must all be strings, all numbers or all booleans")
             if not values:
                 return false() if op == "$in" else true()
+            # arg-type: kinds holds no None, as every value came through _custom_scalar.
             return _compare(JsonScalar(doc, segments, kinds.pop()), op, values, nullable=True)  # type: ignore[arg-type]
         if operand is None:
             if op not in ("$eq", "$ne"):

@@ -99,7 +99,7 @@ class _JsonElement(ColumnElement[Any]):
         self.kind = kind
 
     @property
-    def _from_objects(self) -> list[Any]:  # type: ignore[override]
+    def _from_objects(self) -> list[Any]:
         return self.doc._from_objects
 
 

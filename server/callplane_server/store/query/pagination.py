@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, Select, and_, false, literal, or_
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.sql.elements import UnaryExpression
 
 from callplane_server.domain.records import PageRequest, SortInput
@@ -58,7 +59,7 @@ class SortKey:
     """One ORDER BY key: the SQL expression, its direction and how its values travel in a cursor."""
 
     field: str
-    expression: ColumnElement[Any]
+    expression: ColumnElement[Any] | QueryableAttribute[Any]
     direction: Literal["asc", "desc"]
     kind: KeyKind
     nullable: bool
@@ -133,7 +134,11 @@ class ResolvedSort:
     normalized: tuple[tuple[str, str, str | None], ...]  # the requested keys, for the fingerprint
 
 
-_KIND_OF = {FieldKind.STRING: "string", FieldKind.TIME: "time", FieldKind.BOOL: "boolean"}
+_KIND_OF: dict[FieldKind, KeyKind] = {
+    FieldKind.STRING: "string",
+    FieldKind.TIME: "time",
+    FieldKind.BOOL: "boolean",
+}
 
 
 def resolve_sort(entity: EntitySpec, sort: Sequence[SortInput]) -> ResolvedSort:
@@ -165,8 +170,9 @@ def resolve_sort(entity: EntitySpec, sort: Sequence[SortInput]) -> ResolvedSort:
         elif item.field in entity.sort_fields:
             # `type` only matters for custom data; a built-in field's column type decides.
             field = entity.sort_fields[item.field]
-            kind: KeyKind = _KIND_OF[field.kind]  # type: ignore[assignment]
-            keys.append(SortKey(item.field, field.column, item.direction, kind, field.nullable))  # type: ignore[arg-type]
+            keys.append(
+                SortKey(item.field, field.column, item.direction, _KIND_OF[field.kind], field.nullable)
+            )
             normalized.append((item.field, item.direction, None))
         else:
             known = ", ".join([*entity.sort_fields, "custom.<path>"])
@@ -174,7 +180,7 @@ def resolve_sort(entity: EntitySpec, sort: Sequence[SortInput]) -> ResolvedSort:
     errors.raise_if_any("invalid sort", reason=SORT_REASON)
     if entity.tiebreak not in seen:
         tiebreak = entity.tiebreak_field
-        keys.append(SortKey(entity.tiebreak, tiebreak.column, "asc", _KIND_OF[tiebreak.kind], False))  # type: ignore[arg-type]
+        keys.append(SortKey(entity.tiebreak, tiebreak.column, "asc", _KIND_OF[tiebreak.kind], False))
     return ResolvedSort(tuple(keys), tuple(normalized))
 
 
