@@ -10,7 +10,15 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import pytest_asyncio
 
-from callplane.v1 import call_service_pb2_grpc, call_type_service_pb2_grpc, user_pb2_grpc
+from callplane.v1 import (
+    call_data_service_pb2_grpc,
+    call_service_pb2_grpc,
+    call_type_service_pb2_grpc,
+    event_service_pb2_grpc,
+    ring_service_pb2_grpc,
+    session_service_pb2_grpc,
+    user_pb2_grpc,
+)
 from tests.support import BACKENDS, POSTGRES_ENV, RunningServer, in_ci, running_server
 
 
@@ -65,6 +73,26 @@ def users(server: RunningServer) -> user_pb2_grpc.UserServiceStub:
 @pytest.fixture(scope="module")
 def call_types(server: RunningServer) -> call_type_service_pb2_grpc.CallTypeServiceStub:
     return call_type_service_pb2_grpc.CallTypeServiceStub(server.channel)
+
+
+@pytest.fixture(scope="module")
+def sessions(server: RunningServer) -> session_service_pb2_grpc.SessionServiceStub:
+    return session_service_pb2_grpc.SessionServiceStub(server.channel)
+
+
+@pytest.fixture(scope="module")
+def events(server: RunningServer) -> event_service_pb2_grpc.EventServiceStub:
+    return event_service_pb2_grpc.EventServiceStub(server.channel)
+
+
+@pytest.fixture(scope="module")
+def data(server: RunningServer) -> call_data_service_pb2_grpc.CallDataServiceStub:
+    return call_data_service_pb2_grpc.CallDataServiceStub(server.channel)
+
+
+@pytest.fixture(scope="module")
+def rings(server: RunningServer) -> ring_service_pb2_grpc.RingServiceStub:
+    return ring_service_pb2_grpc.RingServiceStub(server.channel)
 
 
 @pytest.fixture

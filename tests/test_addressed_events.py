@@ -15,7 +15,6 @@ import pytest
 
 from callplane.v1 import (
     call_data_service_pb2,
-    call_data_service_pb2_grpc,
     call_pb2,
     call_service_pb2,
     event_pb2,
@@ -76,11 +75,6 @@ class Collector:
 
 def watch(call_id: str, **fields: Any) -> event_service_pb2.WatchCallRequest:
     return event_service_pb2.WatchCallRequest(type="default", id=call_id, **fields)
-
-
-@pytest.fixture(scope="module")
-def data(server: RunningServer) -> call_data_service_pb2_grpc.CallDataServiceStub:
-    return call_data_service_pb2_grpc.CallDataServiceStub(server.channel)
 
 
 async def setup_call(calls: Any, users: Any, unique: Callable[[str], str]) -> tuple[str, dict[str, str]]:

@@ -14,20 +14,17 @@ from google.protobuf import json_format, struct_pb2
 
 from callplane.v1 import (
     call_data_service_pb2,
-    call_data_service_pb2_grpc,
     call_pb2,
     call_service_pb2,
     event_pb2,
     event_service_pb2,
-    event_service_pb2_grpc,
     session_pb2,
     session_service_pb2,
-    session_service_pb2_grpc,
     user_pb2,
 )
 from callplane_server.services.limits import Limits
 from tests.errors import expect_error
-from tests.support import RunningServer, struct
+from tests.support import struct
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -45,21 +42,6 @@ def plain(message: struct_pb2.Struct) -> dict[str, Any]:
 def sized(size: int) -> dict[str, Any]:
     """A document whose compact JSON encoding is exactly `size` bytes: {"k":"xxx…"}."""
     return {"k": "x" * (size - len('{"k":""}'))}
-
-
-@pytest.fixture(scope="module")
-def data(server: RunningServer) -> call_data_service_pb2_grpc.CallDataServiceStub:
-    return call_data_service_pb2_grpc.CallDataServiceStub(server.channel)
-
-
-@pytest.fixture(scope="module")
-def sessions(server: RunningServer) -> session_service_pb2_grpc.SessionServiceStub:
-    return session_service_pb2_grpc.SessionServiceStub(server.channel)
-
-
-@pytest.fixture(scope="module")
-def events(server: RunningServer) -> event_service_pb2_grpc.EventServiceStub:
-    return event_service_pb2_grpc.EventServiceStub(server.channel)
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -16,40 +16,23 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from callplane.v1 import (
     call_data_service_pb2,
-    call_data_service_pb2_grpc,
     call_pb2,
     call_service_pb2,
     call_type_pb2,
     event_service_pb2,
-    event_service_pb2_grpc,
     session_service_pb2,
     session_service_pb2_grpc,
     user_pb2,
 )
 from callplane_server.domain.validation import MAX_CUSTOM_DEPTH
 from tests.errors import decode, expect_error
-from tests.support import RunningServer, channel, struct, user_token
+from tests.support import channel, struct, user_token
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NAN, INF = math.nan, math.inf
 STREAM_TIMEOUT = 15.0
 # Timestamp's valid range (0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z).
 MIN_SECONDS, MAX_SECONDS = -62_135_596_800, 253_402_300_799
-
-
-@pytest.fixture(scope="module")
-def data(server: RunningServer) -> call_data_service_pb2_grpc.CallDataServiceStub:
-    return call_data_service_pb2_grpc.CallDataServiceStub(server.channel)
-
-
-@pytest.fixture(scope="module")
-def sessions(server: RunningServer) -> session_service_pb2_grpc.SessionServiceStub:
-    return session_service_pb2_grpc.SessionServiceStub(server.channel)
-
-
-@pytest.fixture(scope="module")
-def events(server: RunningServer) -> event_service_pb2_grpc.EventServiceStub:
-    return event_service_pb2_grpc.EventServiceStub(server.channel)
 
 
 def plain(message: struct_pb2.Struct) -> dict[str, Any]:

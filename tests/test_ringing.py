@@ -55,11 +55,6 @@ async def server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Asyn
         yield running
 
 
-@pytest.fixture(scope="module")
-def rings(server: RunningServer) -> ring_service_pb2_grpc.RingServiceStub:
-    return ring_service_pb2_grpc.RingServiceStub(server.channel)
-
-
 # -- helpers ---------------------------------------------------------------------------------------
 
 

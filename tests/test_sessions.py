@@ -50,11 +50,6 @@ async def server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Asyn
 
 
 @pytest.fixture(scope="module")
-def sessions(server: RunningServer) -> session_service_pb2_grpc.SessionServiceStub:
-    return session_service_pb2_grpc.SessionServiceStub(server.channel)
-
-
-@pytest.fixture(scope="module")
 def watch(server: RunningServer) -> event_service_pb2_grpc.EventServiceStub:
     return event_service_pb2_grpc.EventServiceStub(server.channel)
 

@@ -54,11 +54,6 @@ async def server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Asyn
         yield running
 
 
-@pytest.fixture(scope="module")
-def events(server: RunningServer) -> event_service_pb2_grpc.EventServiceStub:
-    return event_service_pb2_grpc.EventServiceStub(server.channel)
-
-
 # -- helpers ----------------------------------------------------------------------------------------
 
 
