@@ -39,6 +39,24 @@ async def test_restart_migrates_idempotently_and_keeps_data(backend: str, tmp_pa
             await server.stop(grace=0)
 
 
+async def _serve(data_dir: Path, *, shutdown_grace: float) -> asyncio.subprocess.Process:
+    """`callplane serve` in a process of its own, on a free port (read it with _wait_for_port)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "callplane_server",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(data_dir),
+        "--shutdown-grace",
+        str(shutdown_grace),
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "CALLPLANE_API_SECRET": TEST_SECRET},
+    )
+
+
 async def _wait_for_port(process: asyncio.subprocess.Process) -> tuple[int, list[str]]:
     assert process.stderr is not None
     lines: list[str] = []
@@ -53,20 +71,7 @@ async def _wait_for_port(process: asyncio.subprocess.Process) -> tuple[int, list
 
 
 async def test_sigterm_drains_logs_and_exits_zero(tmp_path: Path) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "callplane_server",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        str(tmp_path),
-        "--shutdown-grace",
-        "5",
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "CALLPLANE_API_SECRET": TEST_SECRET},
-    )
+    process = await _serve(tmp_path, shutdown_grace=5)
     try:
         port, lines = await _wait_for_port(process)
         async with authed_channel(f"127.0.0.1:{port}") as channel:
@@ -93,20 +98,7 @@ async def test_sigterm_drains_logs_and_exits_zero(tmp_path: Path) -> None:
 async def test_sigterm_with_a_health_watch_open_exits_without_waiting_the_grace(tmp_path: Path) -> None:
     """Load balancers keep a Health/Watch open; on SIGTERM it gets NOT_SERVING and then ends, so the
     server does not wait its shutdown grace (60 s here) for it."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "callplane_server",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        str(tmp_path),
-        "--shutdown-grace",
-        "60",
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "CALLPLANE_API_SECRET": TEST_SECRET},
-    )
+    process = await _serve(tmp_path, shutdown_grace=60)
     try:
         port, _lines = await _wait_for_port(process)
         async with authed_channel(f"127.0.0.1:{port}") as channel:

@@ -11,11 +11,13 @@ import signal
 import sys
 from pathlib import Path
 
+import asyncpg
 import grpc
 import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from sqlalchemy.engine import URL, make_url
 
 from callplane.v1 import (
     call_service_pb2,
@@ -29,7 +31,7 @@ from callplane_server import errors
 from callplane_server.api.errors import status_code_for
 from callplane_server.services.limits import Limits
 from tests.errors import expect_error
-from tests.support import TEST_SECRET, fresh_database, running_server, struct
+from tests.support import TEST_SECRET, RunningServer, fresh_database, running_server, struct
 from tests.support import channel as authed_channel
 
 SERVICES = ("callplane.v1.CallTypeService", "callplane.v1.UserService", "callplane.v1.CallService")
@@ -339,19 +341,22 @@ async def test_domain_errors_are_never_unknown(server, calls, users, call_types,
 # --- database outage ----------------------------------------------------------------------------------
 
 
+async def _admin_connection(running: RunningServer) -> tuple[URL, asyncpg.Connection]:
+    """The server's database URL, and a connection to the `postgres` database to act on it from."""
+    url = make_url(running.server.config.database_url)
+    admin = await asyncpg.connect(
+        url.set(drivername="postgresql", database="postgres").render_as_string(False)
+    )
+    return url, admin
+
+
 async def test_database_dropped_under_a_running_server_is_unavailable(backend, tmp_path):
     if backend != "postgres":
         pytest.skip("needs a database server to take away")
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
     async with running_server(backend, tmp_path) as running:
         stub = call_type_service_pb2_grpc.CallTypeServiceStub(running.channel)
         await stub.ListCallTypes(call_type_service_pb2.ListCallTypesRequest())
-        url = make_url(running.server.config.database_url)
-        admin = await asyncpg.connect(
-            url.set(drivername="postgresql", database="postgres").render_as_string(False)
-        )
+        url, admin = await _admin_connection(running)
         try:
             await admin.execute(f'DROP DATABASE "{url.database}" WITH (FORCE)')
         finally:
@@ -367,16 +372,10 @@ async def test_database_refusing_connections_is_unavailable(backend, tmp_path):
     """ALTER DATABASE ... ALLOW_CONNECTIONS false: new connections fail with SQLSTATE 55000."""
     if backend != "postgres":
         pytest.skip("needs a database server to refuse connections")
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
     async with running_server(backend, tmp_path) as running:
         stub = call_type_service_pb2_grpc.CallTypeServiceStub(running.channel)
         await stub.ListCallTypes(call_type_service_pb2.ListCallTypesRequest())
-        url = make_url(running.server.config.database_url)
-        admin = await asyncpg.connect(
-            url.set(drivername="postgresql", database="postgres").render_as_string(False)
-        )
+        url, admin = await _admin_connection(running)
         try:
             await admin.execute(f'ALTER DATABASE "{url.database}" ALLOW_CONNECTIONS false')
             # The server's pooled connections go too, so its next query has to connect anew.
