@@ -1,0 +1,40 @@
+"""Counts of what the fuzz run sent and got back, printed at the end of the run (tests/fuzz/conftest.py)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import grpc
+
+codes: Counter[tuple[str, str]] = Counter()
+known_defects: Counter[tuple[str, str]] = Counter()
+state_compared: Counter[str] = Counter()
+rpcs: dict[str, set[str]] = {}
+
+
+def record(backend: str, path: str, code: grpc.StatusCode) -> None:
+    codes[(backend, code.name)] += 1
+    rpcs.setdefault(backend, set()).add(path)
+
+
+def known(backend: str, defect: str) -> None:
+    known_defects[(backend, defect)] += 1
+
+
+def compared(backend: str) -> None:
+    state_compared[backend] += 1
+
+
+def summary() -> list[str]:
+    lines = []
+    for backend in sorted({b for b, _ in codes}):
+        total = sum(n for (b, _), n in codes.items() if b == backend)
+        by_code = ", ".join(f"{name} {n}" for (b, name), n in codes.most_common() if b == backend)
+        lines.append(
+            f"{backend}: {total} requests to {len(rpcs.get(backend, ()))} RPCs; "
+            f"{state_compared[backend]} refused, each with unchanged state; {by_code}"
+        )
+        for (b, defect), n in sorted(known_defects.items()):
+            if b == backend:
+                lines.append(f"{backend}: known defect tolerated {n}x: {defect}")
+    return lines
