@@ -426,7 +426,7 @@ def _is_map(fd: FieldDescriptor) -> bool:
 
 
 def _is_repeated(fd: FieldDescriptor) -> bool:
-    return fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == FieldDescriptor.LABEL_REPEATED
+    return fd.is_repeated
 
 
 def _field_values(world: World, fd: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:

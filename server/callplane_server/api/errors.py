@@ -16,6 +16,7 @@ from grpc_status import rpc_status
 
 from callplane_server import errors
 from callplane_server.api.metrics import RpcMetrics
+from callplane_server.api.request_checks import check_request
 from callplane_server.auth.context import set_principal
 from callplane_server.auth.tokens import TokenVerifier, parse_bearer
 
@@ -208,6 +209,7 @@ def _wrap_unary(
         started = time.perf_counter()
         try:
             authenticator.authenticate(method, context)
+            check_request(request)
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -229,6 +231,7 @@ def _wrap_stream(
         started = time.perf_counter()
         try:
             authenticator.authenticate(method, context)
+            check_request(request)
             async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:
