@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from pathlib import Path
 
 import grpc
+
+# FUZZ_TRACE=path appends one line per request (backend, RPC, token, code, details): what the fuzzer sends.
+_TRACE = os.environ.get("FUZZ_TRACE", "")
 
 codes: Counter[tuple[str, str]] = Counter()
 known_defects: Counter[tuple[str, str]] = Counter()
@@ -38,3 +43,9 @@ def summary() -> list[str]:
             if b == backend:
                 lines.append(f"{backend}: known defect tolerated {n}x: {defect}")
     return lines
+
+
+def trace(line: str) -> None:
+    if _TRACE:
+        with Path(_TRACE).open("a") as out:
+            out.write(line + "\n")

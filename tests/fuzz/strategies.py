@@ -381,8 +381,10 @@ def message_class(descriptor: _descriptor.Descriptor) -> type[Message]:
     return message_factory.GetMessageClass(descriptor)
 
 
-def _scalar(world: World, fd: FieldDescriptor) -> st.SearchStrategy[Any]:
+def _scalar(world: World, fd: FieldDescriptor, tame: bool = False) -> st.SearchStrategy[Any]:
     kind = fd.type
+    if tame:
+        return _tame_scalar(world, fd)
     if kind in _SCALAR_BITS:
         return integers(*_SCALAR_BITS[kind])
     if kind in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
@@ -403,11 +405,13 @@ def _scalar(world: World, fd: FieldDescriptor) -> st.SearchStrategy[Any]:
 
 
 def _message_value(
-    world: World, descriptor: _descriptor.Descriptor, field_name: str, depth: int
+    world: World, descriptor: _descriptor.Descriptor, field_name: str, depth: int, tame: bool = False
 ) -> st.SearchStrategy[Any]:
     """A message for a field, except for Structs: their document (a dict), set with Struct.update, because
     copying a Struct deeper than protobuf's parse limit into its field fails (upb copies by parsing)."""
     name = descriptor.full_name
+    if tame and name in _TAME_WELL_KNOWN:
+        return _TAME_WELL_KNOWN[name](field_name)
     if name == "google.protobuf.Struct":
         return struct_documents(filter_like="filter" in field_name)
     if name == "google.protobuf.Value":
@@ -418,7 +422,7 @@ def _message_value(
         return timestamps()
     if name == "google.protobuf.Duration":
         return durations()
-    return messages(world, descriptor, depth + 1)
+    return messages(world, descriptor, depth + 1, tame)
 
 
 def _is_map(fd: FieldDescriptor) -> bool:
@@ -429,15 +433,25 @@ def _is_repeated(fd: FieldDescriptor) -> bool:
     return fd.is_repeated
 
 
-def _field_values(world: World, fd: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
+def _field_values(world: World, fd: FieldDescriptor, depth: int, tame: bool) -> st.SearchStrategy[Any]:
     if fd.type == FieldDescriptor.TYPE_MESSAGE:
-        return _message_value(world, fd.message_type, fd.name, depth)
-    return _scalar(world, fd)
+        return _message_value(world, fd.message_type, fd.name, depth, tame)
+    return _scalar(world, fd, tame)
 
 
 @st.composite
-def messages(draw: st.DrawFn, world: World, descriptor: _descriptor.Descriptor, depth: int = 0) -> Message:
-    """A message of `descriptor`'s type with a random subset of its fields set to drawn values."""
+def messages(
+    draw: st.DrawFn,
+    world: World,
+    descriptor: _descriptor.Descriptor,
+    depth: int = 0,
+    tame: bool | None = None,
+) -> Message:
+    """A message of `descriptor`'s type with a random subset of its fields set to drawn values: hostile
+    ones, or (`tame`, half of the requests) plausible ones, which get further into the handlers and so
+    find rules that give way only to a well-formed request."""
+    if tame is None:
+        tame = draw(st.booleans())
     message = message_class(descriptor)()
     if depth > MAX_MESSAGE_DEPTH:
         return message
@@ -458,7 +472,9 @@ def messages(draw: st.DrawFn, world: World, descriptor: _descriptor.Descriptor, 
             key_fd = fd.message_type.fields_by_name["key"]
             value_fd = fd.message_type.fields_by_name["value"]
             entries = draw(
-                st.dictionaries(_scalar(world, key_fd), _field_values(world, value_fd, depth), max_size=3)
+                st.dictionaries(
+                    _scalar(world, key_fd, tame), _field_values(world, value_fd, depth, tame), max_size=3
+                )
             )
             target = getattr(message, fd.name)
             for key, value in entries.items():
@@ -467,12 +483,14 @@ def messages(draw: st.DrawFn, world: World, descriptor: _descriptor.Descriptor, 
                 else:
                     target[key] = value
         elif _is_repeated(fd):
-            size = draw(st.one_of(st.integers(0, 3), st.sampled_from([26, 101])))
-            values = draw(
-                st.lists(_field_values(world, fd, depth), min_size=min(size, 3), max_size=min(size, 3))
+            size = draw(
+                st.integers(0, 3) if tame else st.one_of(st.integers(0, 3), st.sampled_from([26, 101]))
             )
-            if size > 3 and values:
-                values = (values * size)[:size]
+            values = draw(
+                st.lists(_field_values(world, fd, depth, tame), min_size=min(size, 3), max_size=min(size, 3))
+            )
+            if size > 3 and values and all(_small(v) for v in values):
+                values = (values * size)[:size]  # over the per-request count limits
             target = getattr(message, fd.name)
             for value in values:
                 if fd.type == FieldDescriptor.TYPE_MESSAGE:
@@ -480,10 +498,18 @@ def messages(draw: st.DrawFn, world: World, descriptor: _descriptor.Descriptor, 
                 else:
                     target.append(value)
         elif fd.type == FieldDescriptor.TYPE_MESSAGE:
-            _assign(getattr(message, fd.name), draw(_field_values(world, fd, depth)))
+            _assign(getattr(message, fd.name), draw(_field_values(world, fd, depth, tame)))
         else:
-            setattr(message, fd.name, draw(_scalar(world, fd)))
+            setattr(message, fd.name, draw(_scalar(world, fd, tame)))
     return message
+
+
+def _small(value: Any) -> bool:
+    if isinstance(value, str | bytes):
+        return len(value) < 10_000
+    if isinstance(value, Message):
+        return value.ByteSize() < 10_000
+    return not isinstance(value, dict)
 
 
 def _assign(target: Message, value: Any) -> None:
@@ -496,6 +522,53 @@ def _assign(target: Message, value: Any) -> None:
         # A message holding a Struct too deep to copy: parsing it is the server's problem, and raw_requests
         # sends such bytes; here, draw something else.
         reject()
+
+
+# -- plausible values ------------------------------------------------------------------------------------
+
+_WORDS = st.text(alphabet=string.ascii_lowercase + string.digits + "-_", min_size=1, max_size=12)
+
+
+def _tame_scalar(world: World, fd: FieldDescriptor) -> st.SearchStrategy[Any]:
+    kind = fd.type
+    if kind in _SCALAR_BITS:
+        return st.one_of(st.integers(0, 30), st.sampled_from([1000, 5000, 60_000]))
+    if kind in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        return st.floats(-1000, 1000)
+    if kind == FieldDescriptor.TYPE_BOOL:
+        return st.booleans()
+    if kind == FieldDescriptor.TYPE_STRING:
+        names = world.names_for(fd.name)
+        return st.sampled_from(names) if names else _WORDS
+    if kind == FieldDescriptor.TYPE_BYTES:
+        return st.binary(max_size=8)
+    if kind == FieldDescriptor.TYPE_ENUM:
+        return st.sampled_from([v.number for v in fd.enum_type.values])
+    raise AssertionError(f"unhandled field type {kind} of {fd.full_name}")
+
+
+def _tame_documents(field_name: str) -> st.SearchStrategy[dict[str, Any]]:
+    scalar = st.one_of(st.integers(-5, 5).map(float), _WORDS, st.booleans())
+    if "filter" in field_name:
+        condition = st.one_of(
+            scalar,
+            st.dictionaries(
+                st.sampled_from(OPERATORS), st.one_of(scalar, st.lists(scalar, max_size=2)), max_size=1
+            ),
+        )
+        return st.dictionaries(st.sampled_from(FILTER_FIELDS), condition, max_size=2)
+    return st.dictionaries(_WORDS, st.one_of(scalar, st.lists(scalar, max_size=2)), max_size=3)
+
+
+_TAME_WELL_KNOWN = {
+    "google.protobuf.Struct": _tame_documents,
+    "google.protobuf.Timestamp": lambda _name: st.builds(
+        lambda s: timestamp_pb2.Timestamp(seconds=s), st.integers(1_767_225_600, 1_830_297_600)
+    ),
+    "google.protobuf.Duration": lambda _name: st.builds(
+        lambda s: duration_pb2.Duration(seconds=s), st.sampled_from([0, 5, 30, 60, 900])
+    ),
+}
 
 
 # -- what a request holds ---------------------------------------------------------------------------------

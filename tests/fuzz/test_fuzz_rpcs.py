@@ -36,6 +36,7 @@ import callplane.v1
 from callplane.v1 import call_pb2, call_service_pb2, session_service_pb2, user_pb2
 from callplane_server.app import SERVICE_NAMES
 from callplane_server.store.models import Base
+from tests.errors import decode
 from tests.fuzz import stats
 from tests.fuzz.strategies import (
     World,
@@ -79,7 +80,7 @@ TESTS_PER_BACKEND = 2 * len(RPCS)
 
 # FUZZ_EXAMPLES: examples per backend, spread over every RPC's two tests (structured and raw bytes).
 _TOTAL = int(os.environ.get("FUZZ_EXAMPLES", "0") or 0)
-EXAMPLES_PER_TEST = math.ceil(_TOTAL / TESTS_PER_BACKEND) if _TOTAL else 5
+EXAMPLES_PER_TEST = math.ceil(_TOTAL / TESTS_PER_BACKEND) if _TOTAL else 3
 FUZZ_SETTINGS = settings(
     max_examples=EXAMPLES_PER_TEST,
     deadline=None,
@@ -270,7 +271,9 @@ def known_defect(code: grpc.StatusCode, details: str, request: Any, raw: bool) -
     return None
 
 
-async def send(fuzzing: Fuzzing, rpc: Rpc, token: str, payload: bytes) -> tuple[grpc.StatusCode, str]:
+async def send(
+    fuzzing: Fuzzing, rpc: Rpc, token: str, payload: bytes
+) -> tuple[grpc.StatusCode, str, grpc.aio.AioRpcError | None]:
     """Sends serialized bytes as the request of `rpc`; a stream is read up to its first message."""
     target = fuzzing.channels[token]
     if not rpc.server_streaming:
@@ -278,8 +281,8 @@ async def send(fuzzing: Fuzzing, rpc: Rpc, token: str, payload: bytes) -> tuple[
         try:
             await call(payload, timeout=UNARY_TIMEOUT)
         except grpc.aio.AioRpcError as error:
-            return error.code(), error.details() or ""
-        return grpc.StatusCode.OK, ""
+            return error.code(), error.details() or "", error
+        return grpc.StatusCode.OK, "", None
     stream = target.unary_stream(rpc.path, request_serializer=None, response_deserializer=None)(payload)
     try:
         try:
@@ -287,27 +290,37 @@ async def send(fuzzing: Fuzzing, rpc: Rpc, token: str, payload: bytes) -> tuple[
         except TimeoutError:
             pass  # open and quiet: fine
         except grpc.aio.AioRpcError as error:
-            return error.code(), error.details() or ""
-        if stream.done():
-            code = await stream.code()
-            return code, await stream.details() or ""
-        return grpc.StatusCode.OK, ""
+            return error.code(), error.details() or "", error
+        return grpc.StatusCode.OK, "", None
     finally:
         stream.cancel()
         await settle(fuzzing.server)
 
 
+def _from_transport(code: grpc.StatusCode, details: str) -> bool:
+    """Refused by gRPC itself before any handler ran (a request over the 4 MB message limit)."""
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Received message larger than max" in details
+
+
 async def check(fuzzing: Fuzzing, rpc: Rpc, token: str, payload: bytes, request: Any, raw: bool) -> None:
     server = fuzzing.server
     before = await database_state(server)
-    code, details = await send(fuzzing, rpc, token, payload)
+    code, details, error = await send(fuzzing, rpc, token, payload)
     backend = server.backend
     stats.record(backend, rpc.path, code)
+    stats.trace(f"{backend} {rpc.path} {token} {code.name} {details[:150]!r}")
     if code in _FORBIDDEN:
         known = known_defect(code, details, request, raw)
         if not (known and TOLERATE_ISSUE10_KNOWN_DEFECTS):
             raise AssertionError(f"{rpc.path} as {token} answered {code.name}: {details!r}")
         stats.known(backend, known)
+    elif error is not None and not _from_transport(code, details):
+        # Every error is a google.rpc.Status with ErrorInfo (a client can read why), never a transport
+        # failure such as an error too large for gRPC's metadata limit.
+        info = decode(error).info
+        assert info is not None and info.domain == "callplane", (
+            f"{rpc.path} as {token} answered {code.name} without callplane error details: {details[:300]!r}"
+        )
     if code != grpc.StatusCode.OK:
         after = await database_state(server)
         stats.compared(backend)

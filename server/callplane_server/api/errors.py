@@ -45,16 +45,48 @@ def status_code_for(error: errors.CallplaneError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# Errors echo request values (ids, field paths, filter keys), which a client may make huge. The status
+# travels in trailers, and gRPC drops a reply whose metadata passes 8 KB (soft) / 16 KB (hard): the
+# client would get RESOURCE_EXHAUSTED "Stream removed" instead of the error. So every echoed text is cut
+# (UTF-8 bytes; grpc-message percent-encodes, details are base64), keeping the whole reply under ~7 KB.
+MAX_MESSAGE_BYTES = 256
+MAX_METADATA_ENTRIES = 8
+MAX_METADATA_KEY_BYTES = 64
+MAX_METADATA_VALUE_BYTES = 128
+MAX_VIOLATIONS = 10
+MAX_VIOLATION_FIELD_BYTES = 96
+MAX_VIOLATION_DESCRIPTION_BYTES = 160
+
+
+def cap(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes (on a character boundary), marked with … when cut."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode(errors="ignore") + "…"
+
+
 def to_rpc_status(error: errors.CallplaneError) -> grpc.Status:
     code = status_code_for(error)
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
+    metadata = {
+        cap(key, MAX_METADATA_KEY_BYTES): cap(value, MAX_METADATA_VALUE_BYTES)
+        for key, value in list(error.metadata.items())[:MAX_METADATA_ENTRIES]
+    }
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)
     details = [info]
+    message = error.message
     if error.field_violations:
+        shown = error.field_violations[:MAX_VIOLATIONS]
+        if len(error.field_violations) > len(shown):
+            message = f"{message} ({len(error.field_violations)} problems, the first {len(shown)} in details)"
         details.append(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in error.field_violations
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=cap(v.field, MAX_VIOLATION_FIELD_BYTES),
+                        description=cap(v.description, MAX_VIOLATION_DESCRIPTION_BYTES),
+                    )
+                    for v in shown
                 ]
             )
         )
@@ -63,7 +95,9 @@ def to_rpc_status(error: errors.CallplaneError) -> grpc.Status:
         holder = any_pb2.Any()
         holder.Pack(detail)
         packed.append(holder)
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=packed)
+    status = status_pb2.Status(
+        code=getattr(code_pb2, code.name), message=cap(message, MAX_MESSAGE_BYTES), details=packed
+    )
     return rpc_status.to_status(status)
 
 
