@@ -131,6 +131,12 @@ class EventStreamService:
         subscription = self._hub.subscribe(lambda stored, _r: stored if stored.call_cid == cid else None)
         holds_presence = False
         try:
+            # The resume point is checked before presence is taken: a stream refused at its start
+            # (OUT_OF_RANGE, EVENTS_COMPACTED) must change nothing, and ending a stream that held
+            # presence records the participant's leave.
+            cursor = 0
+            if not snapshot:
+                cursor = await self._store.read(lambda tx: self._call_resume_point(tx, cid, after_seq))
             # Presence is taken before the first message, so a client that leaves right after it
             # still leaves through this stream's end rather than waiting for its lease.
             if participant_session_id and self.presence is not None:
@@ -140,8 +146,6 @@ class EventStreamService:
                 state = await self._store.read(lambda tx: self._snapshot(tx, cid))
                 cursor = state.seq
                 yield state
-            else:
-                cursor = await self._store.read(lambda tx: self._call_resume_point(tx, cid, after_seq))
 
             async def read_after(position: int) -> list[StoredEvent]:
                 return await self._store.read(

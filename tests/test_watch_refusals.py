@@ -1,0 +1,66 @@
+"""A WatchCall refused at its start (a resume point past the end of the call's log) changes nothing: the
+participant it names stays in the call. Before, the stream took the participant's presence first (renewing
+its lease) and, ending with OUT_OF_RANGE, recorded that participant as having left ("disconnected"), so a
+client retrying with a bad `after_seq` dropped itself from the call (found by tests/fuzz)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from callplane.v1 import (
+    call_pb2,
+    call_service_pb2,
+    call_service_pb2_grpc,
+    event_service_pb2,
+    event_service_pb2_grpc,
+    session_service_pb2,
+    session_service_pb2_grpc,
+    user_pb2,
+    user_pb2_grpc,
+)
+from tests.support import RunningServer, channel, user_token
+
+
+async def test_refused_watch_keeps_the_participant(
+    server: RunningServer, unique: Callable[[str], str]
+) -> None:
+    user_id, call_id = unique("watcher"), unique("call")
+    users = user_pb2_grpc.UserServiceStub(server.channel)
+    await users.UpsertUsers(user_pb2.UpsertUsersRequest(users=[user_pb2.UserRequest(id=user_id)]))
+    calls = call_service_pb2_grpc.CallServiceStub(server.channel)
+    await calls.GetOrCreateCall(
+        call_service_pb2.GetOrCreateCallRequest(
+            type="default",
+            id=call_id,
+            data=call_service_pb2.CallData(
+                created_by_id=user_id, members=[call_pb2.MemberRequest(user_id=user_id)]
+            ),
+        )
+    )
+    async with channel(server.target, token=user_token(user_id)) as as_user:
+        sessions = session_service_pb2_grpc.SessionServiceStub(as_user)
+        joined = await sessions.JoinCall(
+            session_service_pb2.JoinCallRequest(type="default", id=call_id, user_id=user_id)
+        )
+        psid = joined.participant.participant_session_id
+        watch = event_service_pb2_grpc.EventServiceStub(as_user).WatchCall(
+            event_service_pb2.WatchCallRequest(
+                type="default", id=call_id, after_seq=1_000_000, participant_session_id=psid
+            )
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await watch.read()
+        assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        # Before the fix, the refused stream's cleanup recorded the leave by now (in practice, on both
+        # backends); after it, there is no leave to record.
+        alive = await sessions.KeepAlive(
+            session_service_pb2.KeepAliveRequest(type="default", id=call_id, participant_session_id=psid)
+        )
+        assert alive is not None
+    listed = await session_service_pb2_grpc.SessionServiceStub(server.channel).QueryCallParticipants(
+        session_service_pb2.QueryCallParticipantsRequest(type="default", id=call_id)
+    )
+    assert [p.participant_session_id for p in listed.participants] == [psid]
