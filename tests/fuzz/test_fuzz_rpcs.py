@@ -229,11 +229,9 @@ async def database_state(server: RunningServer) -> dict[str, list[tuple[Any, ...
 def _difference(before: dict[str, list[tuple[Any, ...]]], after: dict[str, list[tuple[Any, ...]]]) -> str:
     lines = []
     for table in before:
-        old, new = set(before[table]), set(after[table])
+        old, new = {repr(row) for row in before[table]}, {repr(row) for row in after[table]}
         if old != new:
-            lines.append(
-                f"{table}: removed {sorted(old - new, key=repr)[:3]} added {sorted(new - old, key=repr)[:3]}"
-            )
+            lines.append(f"{table}: removed {sorted(old - new)[:3]} added {sorted(new - old)[:3]}")
     return "; ".join(lines)
 
 

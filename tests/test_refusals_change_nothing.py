@@ -1,7 +1,13 @@
-"""A WatchCall refused at its start (a resume point past the end of the call's log) changes nothing: the
+"""Refused requests change nothing (cases found by tests/fuzz).
+
+A WatchCall refused at its start (a resume point past the end of the call's log) changes nothing: the
 participant it names stays in the call. Before, the stream took the participant's presence first (renewing
 its lease) and, ending with OUT_OF_RANGE, recorded that participant as having left ("disconnected"), so a
-client retrying with a bad `after_seq` dropped itself from the call (found by tests/fuzz)."""
+client retrying with a bad `after_seq` dropped itself from the call.
+
+A JoinCall with `create` that is refused (a livestream call in backstage, which the user may not join)
+creates no call. Before, the call was created (with its call.created event) in a transaction of its own,
+and the join then failed."""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ from collections.abc import Callable
 
 import grpc
 import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from callplane.v1 import (
     call_pb2,
@@ -21,6 +29,7 @@ from callplane.v1 import (
     user_pb2,
     user_pb2_grpc,
 )
+from callplane_server.store.models import CounterRow
 from tests.support import RunningServer, channel, user_token
 
 
@@ -64,3 +73,41 @@ async def test_refused_watch_keeps_the_participant(
         session_service_pb2.QueryCallParticipantsRequest(type="default", id=call_id)
     )
     assert [p.participant_session_id for p in listed.participants] == [psid]
+
+
+async def test_refused_join_with_create_creates_no_call(
+    server: RunningServer, unique: Callable[[str], str]
+) -> None:
+    user_id, call_id = unique("joiner"), unique("live")
+    users = user_pb2_grpc.UserServiceStub(server.channel)
+    await users.UpsertUsers(user_pb2.UpsertUsersRequest(users=[user_pb2.UserRequest(id=user_id)]))
+    sessions = session_service_pb2_grpc.SessionServiceStub(server.channel)
+    position_before = await _event_position(server)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await sessions.JoinCall(
+            session_service_pb2.JoinCallRequest(type="livestream", id=call_id, user_id=user_id, create=True)
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, caught.value.details()
+    calls = call_service_pb2_grpc.CallServiceStub(server.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await calls.GetCall(call_service_pb2.GetCallRequest(type="livestream", id=call_id))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    assert await _event_position(server) == position_before
+    # A join that may go ahead still creates the call, in the same request.
+    joined = await sessions.JoinCall(
+        session_service_pb2.JoinCallRequest(type="default", id=call_id, user_id=user_id, create=True)
+    )
+    assert joined.call.cid == f"default:{call_id}"
+    assert joined.call.created_by_user_id == user_id
+
+
+async def _event_position(server: RunningServer) -> int:
+    """The global event position (every committed write that emits events moves it)."""
+    store = server.server.store
+    assert store is not None
+
+    async def read(session: AsyncSession) -> int:
+        value = await session.scalar(select(CounterRow.value).where(CounterRow.name == "event_position"))
+        return int(value or 0)
+
+    return await store.database.run(read, write=False)
