@@ -7,7 +7,12 @@ client retrying with a bad `after_seq` dropped itself from the call.
 
 A JoinCall with `create` that is refused (a livestream call in backstage, which the user may not join)
 creates no call. Before, the call was created (with its call.created event) in a transaction of its own,
-and the join then failed."""
+and the join then failed.
+
+A user deleted and created again can be sent addressed events again. Before, the new user's event
+numbering restarted at 1 while the old user's addressed events kept their numbers, so every write
+addressing that user hit a unique constraint, was retried and answered UNAVAILABLE "the database is
+unavailable; retry" (never true, so a client retried forever)."""
 
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from callplane.v1 import (
     call_service_pb2_grpc,
     event_service_pb2,
     event_service_pb2_grpc,
+    moderation_service_pb2,
+    moderation_service_pb2_grpc,
     session_service_pb2,
     session_service_pb2_grpc,
     user_pb2,
@@ -99,6 +106,40 @@ async def test_refused_join_with_create_creates_no_call(
     )
     assert joined.call.cid == f"default:{call_id}"
     assert joined.call.created_by_user_id == user_id
+
+
+async def test_recreated_user_receives_addressed_events(
+    server: RunningServer, unique: Callable[[str], str]
+) -> None:
+    host, guest, call_id = unique("host"), unique("guest"), unique("perm")
+    users = user_pb2_grpc.UserServiceStub(server.channel)
+    await users.UpsertUsers(
+        user_pb2.UpsertUsersRequest(users=[user_pb2.UserRequest(id=host), user_pb2.UserRequest(id=guest)])
+    )
+    calls = call_service_pb2_grpc.CallServiceStub(server.channel)
+    await calls.GetOrCreateCall(
+        call_service_pb2.GetOrCreateCallRequest(
+            type="default", id=call_id, data=call_service_pb2.CallData(created_by_id=host)
+        )
+    )
+    moderation = moderation_service_pb2_grpc.ModerationServiceStub(server.channel)
+    grant = moderation_service_pb2.UpdateUserPermissionsRequest(
+        type="default", id=call_id, user_id=guest, grant_permissions=["screenshare"]
+    )
+    await moderation.UpdateUserPermissions(grant)  # an event addressed to the guest
+    await users.DeleteUsers(user_pb2.DeleteUsersRequest(user_ids=[guest]))
+    await users.UpsertUsers(user_pb2.UpsertUsersRequest(users=[user_pb2.UserRequest(id=guest)]))
+    await moderation.UpdateUserPermissions(grant)
+    watch = event_service_pb2_grpc.EventServiceStub(server.channel).WatchUser(
+        event_service_pb2.WatchUserRequest(user_id=guest, after_seq=0)
+    )
+    seen = []
+    while len(seen) < 2:
+        reply = await watch.read()
+        if reply.HasField("event"):
+            seen.append(reply.event.type)
+    watch.cancel()
+    assert seen == ["call.permissions_updated", "call.permissions_updated"]
 
 
 async def _event_position(server: RunningServer) -> int:
