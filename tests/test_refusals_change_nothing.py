@@ -1,4 +1,4 @@
-"""Refused requests change nothing (cases found by tests/fuzz).
+"""Refused requests change nothing (found while building tests/fuzz, which checks it for every RPC).
 
 A WatchCall refused at its start (a resume point past the end of the call's log) changes nothing: the
 participant it names stays in the call. Before, the stream took the participant's presence first (renewing
