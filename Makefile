@@ -13,7 +13,7 @@ DATA_DIR ?= data
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: venv node run test bench lint typecheck breaking format proto proto-check ci clean
+.PHONY: venv node run test fuzz bench lint typecheck breaking format proto proto-check ci clean
 
 venv: $(PY_STAMP)
 node: $(NODE_STAMP)
@@ -36,6 +36,11 @@ run: $(PY_STAMP)
 ## Run the whole test suite (SQLite always; PostgreSQL when configured, required with CI=true).
 test: $(PY_STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Fuzz every RPC long: FUZZ_EXAMPLES hostile requests per backend (`make test` runs a few per RPC).
+FUZZ_EXAMPLES ?= 100000
+fuzz: $(PY_STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/fuzz --timeout=0 $(PYTEST_ARGS)
 
 $(BENCH_STAMP): $(PY_STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'

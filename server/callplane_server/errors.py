@@ -104,17 +104,25 @@ class ViolationCollector:
         self.violations.append(FieldViolation(field_path, description))
 
     def raise_if_any(self, message: str = "invalid request", *, reason: str = "INVALID_ARGUMENT") -> None:
-        """Raises InvalidArgument naming every violation: one is the message (`field: why`), several
-        follow `message` (`invalid request: type: why; id: why`), the first few spelled out."""
+        error = self.error(message, reason=reason)
+        if error is not None:
+            raise error
+
+    def error(
+        self, message: str = "invalid request", *, reason: str = "INVALID_ARGUMENT"
+    ) -> InvalidArgument | None:
+        """InvalidArgument naming every violation (None if there is none): one is the message
+        (`field: why`), several follow `message` (`invalid request: type: why; id: why`), the first few
+        spelled out."""
         if not self.violations:
-            return
+            return None
         listed = "; ".join(f"{v.field}: {v.description}" for v in self.violations[:_LISTED_VIOLATIONS])
         if len(self.violations) == 1:
             message = listed
         else:
             more = len(self.violations) - _LISTED_VIOLATIONS
             message = f"{message}: {listed}" + (f"; and {more} more" if more > 0 else "")
-        raise InvalidArgument(
+        return InvalidArgument(
             message,
             reason=reason,
             metadata={"fields": ",".join(v.field for v in self.violations)},

@@ -21,6 +21,7 @@ from grpc_status import rpc_status
 
 from callplane_server import deadlines, errors
 from callplane_server.api.metrics import RpcMetrics
+from callplane_server.api.request_checks import nul_refusal
 from callplane_server.auth.context import set_principal
 from callplane_server.auth.tokens import TokenVerifier, parse_bearer
 from callplane_server.domain.validation import MAX_CUSTOM_DEPTH
@@ -52,16 +53,48 @@ def status_code_for(error: errors.CallplaneError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# Errors echo request values (ids, field paths, filter keys), which a client may make huge. The status
+# travels in trailers, and gRPC drops a reply whose metadata passes 8 KB (soft) / 16 KB (hard): the
+# client would get RESOURCE_EXHAUSTED "Stream removed" instead of the error. So every echoed text is cut
+# (UTF-8 bytes; grpc-message percent-encodes, details are base64), keeping the whole reply under ~7 KB.
+MAX_MESSAGE_BYTES = 256
+MAX_METADATA_ENTRIES = 8
+MAX_METADATA_KEY_BYTES = 64
+MAX_METADATA_VALUE_BYTES = 128
+MAX_VIOLATIONS = 10
+MAX_VIOLATION_FIELD_BYTES = 96
+MAX_VIOLATION_DESCRIPTION_BYTES = 160
+
+
+def cap(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes (on a character boundary), marked with … when cut."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode(errors="ignore") + "…"
+
+
 def to_rpc_status(error: errors.CallplaneError) -> grpc.Status:
     code = status_code_for(error)
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
+    metadata = {
+        cap(key, MAX_METADATA_KEY_BYTES): cap(value, MAX_METADATA_VALUE_BYTES)
+        for key, value in list(error.metadata.items())[:MAX_METADATA_ENTRIES]
+    }
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)
     details: list[error_details_pb2.ErrorInfo | error_details_pb2.BadRequest] = [info]
+    message = error.message
     if error.field_violations:
+        shown = error.field_violations[:MAX_VIOLATIONS]
+        if len(error.field_violations) > len(shown):
+            message = f"{message} ({len(error.field_violations)} problems, the first {len(shown)} in details)"
         details.append(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in error.field_violations
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=cap(v.field, MAX_VIOLATION_FIELD_BYTES),
+                        description=cap(v.description, MAX_VIOLATION_DESCRIPTION_BYTES),
+                    )
+                    for v in shown
                 ]
             )
         )
@@ -70,7 +103,9 @@ def to_rpc_status(error: errors.CallplaneError) -> grpc.Status:
         holder = any_pb2.Any()
         holder.Pack(detail)
         packed.append(holder)
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=packed)
+    status = status_pb2.Status(
+        code=getattr(code_pb2, code.name), message=cap(message, MAX_MESSAGE_BYTES), details=packed
+    )
     return rpc_status.to_status(status)
 
 
@@ -216,10 +251,11 @@ class _WrappedGenericHandler(grpc.GenericRpcHandler):
         return wrapped
 
 
-class _Undecodable:
-    """Stands in for a request whose bytes did not decode. grpc.aio decodes before any handler runs and
-    answers a decoder's exception with UNKNOWN and the exception's text; handing the wrapper this marker
-    instead lets it answer INVALID_ARGUMENT (after authentication) and log the RPC like any other."""
+class _Refused:
+    """Stands in for a request refused as it was decoded: bytes that did not decode, or strings holding
+    NUL characters. grpc.aio decodes before any handler runs and answers a decoder's exception with UNKNOWN
+    and the exception's text; handing the wrapper this marker instead lets it answer INVALID_ARGUMENT
+    (after authentication) and log the RPC like any other."""
 
     __slots__ = ("error",)
 
@@ -243,11 +279,14 @@ def _tolerant(method: str, deserializer: Callable[[bytes], Any] | None) -> Calla
 
     def deserialize(data: bytes) -> Any:
         try:
-            return deserializer(data)
+            request = deserializer(data)
+            # No zero byte in the encoding: no NUL in any string (the common case costs one scan).
+            refusal = nul_refusal(request) if b"\x00" in data else None
+            return request if refusal is None else _Refused(refusal)
         # DecodeError from protobuf; any exception a decoder raises here comes from the client's bytes.
         except Exception as error:
             problem = _decode_problem(error)
-            return _Undecodable(
+            return _Refused(
                 errors.InvalidArgument(
                     f"the request could not be decoded: {problem}",
                     reason="MALFORMED_REQUEST",
@@ -314,7 +353,7 @@ def _wrap_unary(
         cancelled = False
         try:
             authenticator.authenticate(method, context)
-            if type(request) is _Undecodable:
+            if type(request) is _Refused:
                 raise request.error
             return await behavior(request, context)
         except grpc.aio.AbortError:
@@ -349,7 +388,7 @@ def _wrap_stream(
         responses: AsyncGenerator[Any, None] | None = None
         try:
             authenticator.authenticate(method, context)
-            if type(request) is _Undecodable:
+            if type(request) is _Refused:
                 raise request.error
             responses = behavior(request, context)
             async for response in responses:
@@ -388,7 +427,7 @@ def _wrap_bidi(
     ) -> AsyncGenerator[Any]:
         async def decoded() -> AsyncGenerator[Any]:
             async for request in requests:
-                if type(request) is _Undecodable:
+                if type(request) is _Refused:
                     raise request.error
                 yield request
 

@@ -185,6 +185,43 @@ class CallService:
         """With `ring` / `notify` (only when this request creates the call): rings or notifies every
         member except the creator, in the creating transaction. An empty `call_id` creates a call with an
         id made by the server (the view carries it)."""
+        limit = self.check_get_or_create(call_type, call_id, data, members_limit, ring=ring, notify=notify)
+        generated = not call_id
+        if generated:
+            call_id = new_call_id()
+        else:
+            # Most calls to this RPC find the call: answer those as a read, without taking the write lock.
+            # A call that is missing (or deleted) goes on to the write transaction, which decides for real.
+            try:
+                return await self._read_view(f"{call_type}:{call_id}", limit)
+            except NotFound:
+                pass
+        return await self._store.write(
+            lambda tx: self.get_or_create_in(
+                tx,
+                call_type,
+                call_id,
+                data,
+                limit,
+                ring=ring,
+                notify=notify,
+                video=video,
+                create_only=generated,
+            )
+        )
+
+    def check_get_or_create(
+        self,
+        call_type: str,
+        call_id: str,
+        data: CallData,
+        members_limit: int,
+        *,
+        ring: bool = False,
+        notify: bool = False,
+    ) -> int:
+        """Validates a get-or-create request (an empty id asks for a generated one; a user token creates as
+        itself: `data.created_by_id` is set to it); returns the members limit."""
         problems = ViolationCollector()
         check_call_key(call_type, call_id, problems, generated_if_empty=True)
         limit = resolve_limit(
@@ -210,82 +247,85 @@ class CallService:
         if (ring or notify) and not data.created_by_id:
             problems.add("data.created_by_id", "is required with ring or notify (the caller)")
         problems.raise_if_any()
-        generated = not call_id
-        if generated:
-            call_id = new_call_id()
-        cid = f"{call_type}:{call_id}"
-        # Most calls to this RPC find the call: answer those as a read, without taking the write lock.
-        # A call that is missing (or deleted) goes on to the write transaction, which decides for real.
-        if not generated:
-            try:
-                return await self._read_view(cid, limit)
-            except NotFound:
-                pass
+        return limit
 
-        async def work(tx: Transaction) -> CallView:
-            caller = await load_caller(tx)
-            existing = await tx.calls.get(cid)
-            if existing is not None and generated:
-                # A generated id only ever creates: never hand out somebody else's call.
-                raise Aborted(
-                    f"the generated call id {call_id!r} is taken; retry",
-                    reason="GENERATED_ID_TAKEN",
+    async def get_or_create_in(
+        self,
+        tx: Transaction,
+        call_type: str,
+        call_id: str,
+        data: CallData,
+        limit: int,
+        *,
+        ring: bool = False,
+        notify: bool = False,
+        video: bool = False,
+        create_only: bool = False,
+    ) -> CallView:
+        """The call, created in `tx` when missing (after check_get_or_create): in the caller's transaction,
+        so that a request that creates the call and then fails (JoinCall with `create`) creates nothing.
+        `create_only` (a generated id): an existing call is never handed out."""
+        cid = f"{call_type}:{call_id}"
+        caller = await load_caller(tx)
+        existing = await tx.calls.get(cid)
+        if existing is not None and create_only:
+            raise Aborted(
+                f"the generated call id {call_id!r} is taken; retry",
+                reason="GENERATED_ID_TAKEN",
+                metadata={"cid": cid},
+            )
+        if existing is not None:
+            if existing.deleted_at is not None:
+                raise FailedPrecondition(
+                    f"call {cid!r} was deleted; its id cannot be reused until it is hard-deleted",
+                    reason="CALL_DELETED",
                     metadata={"cid": cid},
                 )
-            if existing is not None:
-                if existing.deleted_at is not None:
-                    raise FailedPrecondition(
-                        f"call {cid!r} was deleted; its id cannot be reused until it is hard-deleted",
-                        reason="CALL_DELETED",
-                        metadata={"cid": cid},
-                    )
-                have = await require(tx, caller, existing, "read-call")
-                return await self._view(tx, existing, limit, own=have)
-            _check_team(caller, data.team, cid)
-            type_record = await tx.call_types.get(call_type)
-            if type_record is None:
-                raise call_type_not_found(call_type)
-            wanted = {f"data.members[{i}].user_id": m.user_id for i, m in enumerate(data.members)}
-            if data.created_by_id:
-                wanted["data.created_by_id"] = data.created_by_id
-            await self._require_users(tx, wanted)
-            now = self._clock()
-            effective = merge_settings(type_record.settings, data.settings_override)
-            call = CallRecord(
-                type=call_type,
-                id=call_id,
-                created_by_user_id=data.created_by_id or None,
-                team=data.team or None,
-                custom=data.custom,
-                settings_override=data.settings_override,
-                backstage=bool(effective.get("backstage", {}).get("enabled")),
-                ongoing=False,
-                member_count=len(data.members),
-                version=1,
-                # A hard-deleted call's retained events keep their seqs; a new call of that cid goes on.
-                last_seq=await tx.events.max_seq(cid),
-                created_at=now,
-                updated_at=now,
-                starts_at=data.starts_at,
-            )
-            await tx.calls.insert(call)
-            members = await self._upsert_members(tx, cid, data.members, now)
-            # Checked on the inserted call so that member roles count; a denial rolls the insert back.
-            have = await require(tx, caller, call, "create-call")
-            view = await self._view(tx, call, limit, created=True, own=have)
-            users = await tx.users.get_many(m.user_id for m in members)
-            for member in members:
-                member.user = users.get(member.user_id)
-            created = event_pb2.CallCreatedEvent(
-                call=call_message(view), members=[member_message(m) for m in members]
-            )
-            await tx.events.emit(cid, event("call.created", call_created=created), now)
-            await ring_created_call(
-                tx, view, [m.user_id for m in members], ring=ring, notify=notify, video=video, now=now
-            )
-            return view
-
-        return await self._store.write(work)
+            have = await require(tx, caller, existing, "read-call")
+            return await self._view(tx, existing, limit, own=have)
+        _check_team(caller, data.team, cid)
+        type_record = await tx.call_types.get(call_type)
+        if type_record is None:
+            raise call_type_not_found(call_type)
+        wanted = {f"data.members[{i}].user_id": m.user_id for i, m in enumerate(data.members)}
+        if data.created_by_id:
+            wanted["data.created_by_id"] = data.created_by_id
+        await self._require_users(tx, wanted)
+        now = self._clock()
+        effective = merge_settings(type_record.settings, data.settings_override)
+        call = CallRecord(
+            type=call_type,
+            id=call_id,
+            created_by_user_id=data.created_by_id or None,
+            team=data.team or None,
+            custom=data.custom,
+            settings_override=data.settings_override,
+            backstage=bool(effective.get("backstage", {}).get("enabled")),
+            ongoing=False,
+            member_count=len(data.members),
+            version=1,
+            # A hard-deleted call's retained events keep their seqs; a new call of that cid goes on.
+            last_seq=await tx.events.max_seq(cid),
+            created_at=now,
+            updated_at=now,
+            starts_at=data.starts_at,
+        )
+        await tx.calls.insert(call)
+        members = await self._upsert_members(tx, cid, data.members, now)
+        # Checked on the inserted call so that member roles count; a denial rolls the insert back.
+        have = await require(tx, caller, call, "create-call")
+        view = await self._view(tx, call, limit, created=True, own=have)
+        users = await tx.users.get_many(m.user_id for m in members)
+        for member in members:
+            member.user = users.get(member.user_id)
+        created = event_pb2.CallCreatedEvent(
+            call=call_message(view), members=[member_message(m) for m in members]
+        )
+        await tx.events.emit(cid, event("call.created", call_created=created), now)
+        await ring_created_call(
+            tx, view, [m.user_id for m in members], ring=ring, notify=notify, video=video, now=now
+        )
+        return view
 
     async def get(self, call_type: str, call_id: str, members_limit: int) -> CallView:
         problems = ViolationCollector()

@@ -29,7 +29,13 @@ from callplane_server.domain.records import (
     SessionRecord,
     TimerRecord,
 )
-from callplane_server.domain.validation import USER_ID, check_call_key, check_custom_size, check_pattern
+from callplane_server.domain.validation import (
+    USER_ID,
+    check_call_key,
+    check_custom_size,
+    check_pattern,
+    new_call_id,
+)
 from callplane_server.errors import (
     CallplaneError,
     FailedPrecondition,
@@ -301,18 +307,33 @@ class SessionService:
         check_custom_size(custom, self._limits.max_participant_custom_bytes, "custom", problems)
         problems.raise_if_any()
         require_self(Caller(current_principal(), None), user_id)
+        generated = create and not call_id
+        if generated:
+            call_id = new_call_id()
+        cid = f"{call_type}:{call_id}"
+        create_data: CallData | None = None
         if create:
             # The same rules (and the same call.created event) as GetOrCreateCall; the joining user is the
             # creator unless `data` names one. An empty id creates a call with a generated one.
-            data = data or CallData()
-            if not data.created_by_id:
-                data.created_by_id = user_id
-            call_id = (await self._calls.get_or_create(call_type, call_id, data, 0)).call.id
-        cid = f"{call_type}:{call_id}"
+            create_data = data or CallData()
+            if not create_data.created_by_id:
+                create_data.created_by_id = user_id
+            self._calls.check_get_or_create(call_type, call_id, create_data, 0)
         psid = participant_session_id or uuid.uuid4().hex
 
         async def work(tx: Transaction) -> JoinResult:
-            call = await live_call(tx, cid, for_update=True)
+            if generated and create_data is not None:
+                # A generated id only ever creates: never joins somebody else's call.
+                await self._calls.get_or_create_in(tx, call_type, call_id, create_data, 0, create_only=True)
+            try:
+                call = await live_call(tx, cid, for_update=True)
+            except NotFound:
+                if create_data is None:
+                    raise
+                # Created in the join's transaction: a join refused after it (backstage, full, no
+                # permission) creates no call either.
+                await self._calls.get_or_create_in(tx, call_type, call_id, create_data, 0)
+                call = await live_call(tx, cid, for_update=True)
             caller = await load_caller(tx)
             require_self(caller, user_id)
             capabilities = await joining_capabilities(tx, caller, call, user_id)

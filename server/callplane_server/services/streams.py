@@ -185,6 +185,12 @@ class EventStreamService:
         subscription = self._hub.subscribe(matcher, recipients=audience.recipients_needed)
         holds_presence = False
         try:
+            # The resume point is checked before presence is taken: a stream refused at its start
+            # (OUT_OF_RANGE, EVENTS_COMPACTED) must change nothing, and ending a stream that held
+            # presence records the participant's leave.
+            cursor = 0
+            if not snapshot:
+                cursor = await self._store.read(lambda tx: self._call_resume_point(tx, cid, after_seq))
             # Presence is taken before the first message, so a client that leaves right after it
             # still leaves through this stream's end rather than waiting for its lease.
             if participant_session_id and self.presence is not None:
@@ -194,8 +200,6 @@ class EventStreamService:
                 state = await self._store.read(lambda tx: self._snapshot(tx, cid))
                 cursor = state.seq
                 yield state
-            else:
-                cursor = await self._store.read(lambda tx: self._call_resume_point(tx, cid, after_seq))
 
             async def read(position: int, tx: Transaction) -> list[StoredEvent | Withheld]:
                 events = await tx.events.call_events_after(

@@ -21,6 +21,7 @@ from callplane_server.store.models import (
     CallMemberRow,
     CallRow,
     CallTypeRow,
+    EventRecipientRow,
     ServerSecretRow,
     UserRow,
     UserTeamRow,
@@ -162,6 +163,17 @@ class UserRepository:
                 select(UserRow).where(UserRow.id.in_([r.id for r in records])).with_for_update()
             )
         }
+        # A user deleted and created again keeps numbering its addressed events after the retained ones
+        # (their rows outlive the user), as a call created again after a hard delete does.
+        new_ids = [r.id for r in records if r.id not in existing]
+        last_seqs: dict[str, int] = {}
+        if new_ids:
+            retained = await self._session.execute(
+                select(EventRecipientRow.user_id, func.max(EventRecipientRow.user_seq))
+                .where(EventRecipientRow.user_id.in_(new_ids))
+                .group_by(EventRecipientRow.user_id)
+            )
+            last_seqs = {user_id: int(seq) for user_id, seq in retained}
         for record in records:
             row = existing.get(record.id)
             if row is None:
@@ -174,6 +186,7 @@ class UserRepository:
                         custom=record.custom,
                         created_at=record.created_at,
                         updated_at=record.updated_at,
+                        last_event_seq=last_seqs.get(record.id, 0),
                     )
                 )
             else:
