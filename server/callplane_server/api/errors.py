@@ -62,8 +62,11 @@ MAX_METADATA_ENTRIES = 8
 MAX_METADATA_KEY_BYTES = 64
 MAX_METADATA_VALUE_BYTES = 128
 MAX_VIOLATIONS = 10
-MAX_VIOLATION_FIELD_BYTES = 96
+# A field path is kept whole up to 256 bytes (32 levels of custom data make long ones); the violations
+# shown stop at 1.5 KB in all.
+MAX_VIOLATION_FIELD_BYTES = 256
 MAX_VIOLATION_DESCRIPTION_BYTES = 160
+MAX_VIOLATIONS_BYTES = 1536
 
 
 def cap(text: str, limit: int) -> str:
@@ -84,20 +87,18 @@ def to_rpc_status(error: errors.CallplaneError) -> grpc.Status:
     details: list[error_details_pb2.ErrorInfo | error_details_pb2.BadRequest] = [info]
     message = error.message
     if error.field_violations:
-        shown = error.field_violations[:MAX_VIOLATIONS]
+        shown: list[error_details_pb2.BadRequest.FieldViolation] = []
+        budget = MAX_VIOLATIONS_BYTES
+        for violation in error.field_violations[:MAX_VIOLATIONS]:
+            field = cap(violation.field, MAX_VIOLATION_FIELD_BYTES)
+            description = cap(violation.description, MAX_VIOLATION_DESCRIPTION_BYTES)
+            budget -= len(field.encode()) + len(description.encode())
+            if shown and budget < 0:
+                break
+            shown.append(error_details_pb2.BadRequest.FieldViolation(field=field, description=description))
         if len(error.field_violations) > len(shown):
             message = f"{message} ({len(error.field_violations)} problems, the first {len(shown)} in details)"
-        details.append(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=cap(v.field, MAX_VIOLATION_FIELD_BYTES),
-                        description=cap(v.description, MAX_VIOLATION_DESCRIPTION_BYTES),
-                    )
-                    for v in shown
-                ]
-            )
-        )
+        details.append(error_details_pb2.BadRequest(field_violations=shown))
     packed = []
     for detail in details:
         holder = any_pb2.Any()
