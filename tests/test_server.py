@@ -420,6 +420,51 @@ async def test_sqlite_full_names_the_cause(backend, tmp_path):
         assert "no space left on device" in details.message
 
 
+async def test_sqlite_full_disk_fails_every_write_of_its_group(backend, tmp_path):
+    """SQLite rolls the whole transaction back on SQLITE_FULL. Writes grouped into one commit with the one
+    that filled the disk are lost with it, so none of them may be acknowledged (before: the small write
+    was answered as committed although SQLite had rolled it back)."""
+    if backend != "sqlite":
+        pytest.skip("SQLite's group commit")
+    from sqlalchemy import text
+
+    from callplane_server.store import Store
+
+    async with fresh_database(backend, tmp_path) as url:
+        store = await Store.open(url)
+        try:
+            await store.database.run(
+                lambda session: session.execute(text("CREATE TABLE notes (body TEXT)")), write=True
+            )
+            async with store.database.write_engine.connect() as connection:
+                pages = (await connection.exec_driver_sql("PRAGMA page_count")).scalar_one()
+                await connection.exec_driver_sql(f"PRAGMA max_page_count = {pages + 2}")
+                await connection.commit()
+
+            async def small(session):
+                await session.execute(text("INSERT INTO notes VALUES ('small')"))
+
+            async def huge(session):
+                await session.execute(text("INSERT INTO notes VALUES (:body)"), {"body": "x" * 100_000})
+
+            # Started together, the two writes share one group (and one transaction).
+            outcomes = await asyncio.gather(
+                store.database.run(small, write=True),
+                store.database.run(huge, write=True),
+                return_exceptions=True,
+            )
+            for outcome in outcomes:
+                assert isinstance(outcome, errors.Unavailable), outcome
+                assert outcome.reason == "STORAGE_FULL", outcome.message
+
+            async def count(session):
+                return (await session.execute(text("SELECT count(*) FROM notes"))).scalar_one()
+
+            assert await store.database.run(count, write=False) == 0
+        finally:
+            await store.close()
+
+
 async def test_postgres_disk_full_names_the_cause(backend, tmp_path):
     """A real PostgreSQL error with SQLSTATE 53100 (disk_full) through the store's transaction runner."""
     if backend != "postgres":

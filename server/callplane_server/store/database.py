@@ -19,7 +19,13 @@ from typing import Any, TypeVar
 from sqlalchemy import event, exc
 from sqlalchemy.dialects import registry
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from callplane_server import deadlines
@@ -87,15 +93,22 @@ def _is_out_of_space(error: BaseException) -> bool:
     """SQLite's SQLITE_FULL ("database or disk is full"), PostgreSQL's disk_full (53100), ENOSPC."""
     if _sqlstate(error) == "53100":
         return True
-    candidate: BaseException | None = error
-    for _ in range(4):  # the error, the driver's, and what that wraps
-        if candidate is None:
+    # The error, the driver's (`orig`), what those wrap, and what was being handled when they were raised
+    # (a rollback to a savepoint that SQLite had already discarded along with the full disk's error).
+    pending: list[BaseException] = [error]
+    for _ in range(12):
+        if not pending:
             break
+        candidate = pending.pop(0)
         if getattr(candidate, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
             return True
         if isinstance(candidate, OSError) and candidate.errno == errno.ENOSPC:
             return True
-        candidate = getattr(candidate, "orig", None) or candidate.__cause__
+        pending.extend(
+            cause
+            for cause in (getattr(candidate, "orig", None), candidate.__cause__, candidate.__context__)
+            if cause is not None
+        )
     return False
 
 
@@ -219,6 +232,10 @@ class _GroupCommit:
                                 raise _caller_gone()  # back to the savepoint: this unit only
                         outcomes.append((True, result))
                     except Exception as error:
+                        if not await _in_transaction(connection):
+                            # SQLite rolled the whole group back (a full disk, an I/O error): the units
+                            # before this one are lost too, and what follows would run outside it.
+                            raise
                         outcomes.append((False, error))
                     finally:
                         await session.close()
@@ -230,6 +247,11 @@ class _GroupCommit:
             return
         for unit, (succeeded, value) in zip(group, outcomes, strict=True):
             _settle(unit, succeeded, value)
+
+
+async def _in_transaction(connection: AsyncConnection) -> bool:
+    driver = (await connection.get_raw_connection()).driver_connection  # sqlite_driver._InlineConnection
+    return driver is not None and bool(driver.in_transaction)
 
 
 def _settle(unit: _Unit, succeeded: bool, value: Any) -> None:

@@ -109,6 +109,12 @@ class _InlineConnection:
     def isolation_level(self) -> str | None:
         return self._open().isolation_level
 
+    @property
+    def in_transaction(self) -> bool:
+        """False once SQLite itself has rolled the transaction back (it does on a full disk, an I/O
+        error and a few others: https://sqlite.org/lang_transaction.html, "Response To Errors")."""
+        return self._open().in_transaction
+
     def _open(self) -> sqlite3.Connection:
         if self.sqlite is None:
             raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
