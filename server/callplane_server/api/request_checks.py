@@ -6,6 +6,7 @@ succeeded on SQLite and failed as INTERNAL on PostgreSQL. Refusing it on both ke
 
 from __future__ import annotations
 
+from google.protobuf import struct_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
@@ -39,25 +40,26 @@ def _path(prefix: str, name: str) -> str:
 
 
 def _walk(message: Message, prefix: str, found: list[FieldViolation]) -> None:
-    full_name = message.DESCRIPTOR.full_name
-    if full_name == "google.protobuf.Struct":
-        for key, value in message.fields.items():  # type: ignore[attr-defined]
+    if isinstance(message, struct_pb2.Struct):
+        for key, value in message.fields.items():
             path = _path(prefix, key)
             if _NUL in key:
                 _add(found, path)
             _walk(value, path, found)
         return
-    if full_name == "google.protobuf.Value":
+    if isinstance(message, struct_pb2.Value):
         kind = message.WhichOneof("kind")
         if kind == "string_value":
-            if _NUL in message.string_value:  # type: ignore[attr-defined]
+            if _NUL in message.string_value:
                 _add(found, prefix)
-        elif kind in ("struct_value", "list_value"):
-            _walk(getattr(message, kind), prefix, found)
+        elif kind == "struct_value":
+            _walk(message.struct_value, prefix, found)
+        elif kind == "list_value":
+            _walk(message.list_value, prefix, found)
         return
-    if full_name == "google.protobuf.ListValue":
-        for index, value in enumerate(message.values):  # type: ignore[attr-defined]
-            _walk(value, f"{prefix}[{index}]", found)
+    if isinstance(message, struct_pb2.ListValue):
+        for index, item in enumerate(message.values):
+            _walk(item, f"{prefix}[{index}]", found)
         return
     for field, value in message.ListFields():
         if field.type not in (_STRING, _MESSAGE):
