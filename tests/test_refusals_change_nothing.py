@@ -9,10 +9,11 @@ A JoinCall with `create` that is refused (a livestream call in backstage, which 
 creates no call. Before, the call was created (with its call.created event) in a transaction of its own,
 and the join then failed.
 
-A user deleted and created again can be sent addressed events again. Before, the new user's event
-numbering restarted at 1 while the old user's addressed events kept their numbers, so every write
-addressing that user hit a unique constraint, was retried and answered UNAVAILABLE "the database is
-unavailable; retry" (never true, so a client retried forever)."""
+A user deleted and created again can be sent addressed events again, in a new inbox. Before, the new
+user's event numbering restarted at 1 while the old user's addressed events kept their numbers, so every
+write addressing that user hit a unique constraint, was retried and answered UNAVAILABLE "the database is
+unavailable; retry" (never true, so a client retried forever). DeleteUsers now drops the user's inbox, so
+whoever gets the id later never reads what was addressed to its predecessor."""
 
 from __future__ import annotations
 
@@ -108,9 +109,7 @@ async def test_refused_join_with_create_creates_no_call(
     assert joined.call.created_by_user_id == user_id
 
 
-async def test_recreated_user_receives_addressed_events(
-    server: RunningServer, unique: Callable[[str], str]
-) -> None:
+async def test_recreated_user_gets_a_new_inbox(server: RunningServer, unique: Callable[[str], str]) -> None:
     host, guest, call_id = unique("host"), unique("guest"), unique("perm")
     users = user_pb2_grpc.UserServiceStub(server.channel)
     await users.UpsertUsers(
@@ -134,12 +133,20 @@ async def test_recreated_user_receives_addressed_events(
         event_service_pb2.WatchUserRequest(user_id=guest, after_seq=0)
     )
     seen = []
-    while len(seen) < 2:
+    while not seen:
         reply = await watch.read()
         if reply.HasField("event"):
-            seen.append(reply.event.type)
+            seen.append(reply.event)
     watch.cancel()
-    assert seen == ["call.permissions_updated", "call.permissions_updated"]
+    # Only what was addressed to the new user, numbered from 1: the deleted user's inbox went with it.
+    assert [(e.type, e.user_seq) for e in seen] == [("call.permissions_updated", 1)]
+    # ...and it is the second grant: the call's latest event.
+    snapshot = event_service_pb2_grpc.EventServiceStub(server.channel).WatchCall(
+        event_service_pb2.WatchCallRequest(type="default", id=call_id, snapshot=True)
+    )
+    latest = (await snapshot.read()).snapshot.seq
+    snapshot.cancel()
+    assert seen[0].seq == latest
 
 
 async def _event_position(server: RunningServer) -> int:

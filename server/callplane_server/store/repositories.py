@@ -163,17 +163,6 @@ class UserRepository:
                 select(UserRow).where(UserRow.id.in_([r.id for r in records])).with_for_update()
             )
         }
-        # A user deleted and created again keeps numbering its addressed events after the retained ones
-        # (their rows outlive the user), as a call created again after a hard delete does.
-        new_ids = [r.id for r in records if r.id not in existing]
-        last_seqs: dict[str, int] = {}
-        if new_ids:
-            retained = await self._session.execute(
-                select(EventRecipientRow.user_id, func.max(EventRecipientRow.user_seq))
-                .where(EventRecipientRow.user_id.in_(new_ids))
-                .group_by(EventRecipientRow.user_id)
-            )
-            last_seqs = {user_id: int(seq) for user_id, seq in retained}
         for record in records:
             row = existing.get(record.id)
             if row is None:
@@ -186,7 +175,6 @@ class UserRepository:
                         custom=record.custom,
                         created_at=record.created_at,
                         updated_at=record.updated_at,
-                        last_event_seq=last_seqs.get(record.id, 0),
                     )
                 )
             else:
@@ -212,6 +200,9 @@ class UserRepository:
             cids.setdefault(cid, []).append(user_id)
         await self._session.execute(delete(CallMemberRow).where(CallMemberRow.user_id.in_(user_ids)))
         await self._session.execute(delete(UserTeamRow).where(UserTeamRow.user_id.in_(user_ids)))
+        # The user's inbox (WatchUser) goes with the user: a user created later under the same id starts
+        # a new one at user_seq 1 and never reads what was addressed to its predecessor.
+        await self._session.execute(delete(EventRecipientRow).where(EventRecipientRow.user_id.in_(user_ids)))
         await self._session.execute(delete(UserRow).where(UserRow.id.in_(user_ids)))
         return cids
 
