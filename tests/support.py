@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,7 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
+from callplane.v1 import event_service_pb2
 from callplane_server.app import CallplaneServer
 from callplane_server.auth.tokens import create_token
 from callplane_server.config import Config
@@ -188,3 +190,19 @@ def struct(value: dict[str, Any]) -> struct_pb2.Struct:
     message = struct_pb2.Struct()
     message.update(value)
     return message
+
+
+STREAM_TIMEOUT = 15.0
+
+
+async def snapshot(events: Any, call_id: str, call_type: str = "default") -> event_service_pb2.CallSnapshot:
+    """The current state of a call, from a WatchCall with `snapshot` (read, then the stream is closed)."""
+    stream = events.WatchCall(event_service_pb2.WatchCallRequest(type=call_type, id=call_id, snapshot=True))
+    try:
+        async with asyncio.timeout(STREAM_TIMEOUT):
+            async for message in stream:
+                assert message.WhichOneof("message") == "snapshot", message
+                return message.snapshot
+    finally:
+        stream.cancel()
+    raise AssertionError("WatchCall ended without a snapshot")

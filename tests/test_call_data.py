@@ -24,7 +24,7 @@ from callplane.v1 import (
 )
 from callplane_server.services.limits import Limits
 from tests.errors import expect_error
-from tests.support import struct
+from tests.support import snapshot, struct
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -87,18 +87,6 @@ async def leave(sessions, call_id: str, participant_session_id: str) -> None:
             type="default", id=call_id, participant_session_id=participant_session_id
         )
     )
-
-
-async def snapshot(events, call_id: str) -> event_service_pb2.CallSnapshot:
-    stream = events.WatchCall(event_service_pb2.WatchCallRequest(type="default", id=call_id, snapshot=True))
-    try:
-        async with asyncio.timeout(STREAM_TIMEOUT):
-            async for message in stream:
-                assert message.WhichOneof("message") == "snapshot", message
-                return message.snapshot
-    finally:
-        stream.cancel()
-    raise AssertionError("WatchCall ended without a snapshot")
 
 
 async def current_seq(events, call_id: str) -> int:

@@ -26,7 +26,7 @@ from callplane.v1 import (
 )
 from callplane_server.domain.validation import MAX_CUSTOM_DEPTH
 from tests.errors import decode, expect_error
-from tests.support import channel, struct, user_token
+from tests.support import channel, snapshot, struct, user_token
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NAN, INF = math.nan, math.inf
@@ -86,18 +86,6 @@ async def make_world(users, calls, sessions, unique: Callable[[str], str]) -> Wo
         )
     )
     return World(user_id, call_id, psid)
-
-
-async def snapshot(events, call_id: str) -> event_service_pb2.CallSnapshot:
-    stream = events.WatchCall(event_service_pb2.WatchCallRequest(type="default", id=call_id, snapshot=True))
-    try:
-        async with asyncio.timeout(STREAM_TIMEOUT):
-            async for message in stream:
-                assert message.WhichOneof("message") == "snapshot", message
-                return message.snapshot
-    finally:
-        stream.cancel()
-    raise AssertionError("WatchCall ended without a snapshot")
 
 
 async def state(
