@@ -33,7 +33,7 @@ from callplane_server.domain.records import (
     SortValueType,
     UserRecord,
 )
-from callplane_server.domain.validation import DEFAULT_PAGE_LIMIT, MAX_CUSTOM_DEPTH
+from callplane_server.domain.validation import DEFAULT_PAGE_LIMIT, MAX_CUSTOM_DEPTH, TOO_DEEP
 from callplane_server.errors import InvalidArgument
 
 _DIRECTIONS: dict[int, SortDirection] = {
@@ -84,12 +84,9 @@ def optional_struct(message: Message, field: str, path: str) -> dict[str, Any] |
     return struct_to_dict(getattr(message, field), path) if message.HasField(field) else None
 
 
-_TOO_DEEP = f"custom data and filters may nest at most {MAX_CUSTOM_DEPTH} levels of objects and lists"
-
-
 def _object(struct: struct_pb2.Struct, depth: int) -> dict[str, Any]:
     if depth > MAX_CUSTOM_DEPTH:
-        raise _Rejected(_TOO_DEEP)
+        raise _Rejected(TOO_DEEP)
     result = {}
     for key, item in struct.fields.items():
         try:
@@ -102,7 +99,7 @@ def _object(struct: struct_pb2.Struct, depth: int) -> dict[str, Any]:
 
 def _list(values: struct_pb2.ListValue, depth: int) -> list[Any]:
     if depth > MAX_CUSTOM_DEPTH:
-        raise _Rejected(_TOO_DEEP)
+        raise _Rejected(TOO_DEEP)
     result = []
     for index, item in enumerate(values.values):
         try:

@@ -188,15 +188,11 @@ class RpcWrapper:
         return handler
 
 
-def _unchecked(method: str) -> bool:
-    """Whether serving `method` would skip authorization: it is not open and RPC_RULES has no entry."""
-    if method.startswith(_OPEN_PREFIXES):
-        return False
-    try:
+def _require_rule(method: str) -> None:
+    """Raises MissingRule unless `method` is open to everyone or has an entry in RPC_RULES: nothing is
+    served unchecked."""
+    if not method.startswith(_OPEN_PREFIXES):
         rule_for(method)
-    except MissingRule:
-        return True
-    return False
 
 
 class WrappingRegistrar:
@@ -217,8 +213,7 @@ class WrappingRegistrar:
     ) -> None:
         methods = [f"/{service}/{name}" for name in handlers]
         for method in methods:
-            if not method.startswith(_OPEN_PREFIXES):
-                rule_for(method)  # raises MissingRule naming the method: the server does not start
+            _require_rule(method)  # a MissingRule names the method: the server does not start
         self._server.add_registered_method_handlers(
             service, {name: self._wrapper.wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
         )
@@ -245,7 +240,9 @@ class _WrappedGenericHandler(grpc.GenericRpcHandler):
             handler = self._inner.service(handler_call_details)
             if handler is None:
                 return None
-            if _unchecked(method):  # never served unchecked (UNIMPLEMENTED)
+            try:
+                _require_rule(method)
+            except MissingRule:  # never served unchecked (UNIMPLEMENTED)
                 log.error("refusing to serve %s: it has no entry in RPC_RULES", method)
                 return None
             wrapped = self._wrapped[method] = self._wrapper.wrap(method, handler)

@@ -24,6 +24,7 @@ DEFAULT_PAGE_LIMIT = 25
 # decoders stop at 100 nested messages, and each level costs up to three (Value, Struct, map entry): at
 # 32, custom data still decodes inside the deepest response that carries it (an event's member's user).
 MAX_CUSTOM_DEPTH = 32
+TOO_DEEP = f"custom data and filters may nest at most {MAX_CUSTOM_DEPTH} levels of objects and lists"
 
 
 def check_pattern(
@@ -75,7 +76,7 @@ def custom_depth(value: Any) -> int:
 def check_custom_depth(custom: dict[str, Any], field: str, problems: ViolationCollector) -> None:
     """For documents built by dotted-path edits, whose parts were each within the depth limit."""
     if custom_depth(custom) > MAX_CUSTOM_DEPTH:
-        problems.add(field, f"custom data may nest at most {MAX_CUSTOM_DEPTH} levels of objects and lists")
+        problems.add(field, TOO_DEEP)
 
 
 def resolve_limit(value: int, field: str, problems: ViolationCollector, *, default: int, maximum: int) -> int:
