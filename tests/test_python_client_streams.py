@@ -247,20 +247,13 @@ async def test_iterators_resume_across_a_server_restart(backend: str, tmp_path: 
 
 async def emit_to_user(server: CallplaneServer, cid: str, user_id: str, k: int) -> None:
     """A custom event addressed to one user, written straight through the store."""
-    from google.protobuf import struct_pb2
-
-    from callplane.v1 import event_pb2
-    from callplane_server import messages
+    from callplane_server.domain.events import CustomEventSent
 
     store = server.store
     assert store is not None
-    custom = struct_pb2.Struct()
-    custom.update({"k": k})
-    payload = event_pb2.CustomEvent(user_id="system", custom=custom, to_user_ids=[user_id])
+    sent = CustomEventSent(user_id="system", custom={"k": k}, to_user_ids=[user_id])
     now = server.clock()
-    await store.write(
-        lambda tx: tx.events.emit(cid, messages.event("custom", custom=payload), now, recipients=[user_id])
-    )
+    await store.write(lambda tx: tx.events.record(cid, sent, now, recipients=[user_id]))
 
 
 async def test_a_stream_gives_up_after_the_configured_time(backend: str, tmp_path: Path) -> None:

@@ -34,9 +34,9 @@ from callplane.v1 import (
     user_pb2,
     user_pb2_grpc,
 )
-from callplane_server import messages
 from callplane_server.app import CallplaneServer
 from callplane_server.config import Config
+from callplane_server.domain.events import CustomEventSent
 from callplane_server.services.limits import Limits
 from tests.errors import decode, expect_error
 from tests.support import TEST_SECRET, RunningServer, TestClock, fresh_database, running_server, struct
@@ -169,13 +169,9 @@ class Calls:
         and custom-event services do), so WatchUser can be tested without those RPCs."""
         store = self.server.server.store
         assert store is not None
-        payload = event_pb2.CustomEvent(user_id="system", custom=struct(custom), to_user_ids=recipients)
+        sent = CustomEventSent(user_id="system", custom=custom, to_user_ids=recipients)
         now = self.server.clock()
-        return await store.write(
-            lambda tx: tx.events.emit(
-                cid, messages.event("custom", custom=payload), now, recipients=recipients
-            )
-        )
+        return await store.write(lambda tx: tx.events.record(cid, sent, now, recipients=recipients))
 
     async def log(self, cid: str) -> list[event_pb2.Event]:
         """The call's whole retained log, read through WatchCall after_seq=0."""

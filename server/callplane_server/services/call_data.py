@@ -10,8 +10,13 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from callplane.v1 import event_pb2
 from callplane_server.auth.context import current_principal
+from callplane_server.domain.events import (
+    CustomEventSent,
+    ParticipantCustomUpdated,
+    PinsUpdated,
+    SessionCustomUpdated,
+)
 from callplane_server.domain.records import (
     CallRecord,
     PageRequest,
@@ -34,7 +39,6 @@ from callplane_server.errors import (
     PermissionDenied,
     ViolationCollector,
 )
-from callplane_server.messages import dict_to_struct, event, participant_message, pin_messages
 from callplane_server.services.authz import Caller, load_caller, require, require_self
 from callplane_server.services.call_lookup import live_call, unknown_users
 from callplane_server.services.clock import Clock
@@ -242,14 +246,7 @@ class CallDataService:
                 participant.custom = custom
                 participant.custom_version += 1
                 await tx.sessions.save_participant(participant)
-                payload = event_pb2.ParticipantEvent(
-                    session_id=session.id, participant=participant_message(participant, now)
-                )
-                await tx.events.emit(
-                    cid,
-                    event("call.participant_custom_updated", call_participant_custom_updated=payload),
-                    now,
-                )
+                await tx.events.record(cid, ParticipantCustomUpdated(participant), now)
             return ParticipantCustomResult(participant, now)
 
         return await self._store.write(work)
@@ -290,13 +287,7 @@ class CallDataService:
                 session.custom = custom
                 session.custom_version += 1
                 await tx.sessions.save(session)
-                payload = event_pb2.SessionCustomEvent(
-                    session_id=session.id, custom_etag=session.custom_etag, updated_by_user_id=user_id
-                )
-                dict_to_struct(custom, payload.custom)
-                await tx.events.emit(
-                    cid, event("call.session_custom_updated", call_session_custom_updated=payload), now
-                )
+                await tx.events.record(cid, SessionCustomUpdated(session, updated_by_user_id=user_id), now)
             return SessionCustomResult(session, participants, now)
 
         return await self._store.write(work)
@@ -359,14 +350,9 @@ class CallDataService:
             if roles:
                 session = await self._running_session(tx, call)
                 recipients.extend(await self._role_recipients(tx, call, session, roles))
-            payload = event_pb2.CustomEvent(
-                user_id=user_id, to_user_ids=user_ids, to_roles=roles, request_id=request_id
-            )
-            dict_to_struct(custom, payload.custom)
+            sent = CustomEventSent(user_id, custom, user_ids, roles, request_id)
             now = self._clock()
-            seq = await tx.events.emit(
-                cid, event("custom", custom=payload), now, recipients=list(dict.fromkeys(recipients))
-            )
+            seq = await tx.events.record(cid, sent, now, recipients=list(dict.fromkeys(recipients)))
             if request_id:
                 await tx.idempotency.insert(cid, request_id, {"seq": seq}, now)
             return SentEvent(seq, duplicate=False)
@@ -386,8 +372,7 @@ class CallDataService:
 
     async def _emit_pins(self, tx: Transaction, call: CallRecord, now: datetime) -> None:
         await tx.calls.save(call)
-        payload = event_pb2.PinsEvent(pins=pin_messages(call.pins))
-        await tx.events.emit(call.cid, event("call.pins_updated", call_pins_updated=payload), now)
+        await tx.events.record(call.cid, PinsUpdated(list(call.pins)), now)
 
     async def pin(
         self, call_type: str, call_id: str, participant_session_id: str, user_id: str

@@ -7,11 +7,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from callplane.v1 import event_pb2
 from callplane_server.auth.context import current_principal
 from callplane_server.domain.call_types import merge_settings, validate_settings
 from callplane_server.domain.capabilities import CAPABILITIES
 from callplane_server.domain.custom_data import apply_set, apply_unset, split_path
+from callplane_server.domain.events import (
+    CallCreated,
+    CallDeleted,
+    CallEnded,
+    CallUpdated,
+    MembersAdded,
+    MembersRemoved,
+    MembersUpdated,
+)
 from callplane_server.domain.records import CallRecord, CallView, MemberInput, MemberRecord, Page, PageRequest
 from callplane_server.domain.validation import (
     DEFAULT_MEMBERS_LIMIT,
@@ -33,7 +41,6 @@ from callplane_server.errors import (
     PermissionDenied,
     ViolationCollector,
 )
-from callplane_server.messages import call_message, event, member_message
 from callplane_server.services.authz import (
     Caller,
     capabilities_for_calls,
@@ -318,10 +325,7 @@ class CallService:
         users = await tx.users.get_many(m.user_id for m in members)
         for member in members:
             member.user = users.get(member.user_id)
-        created = event_pb2.CallCreatedEvent(
-            call=call_message(view), members=[member_message(m) for m in members]
-        )
-        await tx.events.emit(cid, event("call.created", call_created=created), now)
+        await tx.events.record(cid, CallCreated(view, members), now)
         await ring_created_call(
             tx, view, [m.user_id for m in members], ring=ring, notify=notify, video=video, now=now
         )
@@ -454,8 +458,7 @@ class CallService:
                 call.updated_at = self._clock()
                 await tx.calls.save(call)
                 view = await self._view(tx, call, limit)
-                updated = event_pb2.CallUpdatedEvent(call=call_message(view))
-                await tx.events.emit(cid, event("call.updated", call_updated=updated), call.updated_at)
+                await tx.events.record(cid, CallUpdated(view), call.updated_at)
                 return view
             return await self._view(tx, call, limit)
 
@@ -484,8 +487,7 @@ class CallService:
             call.version += 1
             await tx.calls.save(call)
             view = await self._view(tx, call, 0)
-            ended = event_pb2.CallEndedEvent(call=call_message(view), reason="ended")
-            await tx.events.emit(cid, event("call.ended", call_ended=ended), now)
+            await tx.events.record(cid, CallEnded(view, reason="ended"), now)
             return view
 
         return await self._store.write(work)
@@ -508,8 +510,7 @@ class CallService:
             view = await self._view(tx, call, 0)
             if hard:
                 # The event goes first: it takes its seq from the call row that is about to go.
-                deleted = event_pb2.CallDeletedEvent(call=call_message(view), hard=True)
-                await tx.events.emit(cid, event("call.deleted", call_deleted=deleted), now)
+                await tx.events.record(cid, CallDeleted(view, hard=True), now)
                 await tx.sessions.delete_for_call(cid)
                 # A recreated call of this cid must not mistake old request ids for retries.
                 await tx.idempotency.forget_call(cid)
@@ -523,8 +524,7 @@ class CallService:
             call.version += 1
             await tx.calls.save(call)
             view.call = call
-            deleted = event_pb2.CallDeletedEvent(call=call_message(view), hard=False)
-            await tx.events.emit(cid, event("call.deleted", call_deleted=deleted), now)
+            await tx.events.record(cid, CallDeleted(view, hard=False), now)
             return view
 
         return await self._store.write(work)
@@ -632,17 +632,14 @@ class CallService:
             users = await tx.users.get_many(r.user_id for r in records)
             for record in records:
                 record.user = users.get(record.user_id)
-            added = [member_message(r) for r in records if r.user_id not in before]
-            updated = [member_message(r) for r in records if r.user_id in before]
+            added = [r for r in records if r.user_id not in before]
+            updated = [r for r in records if r.user_id in before]
             if added:
-                payload = event_pb2.MembersEvent(members=added)
-                await tx.events.emit(cid, event("call.member_added", call_member_added=payload), now)
+                await tx.events.record(cid, MembersAdded(added), now)
             if updated:
-                payload = event_pb2.MembersEvent(members=updated)
-                await tx.events.emit(cid, event("call.member_updated", call_member_updated=payload), now)
+                await tx.events.record(cid, MembersUpdated(updated), now)
             if removed:
-                gone = event_pb2.MembersRemovedEvent(user_ids=removed)
-                await tx.events.emit(cid, event("call.member_removed", call_member_removed=gone), now)
+                await tx.events.record(cid, MembersRemoved(removed), now)
             return MembersChange(records, removed)
 
         return await self._store.write(work)

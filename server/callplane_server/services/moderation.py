@@ -11,13 +11,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from callplane.v1 import event_pb2
 from callplane_server.auth.tokens import Principal
 from callplane_server.domain.capabilities import KNOWN_CAPABILITIES
+from callplane_server.domain.events import (
+    PermissionRequested,
+    PermissionsUpdated,
+    UserBlocked,
+    UserKicked,
+    UserUnblocked,
+)
 from callplane_server.domain.records import CallRecord
 from callplane_server.domain.validation import USER_ID, check_call_key, check_pattern
 from callplane_server.errors import NotFound, ViolationCollector
-from callplane_server.messages import event
 from callplane_server.services.authz import Caller, call_capabilities, load_caller, require
 from callplane_server.services.call_lookup import live_call
 from callplane_server.services.clock import Clock
@@ -94,12 +99,8 @@ class ModerationService:
             revoked = sorted((set(old_revoked) | set(revoke)) - set(grant))
             await tx.permissions.save(cid, user_id, granted, revoked)
             capabilities = sorted(await user_capabilities(tx, call, user_id))
-            payload = event_pb2.PermissionsUpdatedEvent(user_id=user_id, own_capabilities=capabilities)
-            await tx.events.emit(
-                cid,
-                event("call.permissions_updated", call_permissions_updated=payload),
-                self._clock(),
-                recipients=[user_id],
+            await tx.events.record(
+                cid, PermissionsUpdated(user_id, capabilities), self._clock(), recipients=[user_id]
             )
             return capabilities
 
@@ -130,13 +131,8 @@ class ModerationService:
                 if candidate != caller.user_id
                 and "update-call-permissions" in await user_capabilities(tx, call, candidate)
             ]
-            payload = event_pb2.PermissionRequestEvent(user_id=caller.user_id or "", permissions=wanted)
-            await tx.events.emit(
-                cid,
-                event("call.permission_request", call_permission_request=payload),
-                self._clock(),
-                recipients=recipients,
-            )
+            requested = PermissionRequested(caller.user_id or "", wanted)
+            await tx.events.record(cid, requested, self._clock(), recipients=recipients)
 
         await self._store.write(work)
 
@@ -161,11 +157,17 @@ class ModerationService:
         await tx.calls.save(call)
         return True
 
-    async def _emit(
-        self, tx: Transaction, cid: str, type_name: str, field: str, user_id: str, by: Caller, now: datetime
+    @staticmethod
+    async def _tell(
+        tx: Transaction,
+        cid: str,
+        happened: type[UserBlocked | UserUnblocked | UserKicked],
+        user_id: str,
+        by: Caller,
+        now: datetime,
     ) -> None:
-        payload = event_pb2.ModerationEvent(user_id=user_id, by_user_id=by.user_id or "")
-        await tx.events.emit(cid, event(type_name, **{field: payload}), now, recipients=[user_id])
+        """Records a moderation event, addressed to the user it happened to."""
+        await tx.events.record(cid, happened(user_id, by.user_id or ""), now, recipients=[user_id])
 
     async def block_user(self, call_type: str, call_id: str, user_id: str) -> None:
         self._key(call_type, call_id, user_id).raise_if_any()
@@ -179,7 +181,7 @@ class ModerationService:
             now = self._clock()
             if await self._set_blocked(tx, call, user_id, now):
                 await self._remove_live(tx, call, user_id, BLOCKED, now)
-                await self._emit(tx, cid, "call.blocked_user", "call_blocked_user", user_id, caller, now)
+                await self._tell(tx, cid, UserBlocked, user_id, caller, now)
 
         await self._store.write(work)
 
@@ -198,7 +200,7 @@ class ModerationService:
             call.version += 1
             call.updated_at = now
             await tx.calls.save(call)
-            await self._emit(tx, cid, "call.unblocked_user", "call_unblocked_user", user_id, caller, now)
+            await self._tell(tx, cid, UserUnblocked, user_id, caller, now)
 
         await self._store.write(work)
 
@@ -214,8 +216,8 @@ class ModerationService:
             now = self._clock()
             newly_blocked = block and await self._set_blocked(tx, call, user_id, now)
             await self._remove_live(tx, call, user_id, KICKED, now)
-            await self._emit(tx, cid, "call.kicked_user", "call_kicked_user", user_id, caller, now)
+            await self._tell(tx, cid, UserKicked, user_id, caller, now)
             if newly_blocked:
-                await self._emit(tx, cid, "call.blocked_user", "call_blocked_user", user_id, caller, now)
+                await self._tell(tx, cid, UserBlocked, user_id, caller, now)
 
         await self._store.write(work)

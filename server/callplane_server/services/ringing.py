@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from callplane.v1 import call_pb2, event_pb2, ring_service_pb2
 from callplane_server.auth.context import current_principal
 from callplane_server.domain.call_types import merge_settings
+from callplane_server.domain.events import Notified, Rang, RingAccepted, RingMissed, RingRejected
 from callplane_server.domain.records import CallRecord, CallView, SessionRecord, TimerRecord
 from callplane_server.domain.validation import USER_ID, check_call_key, check_pattern
 from callplane_server.errors import FailedPrecondition, InvalidArgument, NotFound, ViolationCollector
-from callplane_server.messages import call_message, event
 from callplane_server.services.authz import Caller, load_caller, require, require_self
 from callplane_server.services.call_lookup import live_call
 from callplane_server.services.clock import Clock
@@ -41,12 +40,8 @@ CANCEL = "cancel"
 TIMEOUT = "timeout"
 #: Rejections that still count as a missed call (the callee never answered).
 _UNANSWERED = {CANCEL, TIMEOUT}
-_CLIENT_REASONS: dict[int, str] = {
-    ring_service_pb2.REJECT_REASON_UNSPECIFIED: DECLINE,
-    ring_service_pb2.REJECT_REASON_DECLINE: DECLINE,
-    ring_service_pb2.REJECT_REASON_BUSY: BUSY,
-    ring_service_pb2.REJECT_REASON_CANCEL: CANCEL,
-}
+#: The reasons a client may give (timeouts are the server's).
+_CLIENT_REASONS = (DECLINE, BUSY, CANCEL)
 
 _DEFAULT_TIMEOUTS_MS = {
     "incoming_call_timeout_ms": 15_000,
@@ -60,7 +55,7 @@ class RingResult:
     """RingCall's answer: who is now ringing, and the call."""
 
     members_ids: list[str]
-    call: call_pb2.Call
+    call: CallView
 
 
 # -- helpers shared with CallService.get_or_create ----------------------------------------------------
@@ -97,9 +92,7 @@ async def _update_session(tx: Transaction, call: CallRecord, change: Callable[[S
 
 async def ring_members(
     tx: Transaction,
-    call: CallRecord,
-    call_pb: call_pb2.Call,
-    settings: dict[str, Any],
+    view: CallView,
     caller: str,
     callees: Sequence[str],
     video: bool,
@@ -107,7 +100,8 @@ async def ring_members(
 ) -> None:
     """Rings `callees` in this transaction (the call row must be locked): resets their ring rows,
     schedules their timers and the call's auto-cancel, and emits `call.ring` to them."""
-    cid = call.cid
+    cid = view.call.cid
+    settings = view.settings
     incoming_at = now + _timeout(settings, "incoming_call_timeout_ms")
     missed_at = now + _timeout(settings, "missed_call_timeout_ms")
     for user_id in callees:
@@ -115,8 +109,7 @@ async def ring_members(
         await tx.timers.schedule(RING_INCOMING, cid, incoming_at, key=user_id)
         await tx.timers.schedule(RING_MISSED, cid, missed_at, key=user_id)
     await tx.timers.schedule(RING_AUTO_CANCEL, cid, now + _timeout(settings, "auto_cancel_timeout_ms"))
-    ring = event_pb2.RingEvent(call=call_pb, caller_user_id=caller, user_ids=list(callees), video=video)
-    await tx.events.emit(cid, event("call.ring", call_ring=ring), now, recipients=list(callees))
+    await tx.events.record(cid, Rang(view, caller, list(callees), video), now, recipients=list(callees))
 
 
 async def ring_created_call(
@@ -138,14 +131,10 @@ async def ring_created_call(
     targets = [user_id for user_id in dict.fromkeys(member_ids) if user_id != caller]
     if not targets:
         return
-    call_pb = call_message(view)
     if ring:
-        await ring_members(tx, view.call, call_pb, view.settings, caller, targets, video, now)
+        await ring_members(tx, view, caller, targets, video, now)
         return
-    payload = event_pb2.RingEvent(call=call_pb, caller_user_id=caller, user_ids=targets, video=video)
-    await tx.events.emit(
-        view.call.cid, event("call.notification", call_notification=payload), now, recipients=targets
-    )
+    await tx.events.record(view.call.cid, Notified(view, caller, targets, video), now, recipients=targets)
 
 
 # -- the service -----------------------------------------------------------------------------------
@@ -226,9 +215,9 @@ class RingingService:
                     )
             now = self._clock()
             settings = await _effective_settings(tx, call)
-            call_pb = call_message(CallView(call, settings, []))
-            await ring_members(tx, call, call_pb, settings, user_id, callees, video, now)
-            return RingResult(callees, call_pb)
+            view = CallView(call, settings, [])
+            await ring_members(tx, view, user_id, callees, video, now)
+            return RingResult(callees, view)
 
         result = await self._store.write(work)
         self._timers.wake()
@@ -264,10 +253,7 @@ class RingingService:
             ]
             # The caller; the callee's other devices (stop ringing); the other callees (someone answered).
             recipients = [ring.caller_user_id, user_id, *still_ringing]
-            accepted = event_pb2.RingResponseEvent(user_id=user_id)
-            await tx.events.emit(
-                cid, event("call.accepted", call_accepted=accepted), now, recipients=recipients
-            )
+            await tx.events.record(cid, RingAccepted(user_id), now, recipients=recipients)
 
             def record(session: SessionRecord) -> bool:
                 if user_id in session.accepted_by:
@@ -279,17 +265,17 @@ class RingingService:
 
         await self._store.write(work)
 
-    async def reject(self, call_type: str, call_id: str, user_id: str, reason: int) -> None:
+    async def reject(self, call_type: str, call_id: str, user_id: str, reason: str) -> None:
+        """`reason`: decline, busy or cancel (timeout is the server's)."""
         problems = ViolationCollector()
         check_call_key(call_type, call_id, problems)
         check_pattern(user_id, USER_ID, "user_id", "user id", problems)
-        name = _CLIENT_REASONS.get(reason)
-        if reason == ring_service_pb2.REJECT_REASON_TIMEOUT:
+        if reason == TIMEOUT:
             problems.add("reason", "timeout is set by the server's ring timers; send decline, busy or cancel")
-        elif name is None:
+        elif reason not in _CLIENT_REASONS:
             problems.add("reason", f"unknown reject reason {reason}")
         problems.raise_if_any()
-        assert name is not None
+        name = reason
         require_self(Caller(current_principal(), None), user_id)
         cid = f"{call_type}:{call_id}"
 
@@ -368,10 +354,7 @@ class RingingService:
             return
         ring.missed_notified = True
         await tx.rings.save(ring)
-        missed = event_pb2.RingResponseEvent(user_id=ring.user_id)
-        await tx.events.emit(
-            call.cid, event("call.missed", call_missed=missed), now, recipients=[ring.user_id]
-        )
+        await tx.events.record(call.cid, RingMissed(ring.user_id), now, recipients=[ring.user_id])
 
         def record(session: SessionRecord) -> bool:
             if ring.user_id in session.missed_by:
@@ -403,13 +386,8 @@ async def _reject(tx: Transaction, call: CallRecord, ring: RingRecord, reason: s
     if reason not in _UNANSWERED:
         # An explicit decline or busy is an answer, not a missed call.
         await tx.timers.cancel(RING_MISSED, cid, key=ring.user_id)
-    rejected = event_pb2.RingResponseEvent(user_id=ring.user_id, reason=reason)
-    await tx.events.emit(
-        cid,
-        event("call.rejected", call_rejected=rejected),
-        now,
-        recipients=[ring.caller_user_id, ring.user_id],
-    )
+    rejected = RingRejected(ring.user_id, reason)
+    await tx.events.record(cid, rejected, now, recipients=[ring.caller_user_id, ring.user_id])
 
     def record(session: SessionRecord) -> bool:
         if session.rejected_by.get(ring.user_id) == reason:

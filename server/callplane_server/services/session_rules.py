@@ -7,16 +7,15 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from callplane.v1 import event_pb2
 from callplane_server.domain.call_types import merge_settings
-from callplane_server.domain.records import CallRecord, ParticipantRecord, SessionRecord
-from callplane_server.messages import (
-    event,
-    participant_count_event,
-    participant_message,
-    pin_messages,
-    session_message,
+from callplane_server.domain.events import (
+    ParticipantCountUpdated,
+    ParticipantLeft,
+    PinsUpdated,
+    SessionEnded,
+    participants_by_role,
 )
+from callplane_server.domain.records import CallRecord, ParticipantRecord, SessionRecord
 from callplane_server.store import Transaction
 
 # Durable timer kinds (TimerRunner handlers are registered by SessionService).
@@ -53,12 +52,8 @@ def inactivity_timeout_seconds(settings: dict[str, Any]) -> int:
 
 async def emit_counts(tx: Transaction, cid: str, session_id: str, now: datetime) -> int:
     live = await tx.sessions.live_participants(session_id)
-    counts = participant_count_event(session_id, live)
-    return await tx.events.emit(
-        cid,
-        event("call.session_participant_count_updated", call_session_participant_count_updated=counts),
-        now,
-    )
+    counts = ParticipantCountUpdated(session_id, participants_by_role(live))
+    return await tx.events.record(cid, counts, now)
 
 
 async def mark_left(tx: Transaction, participant: ParticipantRecord, reason: str, now: datetime) -> int:
@@ -69,12 +64,7 @@ async def mark_left(tx: Transaction, participant: ParticipantRecord, reason: str
     participant.lease_expires_at = None
     await tx.sessions.save_participant(participant)
     await tx.timers.cancel(LEASE_TIMER, participant.call_cid, key=participant.participant_session_id)
-    left = event_pb2.ParticipantEvent(
-        session_id=participant.session_id, participant=participant_message(participant, now), reason=reason
-    )
-    seq = await tx.events.emit(
-        participant.call_cid, event("call.session_participant_left", call_session_participant_left=left), now
-    )
+    seq = await tx.events.record(participant.call_cid, ParticipantLeft(participant, reason), now)
     # A pin of a connection that is gone would point at nothing: drop it.
     call = await tx.calls.get(participant.call_cid)
     if call is not None and any(
@@ -84,8 +74,7 @@ async def mark_left(tx: Transaction, participant: ParticipantRecord, reason: str
             p for p in call.pins if p["participant_session_id"] != participant.participant_session_id
         ]
         await tx.calls.save(call)
-        pins = event_pb2.PinsEvent(pins=pin_messages(call.pins))
-        await tx.events.emit(call.cid, event("call.pins_updated", call_pins_updated=pins), now)
+        await tx.events.record(call.cid, PinsUpdated(list(call.pins)), now)
     return seq
 
 
@@ -117,11 +106,9 @@ async def end_session(
     call.pins = []
     await tx.calls.save(call)
     history = (await tx.sessions.participants([session.id]))[session.id]
-    ended = event_pb2.SessionEvent(session=session_message(session, history, now))
-    await tx.events.emit(call.cid, event("call.session_ended", call_session_ended=ended), now)
+    await tx.events.record(call.cid, SessionEnded(session, history), now)
     if had_pins:
-        pins = event_pb2.PinsEvent(pins=pin_messages([]))
-        await tx.events.emit(call.cid, event("call.pins_updated", call_pins_updated=pins), now)
+        await tx.events.record(call.cid, PinsUpdated([]), now)
 
 
 async def end_running_session(tx: Transaction, call: CallRecord, now: datetime) -> None:

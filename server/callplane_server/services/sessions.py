@@ -16,10 +16,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from callplane.v1 import event_pb2
 from callplane_server.auth.context import authority_context, current_principal
 from callplane_server.auth.tokens import SERVER, Principal
 from callplane_server.domain.call_types import merge_settings
+from callplane_server.domain.events import (
+    CallEnded,
+    CallLiveStarted,
+    CallUpdated,
+    ParticipantJoined,
+    ParticipantUpdated,
+    SessionStarted,
+)
 from callplane_server.domain.records import (
     CallRecord,
     CallView,
@@ -44,13 +51,7 @@ from callplane_server.errors import (
     ResourceExhausted,
     ViolationCollector,
 )
-from callplane_server.messages import (
-    TRACK_NAMES,
-    call_message,
-    event,
-    participant_message,
-    session_message,
-)
+from callplane_server.messages import TRACK_NAMES
 from callplane_server.services.authz import (
     Caller,
     call_capabilities,
@@ -413,8 +414,7 @@ class SessionService:
                 call.current_session_id = session.id
                 call.ongoing = True
                 await tx.calls.save(call)
-                started = event_pb2.SessionEvent(session=session_message(session, [], now))
-                await tx.events.emit(cid, event("call.session_started", call_session_started=started), now)
+                await tx.events.record(cid, SessionStarted(session), now)
             await tx.timers.cancel(INACTIVITY_TIMER, cid)
             member = (await tx.members.get_many(cid, [user_id])).get(user_id)
             participant = ParticipantRecord(
@@ -431,12 +431,7 @@ class SessionService:
             )
             await tx.sessions.insert_participant(participant)
             await self._renew_lease(tx, participant, now)
-            joined = event_pb2.ParticipantEvent(
-                session_id=session.id, participant=participant_message(participant, now)
-            )
-            await tx.events.emit(
-                cid, event("call.session_participant_joined", call_session_participant_joined=joined), now
-            )
+            await tx.events.record(cid, ParticipantJoined(participant), now)
             seq = await emit_counts(tx, cid, session.id, now)
             live = await tx.sessions.live_participants(session.id)
             return JoinResult(view, session, live, participant, seq, now, capabilities)
@@ -515,14 +510,7 @@ class SessionService:
             if participant.published_tracks != names:
                 participant.published_tracks = names
                 await tx.sessions.save_participant(participant)
-                updated = event_pb2.ParticipantEvent(
-                    session_id=participant.session_id, participant=participant_message(participant, now)
-                )
-                await tx.events.emit(
-                    cid,
-                    event("call.session_participant_updated", call_session_participant_updated=updated),
-                    now,
-                )
+                await tx.events.record(cid, ParticipantUpdated(participant), now)
             return participant, now
 
         return await self._store.write(work)
@@ -601,11 +589,9 @@ class SessionService:
             await tx.calls.save(call)
             view = await _view(tx, call)
             if backstage:
-                payload = event_pb2.CallUpdatedEvent(call=call_message(view))
-                await tx.events.emit(cid, event("call.updated", call_updated=payload), now)
+                await tx.events.record(cid, CallUpdated(view), now)
             else:
-                live = event_pb2.CallLiveStartedEvent(call=call_message(view))
-                await tx.events.emit(cid, event("call.live_started", call_live_started=live), now)
+                await tx.events.record(cid, CallLiveStarted(view), now)
             return view
 
         return await self._store.write(work)
@@ -664,8 +650,7 @@ class SessionService:
             call.version += 1
             await tx.calls.save(call)
             view = await _view(tx, call)
-            ended = event_pb2.CallEndedEvent(call=call_message(view), reason="max_duration")
-            await tx.events.emit(call.cid, event("call.ended", call_ended=ended), now)
+            await tx.events.record(call.cid, CallEnded(view, reason="max_duration"), now)
 
     # -- presence (WatchCall streams) --------------------------------------------------------------
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from callplane.v1 import event_pb2
 from callplane_server.domain.custom_data import apply_set, apply_unset, split_path
+from callplane_server.domain.events import MembersRemoved
 from callplane_server.domain.records import Page, PageRequest, UserRecord
 from callplane_server.domain.validation import (
     MAX_BATCH,
@@ -18,7 +18,6 @@ from callplane_server.domain.validation import (
     check_pattern,
 )
 from callplane_server.errors import NotFound, ViolationCollector
-from callplane_server.messages import event
 from callplane_server.services.authz import Caller, load_caller, require_admin, require_self
 from callplane_server.services.clock import Clock
 from callplane_server.services.limits import Limits
@@ -255,8 +254,7 @@ class UserService:
             await tx.calls.refresh_member_counts(sorted(changed_calls))
             now = self._clock()
             for cid in sorted(changed_calls):
-                gone = event_pb2.MembersRemovedEvent(user_ids=changed_calls[cid])
-                await tx.events.emit(cid, event("call.member_removed", call_member_removed=gone), now)
+                await tx.events.record(cid, MembersRemoved(changed_calls[cid]), now)
             return user_ids
 
         return await self._store.write(work)

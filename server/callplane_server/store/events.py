@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, cast
 
-from google.protobuf import timestamp_pb2
 from sqlalchemy import CursorResult, Table, and_, delete, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from callplane.v1 import event_pb2
+from callplane_server.domain.events import DomainEvent
+from callplane_server.events.encoding import encode
 from callplane_server.store.models import CallRow, CounterRow, EventRecipientRow, EventRow, UserRow
 
 POSITION_COUNTER = "event_position"
@@ -30,6 +31,7 @@ class _Pending:
     seq: int
     event: event_pb2.Event
     recipients: tuple[str, ...]
+    at: datetime
 
 
 @dataclass(frozen=True)
@@ -83,11 +85,11 @@ class EventRepository:
 
     # -- writing -----------------------------------------------------------------------------------
 
-    async def emit(
-        self, call_cid: str, event: event_pb2.Event, created_at: datetime, recipients: Sequence[str] = ()
+    async def record(
+        self, call_cid: str, event: DomainEvent, at: datetime, recipients: Sequence[str] = ()
     ) -> int:
-        """Appends `event` to the call's log in this transaction and returns its seq. `event.type` and
-        its payload must be set; `recipients` also get it on their WatchUser streams."""
+        """Appends `event` to the call's log in this transaction and returns its seq; `recipients` also
+        get it on their WatchUser streams."""
         result = await self._session.execute(
             update(CallRow)
             .where(CallRow.cid == call_cid)
@@ -95,12 +97,10 @@ class EventRepository:
             .returning(CallRow.last_seq, CallRow.type)
         )
         seq, call_type = result.one()
-        event.call_cid = call_cid
-        event.seq = seq
-        stamp = timestamp_pb2.Timestamp()
-        stamp.FromDatetime(created_at)
-        event.created_at.CopyFrom(stamp)
-        self._pending.append(_Pending(call_cid, call_type, int(seq), event, tuple(dict.fromkeys(recipients))))
+        message = encode(event, call_cid, int(seq), at)
+        self._pending.append(
+            _Pending(call_cid, call_type, int(seq), message, tuple(dict.fromkeys(recipients)), at)
+        )
         return int(seq)
 
     @property
@@ -137,7 +137,7 @@ class EventRepository:
                     "call_type": item.call_type,
                     "seq": item.seq,
                     "type": item.event.type,
-                    "created_at": item.event.created_at.ToDatetime(tzinfo=UTC),
+                    "created_at": item.at,
                     "payload": item.event.SerializeToString(),
                 }
             )
