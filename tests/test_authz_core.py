@@ -567,9 +567,8 @@ async def _block_and_override(
     assert store is not None
 
     async def work(tx: Any) -> None:
-        call = await tx.calls.get(blocked, for_update=True)
-        call.blocked_user_ids = [user_id]
-        await tx.calls.save(call)
+        call = await tx.calls.open(blocked, server.clock())
+        call.block(user_id)
         await tx.permissions.save(granted, user_id, ["read-call"], [])
         await tx.permissions.save(revoked, user_id, [], ["read-call"])
 
@@ -585,9 +584,8 @@ async def test_call_messages_carry_blocked_user_ids(server: RunningServer, admin
     assert store is not None
 
     async def work(tx: Any) -> None:
-        call = await tx.calls.get(f"{call_type}:{call_id}", for_update=True)
-        call.blocked_user_ids = [victim]
-        await tx.calls.save(call)
+        call = await tx.calls.open(f"{call_type}:{call_id}", server.clock())
+        call.block(victim)
 
     await store.write(work)
     got = await admin.calls.GetCall(call_service_pb2.GetCallRequest(**key(call_type, call_id)))

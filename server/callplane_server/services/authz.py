@@ -13,10 +13,8 @@ it has a row)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from callplane_server.auth.context import current_principal
-from callplane_server.auth.tokens import Principal
+from callplane_server.domain.caller import Caller as Caller  # services name the caller through authz
 from callplane_server.domain.capabilities import CAPABILITIES
 from callplane_server.domain.records import CallRecord, UserRecord
 from callplane_server.errors import PermissionDenied
@@ -95,26 +93,6 @@ def rule_for(method: str) -> str:
     return rule
 
 
-@dataclass(frozen=True)
-class Caller:
-    """The principal of this RPC with its user record (None for a server token)."""
-
-    principal: Principal
-    user: UserRecord | None
-
-    @property
-    def is_server(self) -> bool:
-        return self.principal.is_server
-
-    @property
-    def user_id(self) -> str | None:
-        return self.principal.user_id
-
-    @property
-    def is_admin(self) -> bool:
-        return self.is_server or (self.user is not None and self.user.role == "admin")
-
-
 async def load_caller(tx: Transaction) -> Caller:
     principal = current_principal()
     if principal.is_server:
@@ -129,11 +107,13 @@ def _denied(message: str, reason: str, **metadata: object) -> PermissionDenied:
     return PermissionDenied(message, reason=reason, metadata=metadata)
 
 
-async def call_capabilities(tx: Transaction, caller: Caller, call: CallRecord) -> frozenset[str]:
+async def call_capabilities(
+    tx: Transaction, caller: Caller, call: CallRecord, grants: dict[str, list[str]] | None = None
+) -> frozenset[str]:
     """Everything the caller may do in the call (empty when it may not see the call at all)."""
     if caller.is_server:
         return ALL_CAPABILITIES
-    return (await _explain(tx, caller, call))[0]
+    return (await _explain(tx, caller, call, grants))[0]
 
 
 def _denial(caller: Caller, call: CallRecord) -> str:
@@ -170,18 +150,21 @@ def _granted(
     return frozenset((capabilities | set(granted)) - set(revoked))
 
 
-async def _explain(tx: Transaction, caller: Caller, call: CallRecord) -> tuple[frozenset[str], str]:
-    """(capabilities, why they are empty: a reason code or "")."""
+async def _explain(
+    tx: Transaction, caller: Caller, call: CallRecord, grants: dict[str, list[str]] | None = None
+) -> tuple[frozenset[str], str]:
+    """(capabilities, why they are empty: a reason code or ""). `grants`: the call type's, when known."""
     why = _denial(caller, call)
     if why:
         return frozenset(), why
     user = caller.user
     assert user is not None
-    call_type = await tx.call_types.get(call.type)
-    member = (await tx.members.get_many(call.cid, [user.id])).get(user.id)
+    if grants is None:
+        call_type = await tx.call_types.get(call.type)
+        grants = call_type.grants if call_type else {}
+    role = await tx.members.role_of(call.cid, user.id)
     overrides = await tx.permissions.get(call.cid, user.id)
-    grants = call_type.grants if call_type else {}
-    return _granted(user, grants, member.role if member else None, overrides), ""
+    return _granted(user, grants, role, overrides), ""
 
 
 async def capabilities_for_calls(
@@ -208,11 +191,18 @@ async def capabilities_for_calls(
     }
 
 
-async def require(tx: Transaction, caller: Caller, call: CallRecord, *capabilities: str) -> frozenset[str]:
-    """Raises PERMISSION_DENIED naming the first missing capability; returns all the caller has."""
+async def require(
+    tx: Transaction,
+    caller: Caller,
+    call: CallRecord,
+    *capabilities: str,
+    grants: dict[str, list[str]] | None = None,
+) -> frozenset[str]:
+    """Raises PERMISSION_DENIED naming the first missing capability; returns all the caller has.
+    `grants`: the call type's, when the caller has them already."""
     if caller.is_server:
         return ALL_CAPABILITIES
-    have, why = await _explain(tx, caller, call)
+    have, why = await _explain(tx, caller, call, grants)
     if why:
         messages = {
             "CALL_NOT_IN_TOKEN_SCOPE": "this token is limited to other calls",

@@ -11,14 +11,13 @@ from enum import Enum
 from typing import Any
 
 from callplane_server.auth.context import current_principal
+from callplane_server.domain.call import Call
 from callplane_server.domain.events import (
     CustomEventSent,
     ParticipantCustomUpdated,
-    PinsUpdated,
     SessionCustomUpdated,
 )
 from callplane_server.domain.records import (
-    CallRecord,
     PageRequest,
     ParticipantRecord,
     SessionRecord,
@@ -39,8 +38,8 @@ from callplane_server.errors import (
     PermissionDenied,
     ViolationCollector,
 )
-from callplane_server.services.authz import Caller, load_caller, require, require_self
-from callplane_server.services.call_lookup import live_call, unknown_users
+from callplane_server.services.authz import Caller, require_self
+from callplane_server.services.call_lookup import open_call, unknown_users
 from callplane_server.services.clock import Clock
 from callplane_server.services.limits import Limits
 from callplane_server.store import Store, Transaction
@@ -153,15 +152,15 @@ class CallDataService:
     # -- helpers -----------------------------------------------------------------------------------
 
     @staticmethod
-    async def _running_session(tx: Transaction, call: CallRecord) -> SessionRecord | None:
-        if not call.current_session_id:
+    async def _running_session(tx: Transaction, call: Call) -> SessionRecord | None:
+        if not call.record.current_session_id:
             return None
-        session = await tx.sessions.get(call.current_session_id)
+        session = await tx.sessions.get(call.record.current_session_id)
         return session if session is not None and session.ended_at is None else None
 
     @staticmethod
     async def _live_participant(
-        tx: Transaction, call: CallRecord, session: SessionRecord | None, participant_session_id: str
+        tx: Transaction, call: Call, session: SessionRecord | None, participant_session_id: str
     ) -> ParticipantRecord:
         participant = (
             await tx.sessions.get_participant(session.id, participant_session_id) if session else None
@@ -172,7 +171,7 @@ class CallDataService:
 
     @staticmethod
     async def _role_recipients(
-        tx: Transaction, call: CallRecord, session: SessionRecord | None, roles: list[str]
+        tx: Transaction, call: Call, session: SessionRecord | None, roles: list[str]
     ) -> list[str]:
         """Members whose call role is one of `roles`, and live participants joined with one of them
         (non-members join with their user role)."""
@@ -214,9 +213,8 @@ class CallDataService:
         require_self(Caller(current_principal(), None), user_id)
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> ParticipantCustomResult:
-            call = await live_call(tx, cid, for_update=True)
-            await require(tx, await load_caller(tx), call)
+        async def update_custom(tx: Transaction) -> ParticipantCustomResult:
+            call = await open_call(tx, cid, now=self._clock())
             session = await self._running_session(tx, call)
             if session is None:
                 raise _no_active_session(cid)
@@ -241,15 +239,14 @@ class CallDataService:
                 )
             custom = change.apply(participant.custom)
             _check_result_size(custom, limit)
-            now = self._clock()
             if custom != participant.custom:
                 participant.custom = custom
                 participant.custom_version += 1
                 await tx.sessions.save_participant(participant)
-                await tx.events.record(cid, ParticipantCustomUpdated(participant), now)
-            return ParticipantCustomResult(participant, now)
+                call.record_event(ParticipantCustomUpdated(participant))
+            return ParticipantCustomResult(participant, call.now)
 
-        return await self._store.write(work)
+        return await self._store.write(update_custom)
 
     async def update_session_custom(
         self, call_type: str, call_id: str, user_id: str, change: CustomChange
@@ -263,9 +260,8 @@ class CallDataService:
         require_self(Caller(current_principal(), None), user_id)
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> SessionCustomResult:
-            call = await live_call(tx, cid, for_update=True)
-            await require(tx, await load_caller(tx), call)
+        async def update_custom(tx: Transaction) -> SessionCustomResult:
+            call = await open_call(tx, cid, now=self._clock())
             session = await self._running_session(tx, call)
             if session is None:
                 raise _no_active_session(cid)
@@ -282,15 +278,14 @@ class CallDataService:
                 )
             custom = change.apply(session.custom)
             _check_result_size(custom, limit)
-            now = self._clock()
             if custom != session.custom:
                 session.custom = custom
                 session.custom_version += 1
                 await tx.sessions.save(session)
-                await tx.events.record(cid, SessionCustomUpdated(session, updated_by_user_id=user_id), now)
-            return SessionCustomResult(session, participants, now)
+                call.record_event(SessionCustomUpdated(session, updated_by_user_id=user_id))
+            return SessionCustomResult(session, participants, call.now)
 
-        return await self._store.write(work)
+        return await self._store.write(update_custom)
 
     # -- custom events -----------------------------------------------------------------------------
 
@@ -325,10 +320,9 @@ class CallDataService:
         user_ids = list(dict.fromkeys(to_user_ids))
         roles = list(dict.fromkeys(to_roles))
 
-        async def work(tx: Transaction) -> SentEvent:
+        async def send(tx: Transaction) -> SentEvent:
             # The call lock serializes retries of one request_id; the key's primary key is the backstop.
-            call = await live_call(tx, cid, for_update=True)
-            await require(tx, await load_caller(tx), call, "create-reaction")
+            call = await open_call(tx, cid, "create-reaction", now=self._clock())
             if request_id:
                 first = await tx.idempotency.get(cid, request_id)
                 if first is not None:
@@ -350,14 +344,12 @@ class CallDataService:
             if roles:
                 session = await self._running_session(tx, call)
                 recipients.extend(await self._role_recipients(tx, call, session, roles))
-            sent = CustomEventSent(user_id, custom, user_ids, roles, request_id)
-            now = self._clock()
-            seq = await tx.events.record(cid, sent, now, recipients=list(dict.fromkeys(recipients)))
+            seq = call.record_event(CustomEventSent(user_id, custom, user_ids, roles, request_id), recipients)
             if request_id:
-                await tx.idempotency.insert(cid, request_id, {"seq": seq}, now)
+                await tx.idempotency.insert(cid, request_id, {"seq": seq}, call.now)
             return SentEvent(seq, duplicate=False)
 
-        return await self._store.write(work)
+        return await self._store.write(send)
 
     # -- pins -------------------------------------------------------------------------------------
 
@@ -370,19 +362,14 @@ class CallDataService:
         check_pattern(user_id, USER_ID, "user_id", "user id", problems)
         problems.raise_if_any()
 
-    async def _emit_pins(self, tx: Transaction, call: CallRecord, now: datetime) -> None:
-        await tx.calls.save(call)
-        await tx.events.record(call.cid, PinsUpdated(list(call.pins)), now)
-
     async def pin(
         self, call_type: str, call_id: str, participant_session_id: str, user_id: str
     ) -> list[dict[str, Any]]:
         self._check_pin_request(call_type, call_id, participant_session_id, user_id)
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> list[dict[str, Any]]:
-            call = await live_call(tx, cid, for_update=True)
-            await require(tx, await load_caller(tx), call, "pin-for-everyone")
+        async def pin_participant(tx: Transaction) -> list[dict[str, Any]]:
+            call = await open_call(tx, cid, "pin-for-everyone", now=self._clock())
             session = await self._running_session(tx, call)
             participant = await self._live_participant(tx, call, session, participant_session_id)
             if participant.user_id != user_id:
@@ -395,21 +382,18 @@ class CallDataService:
                         "user_id": user_id,
                     },
                 )
-            if any(pin["participant_session_id"] == participant_session_id for pin in call.pins):
-                return list(call.pins)
-            now = self._clock()
-            call.pins = [
-                *call.pins,
-                {
-                    "participant_session_id": participant_session_id,
-                    "user_id": user_id,
-                    "pinned_at": now.isoformat(),
-                },
-            ]
-            await self._emit_pins(tx, call, now)
-            return call.pins
+            pins = call.record.pins
+            if any(pin["participant_session_id"] == participant_session_id for pin in pins):
+                return list(pins)
+            pin = {
+                "participant_session_id": participant_session_id,
+                "user_id": user_id,
+                "pinned_at": call.now.isoformat(),
+            }
+            call.set_pins([*pins, pin])
+            return call.record.pins
 
-        return await self._store.write(work)
+        return await self._store.write(pin_participant)
 
     async def unpin(
         self, call_type: str, call_id: str, participant_session_id: str, user_id: str
@@ -417,18 +401,17 @@ class CallDataService:
         self._check_pin_request(call_type, call_id, participant_session_id, user_id)
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> list[dict[str, Any]]:
-            call = await live_call(tx, cid, for_update=True)
-            await require(tx, await load_caller(tx), call, "pin-for-everyone")
+        async def unpin_participant(tx: Transaction) -> list[dict[str, Any]]:
+            call = await open_call(tx, cid, "pin-for-everyone", now=self._clock())
+            pins = call.record.pins
             kept = [
                 pin
-                for pin in call.pins
+                for pin in pins
                 if not (pin["participant_session_id"] == participant_session_id and pin["user_id"] == user_id)
             ]
-            if len(kept) == len(call.pins):
-                return list(call.pins)
-            call.pins = kept
-            await self._emit_pins(tx, call, self._clock())
-            return call.pins
+            if len(kept) == len(pins):
+                return list(pins)
+            call.set_pins(kept)
+            return call.record.pins
 
-        return await self._store.write(work)
+        return await self._store.write(unpin_participant)

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from callplane_server.auth.context import current_principal
+from callplane_server.domain.call import Call, Update, backstage_enabled, ordered_capabilities
 from callplane_server.domain.call_types import merge_settings, validate_settings
-from callplane_server.domain.capabilities import CAPABILITIES
 from callplane_server.domain.custom_data import apply_set, apply_unset, split_path
 from callplane_server.domain.events import (
     CallCreated,
-    CallDeleted,
-    CallEnded,
-    CallUpdated,
     MembersAdded,
     MembersRemoved,
     MembersUpdated,
@@ -36,6 +34,7 @@ from callplane_server.domain.validation import (
 )
 from callplane_server.errors import (
     Aborted,
+    CallplaneError,
     FailedPrecondition,
     NotFound,
     PermissionDenied,
@@ -50,7 +49,7 @@ from callplane_server.services.authz import (
     require_self,
 )
 from callplane_server.services.call_cache import CachedCall, CallCache
-from callplane_server.services.call_lookup import call_not_found, live_call, unknown_users
+from callplane_server.services.call_lookup import call_not_found, live_call, open_call, unknown_users
 from callplane_server.services.call_types import call_type_not_found
 from callplane_server.services.clock import Clock
 from callplane_server.services.limits import Limits
@@ -86,11 +85,6 @@ class MembersChange:
     removed_user_ids: list[str]
 
 
-def ordered_capabilities(capabilities: frozenset[str] | set[str]) -> list[str]:
-    """Capabilities in the canonical CAPABILITIES order."""
-    return [capability for capability in CAPABILITIES if capability in capabilities]
-
-
 def _check_team(caller: Caller, team: str, cid: str) -> None:
     """A user token creates calls only in its own teams (or without a team); a global admin anywhere."""
     if caller.is_admin or not team or (caller.user is not None and team in caller.user.teams):
@@ -111,26 +105,24 @@ class CallService:
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    async def _view(
-        self,
-        tx: Transaction,
-        call: CallRecord,
-        members_limit: int,
-        *,
-        created: bool = False,
-        own: frozenset[str] = frozenset(),
-    ) -> CallView:
-        call_type = await tx.call_types.get(call.type)
-        if call_type is None:  # pragma: no cover - a foreign key keeps this from happening
-            raise call_type_not_found(call.type)
-        members = (await tx.members.first([call.cid], members_limit))[call.cid]
-        return CallView(
-            call,
-            merge_settings(call_type.settings, call.settings_override),
-            members,
-            created,
-            ordered_capabilities(own),
-        )
+    async def _open(self, tx: Transaction, cid: str, *need: str) -> Call:
+        """The call for change, with its first members when the cache holds this very state (every change
+        bumps last_seq, so an entry equal to the row just read under the lock is current)."""
+        call = await open_call(tx, cid, *need, now=self._clock())
+        if call.members is None:
+            entry = self._cache.get(cid)
+            if entry is not None and entry.call == call.record:
+                call.members, call.members_limit = entry.members, MAX_MEMBERS_LIMIT
+        return call
+
+    @staticmethod
+    async def _view(tx: Transaction, call: Call, members_limit: int) -> CallView:
+        """The call as clients see it, with its first `members_limit` members."""
+        if call.members is None or call.members_limit < members_limit:
+            call.members = (await tx.members.first([call.cid], members_limit))[call.cid]
+            # Fewer than asked for: that is every member.
+            call.members_limit = members_limit if len(call.members) == members_limit else MAX_MEMBERS_LIMIT
+        return call.view(call.members[:members_limit])
 
     def _check_members(self, members: list[MemberInput], prefix: str, problems: ViolationCollector) -> None:
         if len(members) > MAX_BATCH:
@@ -273,8 +265,8 @@ class CallService:
         so that a request that creates the call and then fails (JoinCall with `create`) creates nothing.
         `create_only` (a generated id): an existing call is never handed out."""
         cid = f"{call_type}:{call_id}"
-        caller = await load_caller(tx)
-        existing = await tx.calls.get(cid)
+        now = self._clock()
+        existing = await tx.calls.open(cid, now)
         if existing is not None and create_only:
             raise Aborted(
                 f"the generated call id {call_id!r} is taken; retry",
@@ -282,14 +274,15 @@ class CallService:
                 metadata={"cid": cid},
             )
         if existing is not None:
-            if existing.deleted_at is not None:
+            if existing.record.deleted_at is not None:
                 raise FailedPrecondition(
                     f"call {cid!r} was deleted; its id cannot be reused until it is hard-deleted",
                     reason="CALL_DELETED",
                     metadata={"cid": cid},
                 )
-            have = await require(tx, caller, existing, "read-call")
-            return await self._view(tx, existing, limit, own=have)
+            call = await open_call(tx, cid, "read-call", now=now)
+            return await self._view(tx, call, limit)
+        caller = await load_caller(tx)
         _check_team(caller, data.team, cid)
         type_record = await tx.call_types.get(call_type)
         if type_record is None:
@@ -298,16 +291,15 @@ class CallService:
         if data.created_by_id:
             wanted["data.created_by_id"] = data.created_by_id
         await self._require_users(tx, wanted)
-        now = self._clock()
         effective = merge_settings(type_record.settings, data.settings_override)
-        call = CallRecord(
+        record = CallRecord(
             type=call_type,
             id=call_id,
             created_by_user_id=data.created_by_id or None,
             team=data.team or None,
             custom=data.custom,
             settings_override=data.settings_override,
-            backstage=bool(effective.get("backstage", {}).get("enabled")),
+            backstage=backstage_enabled(effective),
             ongoing=False,
             member_count=len(data.members),
             version=1,
@@ -317,18 +309,19 @@ class CallService:
             updated_at=now,
             starts_at=data.starts_at,
         )
-        await tx.calls.insert(call)
+        call = await tx.calls.create(record, type_record, now)
         members = await self._upsert_members(tx, cid, data.members, now)
         # Checked on the inserted call so that member roles count; a denial rolls the insert back.
-        have = await require(tx, caller, call, "create-call")
-        view = await self._view(tx, call, limit, created=True, own=have)
+        call = await open_call(tx, cid, "create-call", now=now, caller=caller)
         users = await tx.users.get_many(m.user_id for m in members)
         for member in members:
             member.user = users.get(member.user_id)
-        await tx.events.record(cid, CallCreated(view, members), now)
-        await ring_created_call(
-            tx, view, [m.user_id for m in members], ring=ring, notify=notify, video=video, now=now
-        )
+        # Every member, oldest first (all were created now: by user id).
+        call.members = sorted(members, key=lambda member: member.user_id)
+        call.members_limit = MAX_MEMBERS_LIMIT
+        view = await self._view(tx, call, limit)
+        call.record_event(CallCreated(view, members))
+        await ring_created_call(tx, call, [m.user_id for m in members], ring=ring, notify=notify, video=video)
         return view
 
     async def get(self, call_type: str, call_id: str, members_limit: int) -> CallView:
@@ -361,13 +354,17 @@ class CallService:
         if cached is None or have is None:
             generation = self._cache.generation
 
-            async def work(tx: Transaction) -> tuple[CallView, frozenset[str]]:
+            async def read_call(tx: Transaction) -> tuple[CallView, frozenset[str]]:
                 call = await live_call(tx, cid)
-                have = await require(tx, await load_caller(tx), call, "read-call")
-                return await self._view(tx, call, MAX_MEMBERS_LIMIT), have
+                call_type = await tx.call_types.get(call.type)
+                grants = call_type.grants if call_type else {}
+                have = await require(tx, await load_caller(tx), call, "read-call", grants=grants)
+                settings = merge_settings(call_type.settings if call_type else {}, call.settings_override)
+                members = (await tx.members.first([cid], MAX_MEMBERS_LIMIT))[cid]
+                return CallView(call, settings, members), have
 
             # In two steps: unpacked straight from the call, mypy would keep `have` typed Optional.
-            loaded = await self._store.read(work)
+            loaded = await self._store.read(read_call)
             full, have = loaded
             if cached is None or generation != self._cache.generation:
                 cached = CachedCall(full.call, full.settings, full.members)
@@ -406,63 +403,70 @@ class CallService:
             if "max_duration_seconds" in (change.settings_override.get("limits") or {}):
                 needed.append("change-max-duration")
 
-        async def work(tx: Transaction) -> CallView:
-            call = await live_call(tx, cid, for_update=True)
-            await require(tx, await load_caller(tx), call, *needed)
-            if change.etag and change.etag != call.etag:
-                raise Aborted(
-                    f"call {cid!r} changed since etag {change.etag!r} (now {call.etag!r}); re-read and retry",
-                    reason="ETAG_MISMATCH",
-                    metadata={"cid": cid, "etag": change.etag, "current_etag": call.etag},
-                )
-            custom = call.custom
-            if change.custom is not None:
-                custom = change.custom
+        def applied(call: CallRecord) -> Update:
+            """The call's custom data and settings override after the change (its result size checked)."""
+            custom = change.custom if change.custom is not None else call.custom
             for path, segments in set_paths.items():
                 if segments:
                     custom = apply_set(custom, segments, change.set_custom[path])
             for segments in unset_paths:
                 if segments:
                     custom = apply_unset(custom, segments)
-            size_problems = ViolationCollector()
-            check_custom_size(custom, self._limits.max_call_custom_bytes, "set_custom", size_problems)
-            if set_paths:
-                check_custom_depth(custom, "set_custom", size_problems)
-            size_problems.raise_if_any()
+            if set_paths or unset_paths:  # a whole `custom` was checked with the request
+                size_problems = ViolationCollector()
+                check_custom_size(custom, self._limits.max_call_custom_bytes, "set_custom", size_problems)
+                if set_paths:
+                    check_custom_depth(custom, "set_custom", size_problems)
+                size_problems.raise_if_any()
             override = call.settings_override
             if change.settings_override:
                 override = merge_settings(call.settings_override, change.settings_override)
-            changed = (
-                custom != call.custom
-                or override != call.settings_override
-                or (change.starts_at is not None and change.starts_at != call.starts_at)
-            )
-            if changed:
-                call.custom = custom
-                if override != call.settings_override:
-                    type_record = await tx.call_types.get(call.type)
-                    base = type_record.settings if type_record else {}
-                    before = merge_settings(base, call.settings_override)
-                    effective = merge_settings(base, override)
-                    call.settings_override = override
-                    # Only a change of backstage.enabled itself moves the call in or out of backstage;
-                    # other settings changes must not undo a GoLive.
-                    was = bool(before.get("backstage", {}).get("enabled"))
-                    now_enabled = bool(effective.get("backstage", {}).get("enabled"))
-                    if was != now_enabled:
-                        call.backstage = now_enabled
-                    await reschedule_max_duration(tx, call, effective)
-                if change.starts_at is not None:
-                    call.starts_at = change.starts_at
-                call.version += 1
-                call.updated_at = self._clock()
-                await tx.calls.save(call)
-                view = await self._view(tx, call, limit)
-                await tx.events.record(cid, CallUpdated(view), call.updated_at)
-                return view
+            return Update(custom, override, change.starts_at)
+
+        # A change to what the call already is, is a read: answered without the write lock.
+        unchanged = await self._unchanged(cid, needed, change.etag, applied, limit)
+        if unchanged is not None:
+            return unchanged
+
+        async def update_call(tx: Transaction) -> CallView:
+            call = await self._open(tx, cid, *needed)
+            call.check_etag(change.etag)
+            override_before = call.record.settings_override
+            if call.update(applied(call.record)) and call.record.settings_override != override_before:
+                await reschedule_max_duration(tx, call)
             return await self._view(tx, call, limit)
 
-        return await self._store.write(work)
+        return await self._store.write(update_call)
+
+    async def _unchanged(
+        self,
+        cid: str,
+        needed: list[str],
+        etag: str,
+        applied: Callable[[CallRecord], Update],
+        limit: int,
+    ) -> CallView | None:
+        """The call's view when an update would change nothing in its current state (and the caller may
+        make it); None when the write path must decide (a change, a refusal, or no readable state)."""
+        try:
+            cached, have = await self._readable(cid)
+        except CallplaneError:
+            return None  # missing or not readable: the write path gives the precise refusal
+        record = cached.call
+        if any(capability not in have for capability in needed) or (etag and etag != record.etag):
+            return None
+        try:
+            update = applied(record)
+        except CallplaneError:
+            return None
+        starts_at = update.starts_at if update.starts_at is not None else record.starts_at
+        if (update.custom, update.settings_override, starts_at) != (
+            record.custom,
+            record.settings_override,
+            record.starts_at,
+        ):
+            return None
+        return CallView(record, cached.settings, cached.members[:limit], rendered=cached.rendered)
 
     async def end(self, call_type: str, call_id: str) -> CallView:
         problems = ViolationCollector()
@@ -470,27 +474,16 @@ class CallService:
         problems.raise_if_any()
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> CallView:
-            call = await live_call(tx, cid, for_update=True)
-            await require(tx, await load_caller(tx), call, "end-call")
-            if call.ended_at is not None:
-                raise FailedPrecondition(
-                    f"call {cid!r} already ended", reason="CALL_ENDED", metadata={"cid": cid}
-                )
-            now = self._clock()
+        async def end_call(tx: Transaction) -> CallView:
+            call = await self._open(tx, cid, "end-call")
+            call.check_not_ended(f"call {cid!r} already ended")
             # Rings are cancelled, everyone leaves (call_ended) and the session ends before call.ended.
-            await cancel_rings(tx, call, now)
-            await end_running_session(tx, call, now)
-            call.ended_at = now
-            call.ongoing = False
-            call.updated_at = now
-            call.version += 1
-            await tx.calls.save(call)
-            view = await self._view(tx, call, 0)
-            await tx.events.record(cid, CallEnded(view, reason="ended"), now)
-            return view
+            await cancel_rings(tx, call)
+            await end_running_session(tx, call)
+            call.end("ended")
+            return call.view()
 
-        return await self._store.write(work)
+        return await self._store.write(end_call)
 
     async def delete(self, call_type: str, call_id: str, *, hard: bool) -> CallView:
         problems = ViolationCollector()
@@ -498,36 +491,26 @@ class CallService:
         problems.raise_if_any()
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> CallView:
+        async def delete_call(tx: Transaction) -> CallView:
             require_admin(await load_caller(tx), "DeleteCall")
-            call = await tx.calls.get(cid, for_update=True)
-            if call is None or (call.deleted_at is not None and not hard):
+            call = await tx.calls.open(cid, self._clock())
+            if call is None or (call.record.deleted_at is not None and not hard):
                 raise call_not_found(cid)
-            now = self._clock()
-            if call.deleted_at is None:
-                await cancel_rings(tx, call, now)
-                await end_running_session(tx, call, now)
-            view = await self._view(tx, call, 0)
-            if hard:
-                # The event goes first: it takes its seq from the call row that is about to go.
-                await tx.events.record(cid, CallDeleted(view, hard=True), now)
-                await tx.sessions.delete_for_call(cid)
-                # A recreated call of this cid must not mistake old request ids for retries.
-                await tx.idempotency.forget_call(cid)
-                await tx.permissions.forget_call(cid)
-                await tx.calls.hard_delete(cid)
-                return view
-            call.deleted_at = now
-            call.ended_at = call.ended_at or now
-            call.ongoing = False
-            call.updated_at = now
-            call.version += 1
-            await tx.calls.save(call)
-            view.call = call
-            await tx.events.record(cid, CallDeleted(view, hard=False), now)
-            return view
+            if call.record.deleted_at is None:
+                await cancel_rings(tx, call)
+                await end_running_session(tx, call)
+            if not hard:
+                call.soft_delete()
+                return call.view()
+            call.hard_delete()
+            await tx.sessions.delete_for_call(cid)
+            # A recreated call of this cid must not mistake old request ids for retries.
+            await tx.idempotency.forget_call(cid)
+            await tx.permissions.forget_call(cid)
+            await tx.calls.hard_delete(cid)
+            return call.view()
 
-        return await self._store.write(work)
+        return await self._store.write(delete_call)
 
     async def query(self, page: PageRequest, members_limit: int) -> Page[CallView]:
         problems = ViolationCollector()
@@ -536,7 +519,7 @@ class CallService:
         )
         problems.raise_if_any()
 
-        async def work(
+        async def query_calls(
             tx: Transaction,
         ) -> tuple[Page[CallView], dict[str, CachedCall], dict[str, frozenset[str]]]:
             caller = await load_caller(tx)
@@ -584,15 +567,13 @@ class CallService:
             return Page(views, calls.next, calls.prev), fresh, capabilities
 
         generation = self._cache.generation
-        found, fresh, capabilities = await self._store.read(work)
+        found, fresh, capabilities = await self._store.read(query_calls)
         principal = current_principal()
         for cid, entry in fresh.items():
             if "read-call" in capabilities[cid]:  # the cache keeps only principals that may read
                 entry.capabilities[principal] = capabilities[cid]
                 self._cache.put(cid, entry, generation)
         return found
-
-        return await self._store.read(work)
 
     async def update_members(
         self, call_type: str, call_id: str, update_members: list[MemberInput], remove_members: list[str]
@@ -618,31 +599,30 @@ class CallService:
             *(["remove-call-member"] if remove_members else []),
         ]
 
-        async def work(tx: Transaction) -> MembersChange:
-            call = await live_call(tx, cid, for_update=True)
-            await require(tx, await load_caller(tx), call, *needed)
+        async def change_members(tx: Transaction) -> MembersChange:
+            call = await self._open(tx, cid, *needed)
             await self._require_users(
                 tx, {f"update_members[{i}].user_id": m.user_id for i, m in enumerate(update_members)}
             )
-            now = self._clock()
+            now = call.now
             before = await tx.members.get_many(cid, [m.user_id for m in update_members])
             records = await self._upsert_members(tx, cid, update_members, now)
             removed = await tx.members.remove(cid, list(dict.fromkeys(remove_members)))
-            await tx.calls.refresh_member_counts([cid])
+            added = [r for r in records if r.user_id not in before]
+            updated = [r for r in records if r.user_id in before]
+            call.members_changed(added=len(added), removed=len(removed))
             users = await tx.users.get_many(r.user_id for r in records)
             for record in records:
                 record.user = users.get(record.user_id)
-            added = [r for r in records if r.user_id not in before]
-            updated = [r for r in records if r.user_id in before]
             if added:
-                await tx.events.record(cid, MembersAdded(added), now)
+                call.record_event(MembersAdded(added))
             if updated:
-                await tx.events.record(cid, MembersUpdated(updated), now)
+                call.record_event(MembersUpdated(updated))
             if removed:
-                await tx.events.record(cid, MembersRemoved(removed), now)
+                call.record_event(MembersRemoved(removed))
             return MembersChange(records, removed)
 
-        return await self._store.write(work)
+        return await self._store.write(change_members)
 
     async def query_members(self, call_type: str, call_id: str, page: PageRequest) -> Page[MemberRecord]:
         problems = ViolationCollector()
@@ -650,20 +630,20 @@ class CallService:
         problems.raise_if_any()
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> Page[MemberRecord]:
+        async def members_page(tx: Transaction) -> Page[MemberRecord]:
             call = await live_call(tx, cid)
             await require(tx, await load_caller(tx), call, "read-call")
             return await tx.members.query(cid, page)
 
         if not self._cache.enabled:
-            return await self._store.read(work)
+            return await self._store.read(members_page)
         # Members are part of the call's cached state: any change to them invalidates the entry.
         cached, _have = await self._readable(cid)
         key = _page_key(page)
         found = cached.member_pages.get(key)
         if found is None:
             generation = self._cache.generation
-            found = await self._store.read(work)
+            found = await self._store.read(members_page)
             if generation == self._cache.generation:
                 cached.keep_member_page(key, found)
         return found

@@ -9,9 +9,9 @@ live participants; kicking removes them (and blocks with `block`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 
 from callplane_server.auth.tokens import Principal
+from callplane_server.domain.call import Call
 from callplane_server.domain.capabilities import KNOWN_CAPABILITIES
 from callplane_server.domain.events import (
     PermissionRequested,
@@ -20,11 +20,10 @@ from callplane_server.domain.events import (
     UserKicked,
     UserUnblocked,
 )
-from callplane_server.domain.records import CallRecord
 from callplane_server.domain.validation import USER_ID, check_call_key, check_pattern
 from callplane_server.errors import NotFound, ViolationCollector
-from callplane_server.services.authz import Caller, call_capabilities, load_caller, require
-from callplane_server.services.call_lookup import live_call
+from callplane_server.services.authz import Caller, call_capabilities
+from callplane_server.services.call_lookup import caller_of, open_call
 from callplane_server.services.clock import Clock
 from callplane_server.services.sessions import SessionService
 from callplane_server.store import Store, Transaction
@@ -46,12 +45,12 @@ def _check_capabilities(values: Sequence[str], name: str, problems: ViolationCol
             problems.add(f"{name}[{index}]", f"{value!r} is not a known capability")
 
 
-async def user_capabilities(tx: Transaction, call: CallRecord, user_id: str) -> frozenset[str]:
+async def user_capabilities(tx: Transaction, call: Call, user_id: str) -> frozenset[str]:
     """What one user (acting with an unscoped user token) may do in the call."""
     user = (await tx.users.get_many([user_id])).get(user_id)
     if user is None:
         return frozenset()
-    return await call_capabilities(tx, Caller(Principal(user_id=user_id), user), call)
+    return await call_capabilities(tx, Caller(Principal(user_id=user_id), user), call.record, call.grants)
 
 
 class ModerationService:
@@ -89,22 +88,18 @@ class ModerationService:
         problems.raise_if_any()
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> list[str]:
-            call = await live_call(tx, cid, for_update=True)
-            caller = await load_caller(tx)
-            await require(tx, caller, call, "update-call-permissions")
+        async def update_permissions(tx: Transaction) -> list[str]:
+            call = await open_call(tx, cid, "update-call-permissions", now=self._clock())
             await self._existing_user(tx, user_id)
             old_granted, old_revoked = await tx.permissions.get(cid, user_id)
             granted = sorted((set(old_granted) | set(grant)) - set(revoke))
             revoked = sorted((set(old_revoked) | set(revoke)) - set(grant))
             await tx.permissions.save(cid, user_id, granted, revoked)
             capabilities = sorted(await user_capabilities(tx, call, user_id))
-            await tx.events.record(
-                cid, PermissionsUpdated(user_id, capabilities), self._clock(), recipients=[user_id]
-            )
+            call.record_event(PermissionsUpdated(user_id, capabilities), recipients=[user_id])
             return capabilities
 
-        return await self._store.write(work)
+        return await self._store.write(update_permissions)
 
     async def request_permission(self, call_type: str, call_id: str, permissions: Sequence[str]) -> None:
         problems = self._key(call_type, call_id)
@@ -115,15 +110,14 @@ class ModerationService:
         cid = f"{call_type}:{call_id}"
         wanted = list(dict.fromkeys(permissions))
 
-        async def work(tx: Transaction) -> None:
-            call = await live_call(tx, cid, for_update=True)
-            caller = await load_caller(tx)
-            await require(tx, caller, call, "read-call")
+        async def request(tx: Transaction) -> None:
+            call = await open_call(tx, cid, "read-call", now=self._clock())
+            caller = await caller_of(tx, call)
             if caller.is_server:
                 return  # a server token has every capability and asks on nobody's behalf
             candidates = list(dict.fromkeys(await tx.rings.member_ids(cid)))
-            if call.current_session_id:
-                live = await tx.sessions.live_participants(call.current_session_id)
+            if call.record.current_session_id:
+                live = await tx.sessions.live_participants(call.record.current_session_id)
                 candidates.extend(p.user_id for p in live if p.user_id not in candidates)
             recipients = [
                 candidate
@@ -131,93 +125,62 @@ class ModerationService:
                 if candidate != caller.user_id
                 and "update-call-permissions" in await user_capabilities(tx, call, candidate)
             ]
-            requested = PermissionRequested(caller.user_id or "", wanted)
-            await tx.events.record(cid, requested, self._clock(), recipients=recipients)
+            call.record_event(PermissionRequested(caller.user_id or "", wanted), recipients=recipients)
 
-        await self._store.write(work)
+        await self._store.write(request)
 
     # -- moderation --------------------------------------------------------------------------------
 
-    async def _remove_live(
-        self, tx: Transaction, call: CallRecord, user_id: str, reason: str, now: datetime
-    ) -> None:
-        if not call.current_session_id:
+    async def _remove_live(self, tx: Transaction, call: Call, user_id: str, reason: str) -> None:
+        if not call.record.current_session_id:
             return
-        for participant in await tx.sessions.live_participants(call.current_session_id):
+        for participant in await tx.sessions.live_participants(call.record.current_session_id):
             if participant.user_id == user_id:
-                await self._sessions.remove_participant(tx, call, participant, reason, now)
-
-    async def _set_blocked(self, tx: Transaction, call: CallRecord, user_id: str, now: datetime) -> bool:
-        """Adds the user to the call's blocked list; False when already there."""
-        if user_id in call.blocked_user_ids:
-            return False
-        call.blocked_user_ids = [*call.blocked_user_ids, user_id]
-        call.version += 1
-        call.updated_at = now
-        await tx.calls.save(call)
-        return True
+                await self._sessions.remove_participant(tx, call, participant, reason)
 
     @staticmethod
-    async def _tell(
-        tx: Transaction,
-        cid: str,
-        happened: type[UserBlocked | UserUnblocked | UserKicked],
-        user_id: str,
-        by: Caller,
-        now: datetime,
-    ) -> None:
+    def _tell(call: Call, happened: type[UserBlocked | UserUnblocked | UserKicked], user_id: str) -> None:
         """Records a moderation event, addressed to the user it happened to."""
-        await tx.events.record(cid, happened(user_id, by.user_id or ""), now, recipients=[user_id])
+        by = call.caller.user_id if call.caller is not None else None
+        call.record_event(happened(user_id, by or ""), recipients=[user_id])
 
     async def block_user(self, call_type: str, call_id: str, user_id: str) -> None:
         self._key(call_type, call_id, user_id).raise_if_any()
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> None:
-            call = await live_call(tx, cid, for_update=True)
-            caller = await load_caller(tx)
-            await require(tx, caller, call, "block-users")
+        async def block(tx: Transaction) -> None:
+            call = await open_call(tx, cid, "block-users", now=self._clock())
             await self._existing_user(tx, user_id)
-            now = self._clock()
-            if await self._set_blocked(tx, call, user_id, now):
-                await self._remove_live(tx, call, user_id, BLOCKED, now)
-                await self._tell(tx, cid, UserBlocked, user_id, caller, now)
+            if call.block(user_id):
+                await self._remove_live(tx, call, user_id, BLOCKED)
+                self._tell(call, UserBlocked, user_id)
 
-        await self._store.write(work)
+        await self._store.write(block)
 
     async def unblock_user(self, call_type: str, call_id: str, user_id: str) -> None:
         self._key(call_type, call_id, user_id).raise_if_any()
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> None:
-            call = await live_call(tx, cid, for_update=True)
-            caller = await load_caller(tx)
-            await require(tx, caller, call, "block-users")
-            if user_id not in call.blocked_user_ids:
-                return  # unblocking is idempotent
-            now = self._clock()
-            call.blocked_user_ids = [u for u in call.blocked_user_ids if u != user_id]
-            call.version += 1
-            call.updated_at = now
-            await tx.calls.save(call)
-            await self._tell(tx, cid, UserUnblocked, user_id, caller, now)
+        async def unblock(tx: Transaction) -> None:
+            call = await open_call(tx, cid, "block-users", now=self._clock())
+            if call.unblock(user_id):  # unblocking is idempotent
+                self._tell(call, UserUnblocked, user_id)
 
-        await self._store.write(work)
+        await self._store.write(unblock)
 
     async def kick_user(self, call_type: str, call_id: str, user_id: str, *, block: bool) -> None:
         self._key(call_type, call_id, user_id).raise_if_any()
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> None:
-            call = await live_call(tx, cid, for_update=True)
-            caller = await load_caller(tx)
-            await require(tx, caller, call, "kick-user", *(["block-users"] if block else []))
+        async def kick(tx: Transaction) -> None:
+            call = await open_call(
+                tx, cid, "kick-user", *(["block-users"] if block else []), now=self._clock()
+            )
             await self._existing_user(tx, user_id)
-            now = self._clock()
-            newly_blocked = block and await self._set_blocked(tx, call, user_id, now)
-            await self._remove_live(tx, call, user_id, KICKED, now)
-            await self._tell(tx, cid, UserKicked, user_id, caller, now)
+            newly_blocked = block and call.block(user_id)
+            await self._remove_live(tx, call, user_id, KICKED)
+            self._tell(call, UserKicked, user_id)
             if newly_blocked:
-                await self._tell(tx, cid, UserBlocked, user_id, caller, now)
+                self._tell(call, UserBlocked, user_id)
 
-        await self._store.write(work)
+        await self._store.write(kick)

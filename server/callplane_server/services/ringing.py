@@ -16,13 +16,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from callplane_server.auth.context import current_principal
-from callplane_server.domain.call_types import merge_settings
+from callplane_server.domain.call import Call
 from callplane_server.domain.events import Notified, Rang, RingAccepted, RingMissed, RingRejected
-from callplane_server.domain.records import CallRecord, CallView, SessionRecord, TimerRecord
+from callplane_server.domain.records import CallView, SessionRecord, TimerRecord
 from callplane_server.domain.validation import USER_ID, check_call_key, check_pattern
 from callplane_server.errors import FailedPrecondition, InvalidArgument, NotFound, ViolationCollector
-from callplane_server.services.authz import Caller, load_caller, require, require_self
-from callplane_server.services.call_lookup import live_call
+from callplane_server.services.authz import Caller, require_self
+from callplane_server.services.call_lookup import open_call
 from callplane_server.services.clock import Clock
 from callplane_server.services.timers import TimerRunner
 from callplane_server.store import Store, Transaction
@@ -66,42 +66,29 @@ def _timeout(settings: dict[str, Any], name: str) -> timedelta:
     return timedelta(milliseconds=int(value))
 
 
-async def _effective_settings(tx: Transaction, call: CallRecord) -> dict[str, Any]:
-    call_type = await tx.call_types.get(call.type)
-    return merge_settings(call_type.settings if call_type else {}, call.settings_override)
-
-
-def _current(ring: RingRecord | None, call: CallRecord) -> RingRecord | None:
+def _current(ring: RingRecord | None, call: Call) -> RingRecord | None:
     """The ring row if it belongs to this incarnation of the call (a hard-deleted and recreated cid
     may leave older rows and timers behind)."""
-    if ring is None or ring.rung_at < call.created_at:
+    if ring is None or ring.rung_at < call.record.created_at:
         return None
     return ring
 
 
-async def _update_session(tx: Transaction, call: CallRecord, change: Callable[[SessionRecord], bool]) -> None:
+async def _update_session(tx: Transaction, call: Call, change: Callable[[SessionRecord], bool]) -> None:
     """Applies `change` to the running session, if any (accepted_by / rejected_by / missed_by)."""
-    if not call.current_session_id:
+    if not call.record.current_session_id:
         return
-    session = await tx.sessions.get(call.current_session_id)
+    session = await tx.sessions.get(call.record.current_session_id)
     if session is None or session.ended_at is not None:
         return
     if change(session):
         await tx.sessions.save(session)
 
 
-async def ring_members(
-    tx: Transaction,
-    view: CallView,
-    caller: str,
-    callees: Sequence[str],
-    video: bool,
-    now: datetime,
-) -> None:
-    """Rings `callees` in this transaction (the call row must be locked): resets their ring rows,
-    schedules their timers and the call's auto-cancel, and emits `call.ring` to them."""
-    cid = view.call.cid
-    settings = view.settings
+async def ring_members(tx: Transaction, call: Call, caller: str, callees: Sequence[str], video: bool) -> None:
+    """Rings `callees` in this transaction: resets their ring rows, schedules their timers and the
+    call's auto-cancel, and records `call.ring` to them."""
+    cid, settings, now = call.cid, call.settings, call.now
     incoming_at = now + _timeout(settings, "incoming_call_timeout_ms")
     missed_at = now + _timeout(settings, "missed_call_timeout_ms")
     for user_id in callees:
@@ -109,32 +96,25 @@ async def ring_members(
         await tx.timers.schedule(RING_INCOMING, cid, incoming_at, key=user_id)
         await tx.timers.schedule(RING_MISSED, cid, missed_at, key=user_id)
     await tx.timers.schedule(RING_AUTO_CANCEL, cid, now + _timeout(settings, "auto_cancel_timeout_ms"))
-    await tx.events.record(cid, Rang(view, caller, list(callees), video), now, recipients=list(callees))
+    call.record_event(Rang(call.view(), caller, list(callees), video), recipients=callees)
 
 
 async def ring_created_call(
-    tx: Transaction,
-    view: CallView,
-    member_ids: Sequence[str],
-    *,
-    ring: bool,
-    notify: bool,
-    video: bool,
-    now: datetime,
+    tx: Transaction, call: Call, member_ids: Sequence[str], *, ring: bool, notify: bool, video: bool
 ) -> None:
     """GetOrCreateCall's `ring` / `notify`, in the transaction that created the call: rings (or, with
     only `notify`, sends `call.notification` to) every member except the creator. `ring` wins over
     `notify`."""
-    caller = view.call.created_by_user_id or ""
+    caller = call.record.created_by_user_id or ""
     if not caller or not (ring or notify):
         return
     targets = [user_id for user_id in dict.fromkeys(member_ids) if user_id != caller]
     if not targets:
         return
     if ring:
-        await ring_members(tx, view, caller, targets, video, now)
+        await ring_members(tx, call, caller, targets, video)
         return
-    await tx.events.record(view.call.cid, Notified(view, caller, targets, video), now, recipients=targets)
+    call.record_event(Notified(call.view(), caller, targets, video), recipients=targets)
 
 
 # -- the service -----------------------------------------------------------------------------------
@@ -175,9 +155,8 @@ class RingingService:
         require_self(Caller(current_principal(), None), user_id)
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> RingResult:
-            call = await self._ringable_call(tx, cid)
-            await require(tx, await load_caller(tx), call, "create-call")
+        async def ring_call(tx: Transaction) -> RingResult:
+            call = await self._ringable_call(tx, cid, "create-call")
             if not await tx.users.existing_ids([user_id]):
                 raise NotFound(
                     f"user {user_id!r} does not exist", reason="USER_NOT_FOUND", metadata={"user_id": user_id}
@@ -199,8 +178,8 @@ class RingingService:
                 callees = list(members_ids)
             else:
                 in_call: set[str] = set()
-                if call.current_session_id:
-                    live = await tx.sessions.live_participants(call.current_session_id)
+                if call.record.current_session_id:
+                    live = await tx.sessions.live_participants(call.record.current_session_id)
                     in_call = {participant.user_id for participant in live}
                 callees = [
                     member
@@ -213,13 +192,10 @@ class RingingService:
                         reason="NOBODY_TO_RING",
                         metadata={"cid": cid},
                     )
-            now = self._clock()
-            settings = await _effective_settings(tx, call)
-            view = CallView(call, settings, [])
-            await ring_members(tx, view, user_id, callees, video, now)
-            return RingResult(callees, view)
+            await ring_members(tx, call, user_id, callees, video)
+            return RingResult(callees, call.view())
 
-        result = await self._store.write(work)
+        result = await self._store.write(ring_call)
         self._timers.wake()
         return result
 
@@ -231,13 +207,12 @@ class RingingService:
         require_self(Caller(current_principal(), None), user_id)
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> None:
-            call = await self._ringable_call(tx, cid)
-            await require(tx, await load_caller(tx), call, "read-call")
+        async def accept_call(tx: Transaction) -> None:
+            call = await self._ringable_call(tx, cid, "read-call")
             ring = _current(await tx.rings.get(cid, user_id), call)
             if ring is None or ring.status != RINGING:
                 raise _not_ringing(cid, user_id, ring)
-            now = self._clock()
+            now = call.now
             ring.status = ACCEPTED
             ring.reason = ""
             ring.answered_at = now
@@ -253,7 +228,7 @@ class RingingService:
             ]
             # The caller; the callee's other devices (stop ringing); the other callees (someone answered).
             recipients = [ring.caller_user_id, user_id, *still_ringing]
-            await tx.events.record(cid, RingAccepted(user_id), now, recipients=recipients)
+            call.record_event(RingAccepted(user_id), recipients=recipients)
 
             def record(session: SessionRecord) -> bool:
                 if user_id in session.accepted_by:
@@ -263,7 +238,7 @@ class RingingService:
 
             await _update_session(tx, call, record)
 
-        await self._store.write(work)
+        await self._store.write(accept_call)
 
     async def reject(self, call_type: str, call_id: str, user_id: str, reason: str) -> None:
         """`reason`: decline, busy or cancel (timeout is the server's)."""
@@ -279,10 +254,8 @@ class RingingService:
         require_self(Caller(current_principal(), None), user_id)
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> None:
-            call = await self._ringable_call(tx, cid)
-            await require(tx, await load_caller(tx), call, "read-call")
-            now = self._clock()
+        async def reject_call(tx: Transaction) -> None:
+            call = await self._ringable_call(tx, cid, "read-call")
             if name == CANCEL:
                 rung = [
                     ring
@@ -296,54 +269,52 @@ class RingingService:
                         metadata={"cid": cid, "user_id": user_id},
                     )
                 for outgoing in rung:
-                    await _reject(tx, call, outgoing, CANCEL, now)
+                    await _reject(tx, call, outgoing, CANCEL)
             else:
                 ring = _current(await tx.rings.get(cid, user_id), call)
                 if ring is None or ring.status != RINGING:
                     raise _not_ringing(cid, user_id, ring)
-                await _reject(tx, call, ring, name, now)
+                await _reject(tx, call, ring, name)
             await _settle(tx, call)
 
-        await self._store.write(work)
+        await self._store.write(reject_call)
 
-    @staticmethod
-    async def _ringable_call(tx: Transaction, cid: str) -> CallRecord:
-        call = await live_call(tx, cid, for_update=True)
-        if call.ended_at is not None:
-            raise FailedPrecondition(f"call {cid!r} has ended", reason="CALL_ENDED", metadata={"cid": cid})
+    async def _ringable_call(self, tx: Transaction, cid: str, need: str) -> Call:
+        call = await open_call(tx, cid, need, now=self._clock())
+        call.check_not_ended()
         return call
 
     # -- timers ------------------------------------------------------------------------------------
 
     @staticmethod
-    async def _timer_call(tx: Transaction, timer: TimerRecord) -> CallRecord | None:
-        # The runner locked the call row already; a deleted call has nobody left to ring.
-        call = await tx.calls.get(timer.call_cid, for_update=True)
-        if call is None or call.deleted_at is not None:
+    async def _timer_call(tx: Transaction, timer: TimerRecord, now: datetime) -> Call | None:
+        # The runner opened the call already; a deleted call has nobody left to ring.
+        call = await tx.calls.open(timer.call_cid, now)
+        if call is None or call.record.deleted_at is not None:
             return None
         return call
 
     async def _on_incoming_timeout(self, tx: Transaction, timer: TimerRecord, now: datetime) -> None:
-        call = await self._timer_call(tx, timer)
+        call = await self._timer_call(tx, timer, now)
         if call is None:
             return
         ring = _current(await tx.rings.get(call.cid, timer.key), call)
         if ring is None or ring.status != RINGING:
             return
-        await _reject(tx, call, ring, TIMEOUT, now)
+        await _reject(tx, call, ring, TIMEOUT)
         await _settle(tx, call)
 
     async def _on_auto_cancel(self, tx: Transaction, timer: TimerRecord, now: datetime) -> None:
         # Accepting cancels this timer, so firing means nobody accepted since the last ring.
-        call = await self._timer_call(tx, timer)
+        call = await self._timer_call(tx, timer, now)
         if call is None:
             return
         for ring in await tx.rings.for_call(call.cid, status=RINGING):
             if _current(ring, call) is not None:
-                await _reject(tx, call, ring, CANCEL, now)
+                await _reject(tx, call, ring, CANCEL)
 
     async def _on_missed(self, tx: Transaction, timer: TimerRecord, now: datetime) -> None:
-        call = await self._timer_call(tx, timer)
+        call = await self._timer_call(tx, timer, now)
         if call is None:
             return
         ring = _current(await tx.rings.get(call.cid, timer.key), call)
@@ -354,7 +325,7 @@ class RingingService:
             return
         ring.missed_notified = True
         await tx.rings.save(ring)
-        await tx.events.record(call.cid, RingMissed(ring.user_id), now, recipients=[ring.user_id])
+        call.record_event(RingMissed(ring.user_id), recipients=[ring.user_id])
 
         def record(session: SessionRecord) -> bool:
             if ring.user_id in session.missed_by:
@@ -374,20 +345,19 @@ def _not_ringing(cid: str, user_id: str, ring: RingRecord | None) -> FailedPreco
     )
 
 
-async def _reject(tx: Transaction, call: CallRecord, ring: RingRecord, reason: str, now: datetime) -> None:
+async def _reject(tx: Transaction, call: Call, ring: RingRecord, reason: str) -> None:
     """One callee's ring ends rejected: row, timers, `call.rejected` (to the callee's devices and the
     caller) and the running session's rejected_by."""
     cid = call.cid
     ring.status = REJECTED
     ring.reason = reason
-    ring.answered_at = now
+    ring.answered_at = call.now
     await tx.rings.save(ring)
     await tx.timers.cancel(RING_INCOMING, cid, key=ring.user_id)
     if reason not in _UNANSWERED:
         # An explicit decline or busy is an answer, not a missed call.
         await tx.timers.cancel(RING_MISSED, cid, key=ring.user_id)
-    rejected = RingRejected(ring.user_id, reason)
-    await tx.events.record(cid, rejected, now, recipients=[ring.caller_user_id, ring.user_id])
+    call.record_event(RingRejected(ring.user_id, reason), recipients=[ring.caller_user_id, ring.user_id])
 
     def record(session: SessionRecord) -> bool:
         if session.rejected_by.get(ring.user_id) == reason:
@@ -398,16 +368,16 @@ async def _reject(tx: Transaction, call: CallRecord, ring: RingRecord, reason: s
     await _update_session(tx, call, record)
 
 
-async def cancel_rings(tx: Transaction, call: CallRecord, now: datetime) -> None:
+async def cancel_rings(tx: Transaction, call: Call) -> None:
     """The call ended or was deleted: everyone still ringing is rejected with "cancel" (and, as with
     any unanswered ring, still gets call.missed when their missed-call timer fires)."""
     for ring in await tx.rings.for_call(call.cid, status=RINGING):
         if _current(ring, call) is not None:
-            await _reject(tx, call, ring, CANCEL, now)
+            await _reject(tx, call, ring, CANCEL)
     await tx.timers.cancel(RING_AUTO_CANCEL, call.cid, key="")
 
 
-async def _settle(tx: Transaction, call: CallRecord) -> None:
+async def _settle(tx: Transaction, call: Call) -> None:
     """Nobody left ringing: drop the call's auto-cancel timer."""
     if not any(_current(ring, call) for ring in await tx.rings.for_call(call.cid, status=RINGING)):
         await tx.timers.cancel(RING_AUTO_CANCEL, call.cid, key="")

@@ -1,21 +1,21 @@
 """Session rules that run inside a caller's write transaction, shared by SessionService (joins, leaves,
 timers) and CallService (EndCall, DeleteCall, UpdateCall's max duration). Every function expects the
-call row to be locked already (lock order: call → sessions, participants, timers)."""
+call opened (its row locked; lock order: call → sessions, participants, timers) and records
+events through it."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from callplane_server.domain.call_types import merge_settings
+from callplane_server.domain.call import Call
 from callplane_server.domain.events import (
     ParticipantCountUpdated,
     ParticipantLeft,
-    PinsUpdated,
     SessionEnded,
     participants_by_role,
 )
-from callplane_server.domain.records import CallRecord, ParticipantRecord, SessionRecord
+from callplane_server.domain.records import ParticipantRecord, SessionRecord
 from callplane_server.store import Transaction
 
 # Durable timer kinds (TimerRunner handlers are registered by SessionService).
@@ -37,11 +37,6 @@ END_MAX_DURATION = "max_duration"
 END_CALL_ENDED = "call_ended"
 
 
-async def effective_settings(tx: Transaction, call: CallRecord) -> dict[str, Any]:
-    type_record = await tx.call_types.get(call.type)
-    return merge_settings(type_record.settings if type_record else {}, call.settings_override)
-
-
 def max_duration_seconds(settings: dict[str, Any]) -> int:
     return int(settings.get("limits", {}).get("max_duration_seconds") or 0)
 
@@ -50,91 +45,67 @@ def inactivity_timeout_seconds(settings: dict[str, Any]) -> int:
     return int(settings.get("session", {}).get("inactivity_timeout_seconds") or 30)
 
 
-async def emit_counts(tx: Transaction, cid: str, session_id: str, now: datetime) -> int:
+async def record_counts(tx: Transaction, call: Call, session_id: str) -> int:
+    """Records the session's live participant counts; returns the event's seq."""
     live = await tx.sessions.live_participants(session_id)
-    counts = ParticipantCountUpdated(session_id, participants_by_role(live))
-    return await tx.events.record(cid, counts, now)
+    return call.record_event(ParticipantCountUpdated(session_id, participants_by_role(live)))
 
 
-async def mark_left(tx: Transaction, participant: ParticipantRecord, reason: str, now: datetime) -> int:
-    """Marks one live participant as left, drops its lease timer and emits participant_left (the caller
-    emits the count update). Returns the event's seq."""
-    participant.left_at = now
+async def mark_left(tx: Transaction, call: Call, participant: ParticipantRecord, reason: str) -> int:
+    """Marks one live participant as left, drops its lease timer and its pin and records
+    participant_left (the caller records the count update). Returns the event's seq."""
+    participant.left_at = call.now
     participant.left_reason = reason
     participant.lease_expires_at = None
     await tx.sessions.save_participant(participant)
     await tx.timers.cancel(LEASE_TIMER, participant.call_cid, key=participant.participant_session_id)
-    seq = await tx.events.record(participant.call_cid, ParticipantLeft(participant, reason), now)
-    # A pin of a connection that is gone would point at nothing: drop it.
-    call = await tx.calls.get(participant.call_cid)
-    if call is not None and any(
-        pin["participant_session_id"] == participant.participant_session_id for pin in call.pins
-    ):
-        call.pins = [
-            p for p in call.pins if p["participant_session_id"] != participant.participant_session_id
-        ]
-        await tx.calls.save(call)
-        await tx.events.record(call.cid, PinsUpdated(list(call.pins)), now)
+    seq = call.record_event(ParticipantLeft(participant, reason))
+    call.unpin(participant.participant_session_id)
     return seq
 
 
 async def end_session(
-    tx: Transaction,
-    call: CallRecord,
-    session: SessionRecord,
-    end_reason: str,
-    leave_reason: str,
-    now: datetime,
+    tx: Transaction, call: Call, session: SessionRecord, end_reason: str, leave_reason: str
 ) -> None:
     """Removes every live participant (`leave_reason`), ends the session with its final custom data and
-    history (`call.session_ended`), clears the call's pins and session timers and saves the call."""
+    history (`call.session_ended`), and clears the call's session, pins and session timers."""
     live = await tx.sessions.live_participants(session.id)
     for participant in live:
-        await mark_left(tx, participant, leave_reason, now)
+        await mark_left(tx, call, participant, leave_reason)
     if live:
-        await emit_counts(tx, call.cid, session.id, now)
-    session.ended_at = now
+        await record_counts(tx, call, session.id)
+    session.ended_at = call.now
     session.end_reason = end_reason
     await tx.sessions.save(session)
     for kind in SESSION_TIMERS:
         await tx.timers.cancel(kind, call.cid)
-    call.current_session_id = None
-    call.ongoing = False
-    # mark_left above already dropped the pins of everyone who left; only report what remains.
-    fresh = await tx.calls.get(call.cid)
-    had_pins = bool(fresh.pins) if fresh is not None else bool(call.pins)
-    call.pins = []
-    await tx.calls.save(call)
     history = (await tx.sessions.participants([session.id]))[session.id]
-    await tx.events.record(call.cid, SessionEnded(session, history), now)
-    if had_pins:
-        await tx.events.record(call.cid, PinsUpdated([]), now)
+    call.record_event(SessionEnded(session, history))
+    call.session_over()
 
 
-async def end_running_session(tx: Transaction, call: CallRecord, now: datetime) -> None:
+async def end_running_session(tx: Transaction, call: Call) -> None:
     """For EndCall / DeleteCall: everyone leaves (`call_ended`), the running session ends (`call_ended`)
-    and the call's session timers are cancelled. Mutates and saves `call`."""
-    if call.current_session_id:
-        session = await tx.sessions.get(call.current_session_id)
+    and the call's session timers are cancelled."""
+    if call.record.current_session_id:
+        session = await tx.sessions.get(call.record.current_session_id)
         if session is not None and session.ended_at is None:
-            await end_session(tx, call, session, END_CALL_ENDED, CALL_ENDED, now)
+            await end_session(tx, call, session, END_CALL_ENDED, CALL_ENDED)
             return
-        call.current_session_id = None
-        call.ongoing = False
-        await tx.calls.save(call)
+        call.session_over()
     for kind in SESSION_TIMERS:
         await tx.timers.cancel(kind, call.cid)
 
 
-async def reschedule_max_duration(tx: Transaction, call: CallRecord, settings: dict[str, Any]) -> None:
+async def reschedule_max_duration(tx: Transaction, call: Call) -> None:
     """After a settings change: moves (or sets, or clears) the running session's `timer_ends_at` to
     started_at + limits.max_duration_seconds, and its durable timer with it."""
-    if not call.current_session_id:
+    if not call.record.current_session_id:
         return
-    session = await tx.sessions.get(call.current_session_id)
+    session = await tx.sessions.get(call.record.current_session_id)
     if session is None or session.ended_at is not None:
         return
-    seconds = max_duration_seconds(settings)
+    seconds = max_duration_seconds(call.settings)
     ends_at = session.started_at + timedelta(seconds=seconds) if seconds > 0 else None
     if ends_at == session.timer_ends_at:
         return

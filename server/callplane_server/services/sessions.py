@@ -18,17 +18,13 @@ from typing import Any
 
 from callplane_server.auth.context import authority_context, current_principal
 from callplane_server.auth.tokens import SERVER, Principal
-from callplane_server.domain.call_types import merge_settings
+from callplane_server.domain.call import Call
 from callplane_server.domain.events import (
-    CallEnded,
-    CallLiveStarted,
-    CallUpdated,
     ParticipantJoined,
     ParticipantUpdated,
     SessionStarted,
 )
 from callplane_server.domain.records import (
-    CallRecord,
     CallView,
     Page,
     PageRequest,
@@ -59,7 +55,7 @@ from callplane_server.services.authz import (
     require,
     require_self,
 )
-from callplane_server.services.call_lookup import live_call
+from callplane_server.services.call_lookup import caller_of, live_call, open_call
 from callplane_server.services.calls import CallData, CallService
 from callplane_server.services.clock import Clock
 from callplane_server.services.limits import Limits
@@ -73,11 +69,11 @@ from callplane_server.services.session_rules import (
     LEFT,
     MAX_DURATION,
     MAX_DURATION_TIMER,
-    emit_counts,
     end_session,
     inactivity_timeout_seconds,
     mark_left,
     max_duration_seconds,
+    record_counts,
 )
 from callplane_server.services.timers import TimerRunner
 from callplane_server.store import Store, Transaction
@@ -146,18 +142,16 @@ def require_own_participant(caller: Caller, participant: ParticipantRecord) -> N
     )
 
 
-async def joining_capabilities(
-    tx: Transaction, caller: Caller, call: CallRecord, user_id: str
-) -> frozenset[str]:
+async def joining_capabilities(tx: Transaction, caller: Caller, call: Call, user_id: str) -> frozenset[str]:
     """What the joining user may do in the call: for a user token, join-call is required (blocked users,
     other teams and out-of-scope calls are refused); a server token may join anyone, and the joined
     user's own capabilities decide backstage and ended-call access."""
     if not caller.is_server:
-        return await require(tx, caller, call, "join-call")
+        return await require(tx, caller, call.record, "join-call", grants=call.grants)
     user = (await tx.users.get_many([user_id])).get(user_id)
     if user is None:
         return frozenset()
-    return await call_capabilities(tx, Caller(Principal(user_id=user_id), user), call)
+    return await call_capabilities(tx, Caller(Principal(user_id=user_id), user), call.record, call.grants)
 
 
 def _participant_left(cid: str, participant: ParticipantRecord) -> FailedPrecondition:
@@ -186,13 +180,6 @@ def _joinable_from(starts_at: datetime | None, ahead_seconds: int) -> datetime |
 
 def _call_ended(cid: str) -> FailedPrecondition:
     return FailedPrecondition(f"call {cid!r} has ended", reason="CALL_ENDED", metadata={"cid": cid})
-
-
-async def _view(tx: Transaction, call: CallRecord, members_limit: int = 0) -> CallView:
-    type_record = await tx.call_types.get(call.type)
-    settings = merge_settings(type_record.settings if type_record else {}, call.settings_override)
-    members = (await tx.members.first([call.cid], members_limit))[call.cid] if members_limit else []
-    return CallView(call, settings, members)
 
 
 class SessionService:
@@ -233,12 +220,14 @@ class SessionService:
         )
 
     async def _current_participant(
-        self, tx: Transaction, call: CallRecord, participant_session_id: str
+        self, tx: Transaction, call: Call, participant_session_id: str
     ) -> ParticipantRecord:
         """The live participant, or NOT_FOUND / FAILED_PRECONDITION (PARTICIPANT_LEFT)."""
         participant = None
-        if call.current_session_id:
-            participant = await tx.sessions.get_participant(call.current_session_id, participant_session_id)
+        if call.record.current_session_id:
+            participant = await tx.sessions.get_participant(
+                call.record.current_session_id, participant_session_id
+            )
         if participant is None:
             participant = await tx.sessions.find_participant(call.cid, participant_session_id)
         if participant is None:
@@ -247,27 +236,24 @@ class SessionService:
             raise _participant_left(call.cid, participant)
         return participant
 
-    async def _leave(
-        self, tx: Transaction, call: CallRecord, participant: ParticipantRecord, reason: str, now: datetime
-    ) -> int:
+    async def _leave(self, tx: Transaction, call: Call, participant: ParticipantRecord, reason: str) -> int:
         """One participant leaves; when the session is left empty, its inactivity timer starts."""
-        await mark_left(tx, participant, reason, now)
-        seq = await emit_counts(tx, call.cid, participant.session_id, now)
-        running = call.current_session_id == participant.session_id
+        await mark_left(tx, call, participant, reason)
+        seq = await record_counts(tx, call, participant.session_id)
+        running = call.record.current_session_id == participant.session_id
         if running and not await tx.sessions.live_participants(participant.session_id):
-            settings = (await _view(tx, call)).settings
-            due = now + timedelta(seconds=inactivity_timeout_seconds(settings))
+            due = call.now + timedelta(seconds=inactivity_timeout_seconds(call.settings))
             await tx.timers.schedule(
                 INACTIVITY_TIMER, call.cid, due, payload={"session_id": participant.session_id}
             )
         return seq
 
     async def remove_participant(
-        self, tx: Transaction, call: CallRecord, participant: ParticipantRecord, reason: str, now: datetime
+        self, tx: Transaction, call: Call, participant: ParticipantRecord, reason: str
     ) -> int:
         """For moderation (KickUser, BlockUser): one participant leaves in the caller's transaction, with
-        the same events and inactivity timer as any other leave. The call row must be locked."""
-        return await self._leave(tx, call, participant, reason, now)
+        the same events and inactivity timer as any other leave."""
+        return await self._leave(tx, call, participant, reason)
 
     @staticmethod
     def _key_problems(call_type: str, call_id: str, participant_session_id: str) -> ViolationCollector:
@@ -322,31 +308,31 @@ class SessionService:
             self._calls.check_get_or_create(call_type, call_id, create_data, 0)
         psid = participant_session_id or uuid.uuid4().hex
 
-        async def work(tx: Transaction) -> JoinResult:
+        async def join_call(tx: Transaction) -> JoinResult:
             if generated and create_data is not None:
                 # A generated id only ever creates: never joins somebody else's call.
                 await self._calls.get_or_create_in(tx, call_type, call_id, create_data, 0, create_only=True)
             try:
-                call = await live_call(tx, cid, for_update=True)
+                call = await open_call(tx, cid, now=self._clock(), check=False)
             except NotFound:
                 if create_data is None:
                     raise
                 # Created in the join's transaction: a join refused after it (backstage, full, no
                 # permission) creates no call either.
                 await self._calls.get_or_create_in(tx, call_type, call_id, create_data, 0)
-                call = await live_call(tx, cid, for_update=True)
-            caller = await load_caller(tx)
+                call = await open_call(tx, cid, now=self._clock(), check=False)
+            caller = await caller_of(tx, call)
             require_self(caller, user_id)
             capabilities = await joining_capabilities(tx, caller, call, user_id)
-            now = self._clock()
+            now = call.now
             users = await tx.users.get_many([user_id])
             user = users.get(user_id)
             if user is None:
                 raise NotFound(
                     f"user {user_id!r} does not exist", reason="USER_NOT_FOUND", metadata={"user_id": user_id}
                 )
-            if call.current_session_id:
-                existing = await tx.sessions.get_participant(call.current_session_id, psid)
+            if call.record.current_session_id:
+                existing = await tx.sessions.get_participant(call.record.current_session_id, psid)
                 if existing is not None:
                     if existing.user_id != user_id:
                         raise FailedPrecondition(
@@ -367,19 +353,18 @@ class SessionService:
                         )
                     # Idempotent re-join: the same participant, its lease renewed, no events.
                     await self._renew_lease(tx, existing, now)
-                    session = await tx.sessions.get(call.current_session_id)
+                    session = await tx.sessions.get(call.record.current_session_id)
                     assert session is not None
                     live = await tx.sessions.live_participants(session.id)
                     return JoinResult(
-                        await _view(tx, call), session, live, existing, call.last_seq, now, capabilities
+                        call.view(), session, live, existing, call.record.last_seq, now, capabilities
                     )
-            if call.ended_at is not None and "join-ended-call" not in capabilities:
+            if call.ended and "join-ended-call" not in capabilities:
                 raise _call_ended(cid)
-            view = await _view(tx, call)
-            settings = view.settings
-            if call.backstage and "join-backstage" not in capabilities:
+            settings = call.settings
+            if call.record.backstage and "join-backstage" not in capabilities:
                 ahead = int(settings.get("backstage", {}).get("join_ahead_time_seconds") or 0)
-                opens_at = _joinable_from(call.starts_at, ahead)
+                opens_at = _joinable_from(call.record.starts_at, ahead)
                 if opens_at is None or now < opens_at:
                     metadata: dict[str, object] = {"cid": cid}
                     if opens_at is not None:
@@ -391,8 +376,8 @@ class SessionService:
                         metadata=metadata,
                     )
             session = None  # (typed SessionRecord | None by the re-join branch above)
-            if call.current_session_id:
-                session = await tx.sessions.get(call.current_session_id)
+            if call.record.current_session_id:
+                session = await tx.sessions.get(call.record.current_session_id)
             live = await tx.sessions.live_participants(session.id) if session else []
             maximum = int(settings.get("limits", {}).get("max_participants") or 0)
             if maximum and len(live) >= maximum:
@@ -411,10 +396,8 @@ class SessionService:
                     await tx.timers.schedule(
                         MAX_DURATION_TIMER, cid, session.timer_ends_at, payload={"session_id": session.id}
                     )
-                call.current_session_id = session.id
-                call.ongoing = True
-                await tx.calls.save(call)
-                await tx.events.record(cid, SessionStarted(session), now)
+                call.session_started(session.id)
+                call.record_event(SessionStarted(session))
             await tx.timers.cancel(INACTIVITY_TIMER, cid)
             member = (await tx.members.get_many(cid, [user_id])).get(user_id)
             participant = ParticipantRecord(
@@ -431,12 +414,12 @@ class SessionService:
             )
             await tx.sessions.insert_participant(participant)
             await self._renew_lease(tx, participant, now)
-            await tx.events.record(cid, ParticipantJoined(participant), now)
-            seq = await emit_counts(tx, cid, session.id, now)
+            call.record_event(ParticipantJoined(participant))
+            seq = await record_counts(tx, call, session.id)
             live = await tx.sessions.live_participants(session.id)
-            return JoinResult(view, session, live, participant, seq, now, capabilities)
+            return JoinResult(call.view(), session, live, participant, seq, now, capabilities)
 
-        return await self._store.write(work)
+        return await self._store.write(join_call)
 
     # -- LeaveCall / KeepAlive / UpdateParticipant ------------------------------------------------
 
@@ -453,20 +436,20 @@ class SessionService:
         self._key_problems(call_type, call_id, participant_session_id).raise_if_any()
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> None:
-            call = await live_call(tx, cid, for_update=True)
+        async def leave_call(tx: Transaction) -> None:
+            call = await open_call(tx, cid, now=self._clock(), check=False)
             try:
                 participant = await self._current_participant(tx, call, participant_session_id)
             except FailedPrecondition:
                 departed = await tx.sessions.find_participant(cid, participant_session_id)
                 if authorize and departed is not None:
-                    require_own_participant(await load_caller(tx), departed)
+                    require_own_participant(await caller_of(tx, call), departed)
                 return  # already left: leaving is idempotent
             if authorize:
-                require_own_participant(await load_caller(tx), participant)
-            await self._leave(tx, call, participant, reason, self._clock())
+                require_own_participant(await caller_of(tx, call), participant)
+            await self._leave(tx, call, participant, reason)
 
-        await self._store.write(work)
+        await self._store.write(leave_call)
 
     async def keep_alive(
         self, call_type: str, call_id: str, participant_session_id: str, *, authorize: bool = True
@@ -474,15 +457,15 @@ class SessionService:
         self._key_problems(call_type, call_id, participant_session_id).raise_if_any()
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> ParticipantRecord:
-            call = await live_call(tx, cid, for_update=True)
+        async def keep_participant(tx: Transaction) -> ParticipantRecord:
+            call = await open_call(tx, cid, now=self._clock(), check=False)
             participant = await self._current_participant(tx, call, participant_session_id)
             if authorize:
-                require_own_participant(await load_caller(tx), participant)
-            await self._renew_lease(tx, participant, self._clock())
+                require_own_participant(await caller_of(tx, call), participant)
+            await self._renew_lease(tx, participant, call.now)
             return participant
 
-        return await self._store.write(work)
+        return await self._store.write(keep_participant)
 
     async def update_participant(
         self, call_type: str, call_id: str, participant_session_id: str, published_tracks: list[int]
@@ -500,20 +483,20 @@ class SessionService:
         names.sort(key=lambda name: list(TRACK_NAMES.values()).index(name))
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> tuple[ParticipantRecord, datetime]:
-            call = await live_call(tx, cid, for_update=True)
+        async def update_tracks(tx: Transaction) -> tuple[ParticipantRecord, datetime]:
+            call = await open_call(tx, cid, now=self._clock(), check=False)
             participant = await self._current_participant(tx, call, participant_session_id)
-            caller = await load_caller(tx)
+            caller = await caller_of(tx, call)
             require_own_participant(caller, participant)
-            await require(tx, caller, call, *dict.fromkeys(TRACK_CAPABILITIES[name] for name in names))
-            now = self._clock()
+            needed = dict.fromkeys(TRACK_CAPABILITIES[name] for name in names)
+            await require(tx, caller, call.record, *needed, grants=call.grants)
             if participant.published_tracks != names:
                 participant.published_tracks = names
                 await tx.sessions.save_participant(participant)
-                await tx.events.record(cid, ParticipantUpdated(participant), now)
-            return participant, now
+                call.record_event(ParticipantUpdated(participant))
+            return participant, call.now
 
-        return await self._store.write(work)
+        return await self._store.write(update_tracks)
 
     # -- queries -----------------------------------------------------------------------------------
 
@@ -523,7 +506,7 @@ class SessionService:
         problems.raise_if_any()
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> ParticipantsPage:
+        async def participants_page(tx: Transaction) -> ParticipantsPage:
             call = await live_call(tx, cid)
             await require(tx, await load_caller(tx), call, "read-call")
             now = self._clock()
@@ -536,7 +519,7 @@ class SessionService:
             by_role = await tx.sessions.live_counts_by_role(session_id)
             return ParticipantsPage(found, session_id, sum(by_role.values()), by_role, now)
 
-        return await self._store.read(work)
+        return await self._store.read(participants_page)
 
     async def query_sessions(self, call_type: str, call_id: str, page: PageRequest) -> SessionsPage:
         problems = ViolationCollector()
@@ -544,14 +527,14 @@ class SessionService:
         problems.raise_if_any()
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> SessionsPage:
+        async def sessions_page(tx: Transaction) -> SessionsPage:
             call = await live_call(tx, cid)
             await require(tx, await load_caller(tx), call, "read-call")
             found = await tx.sessions.query_sessions(cid, page, self._store.signer)
             people = await tx.sessions.participants([s.id for s in found.items])
             return SessionsPage(found, people, self._clock())
 
-        return await self._store.read(work)
+        return await self._store.read(sessions_page)
 
     # -- backstage ---------------------------------------------------------------------------------
 
@@ -567,39 +550,17 @@ class SessionService:
         problems.raise_if_any()
         cid = f"{call_type}:{call_id}"
 
-        async def work(tx: Transaction) -> CallView:
-            call = await live_call(tx, cid, for_update=True)
-            await require(tx, await load_caller(tx), call, "update-call")
-            if call.ended_at is not None:
-                raise _call_ended(cid)
-            if call.backstage == backstage:
-                if backstage:
-                    raise FailedPrecondition(
-                        f"call {cid!r} is already in backstage", reason="CALL_NOT_LIVE", metadata={"cid": cid}
-                    )
-                raise FailedPrecondition(
-                    f"call {cid!r} is already live (not in backstage)",
-                    reason="CALL_ALREADY_LIVE",
-                    metadata={"cid": cid},
-                )
-            now = self._clock()
-            call.backstage = backstage
-            call.version += 1
-            call.updated_at = now
-            await tx.calls.save(call)
-            view = await _view(tx, call)
-            if backstage:
-                await tx.events.record(cid, CallUpdated(view), now)
-            else:
-                await tx.events.record(cid, CallLiveStarted(view), now)
-            return view
+        async def set_backstage(tx: Transaction) -> CallView:
+            call = await open_call(tx, cid, "update-call", now=self._clock())
+            call.set_backstage(backstage)
+            return call.view()
 
-        return await self._store.write(work)
+        return await self._store.write(set_backstage)
 
     # -- timers ------------------------------------------------------------------------------------
 
     async def _on_lease_expired(self, tx: Transaction, timer: TimerRecord, now: datetime) -> None:
-        call = await tx.calls.get(timer.call_cid)
+        call = await tx.calls.open(timer.call_cid, now)
         if call is None:
             return
         session_id = str(timer.payload.get("session_id", ""))
@@ -620,37 +581,31 @@ class SessionService:
                 payload={"session_id": session_id},
             )
             return
-        await self._leave(tx, call, participant, LEASE_EXPIRED, now)
+        await self._leave(tx, call, participant, LEASE_EXPIRED)
 
     async def _on_inactivity(self, tx: Transaction, timer: TimerRecord, now: datetime) -> None:
-        call = await tx.calls.get(timer.call_cid)
+        call = await tx.calls.open(timer.call_cid, now)
         session_id = str(timer.payload.get("session_id", ""))
-        if call is None or call.current_session_id != session_id:
+        if call is None or call.record.current_session_id != session_id:
             return
         session = await tx.sessions.get(session_id)
         if session is None or session.ended_at is not None:
             return
         if await tx.sessions.live_participants(session_id):
             return  # someone joined (a join cancels this timer; this is only a safety net)
-        await end_session(tx, call, session, END_INACTIVITY, LEFT, now)
+        await end_session(tx, call, session, END_INACTIVITY, LEFT)
 
     async def _on_max_duration(self, tx: Transaction, timer: TimerRecord, now: datetime) -> None:
-        call = await tx.calls.get(timer.call_cid)
+        call = await tx.calls.open(timer.call_cid, now)
         session_id = str(timer.payload.get("session_id", ""))
-        if call is None or call.deleted_at is not None or call.current_session_id != session_id:
+        if call is None or call.record.deleted_at is not None or call.record.current_session_id != session_id:
             return
         session = await tx.sessions.get(session_id)
         if session is None or session.ended_at is not None:
             return
-        await end_session(tx, call, session, END_MAX_DURATION, MAX_DURATION, now)
-        if call.ended_at is None:
-            call.ended_at = now
-            call.ongoing = False
-            call.updated_at = now
-            call.version += 1
-            await tx.calls.save(call)
-            view = await _view(tx, call)
-            await tx.events.record(call.cid, CallEnded(view, reason="max_duration"), now)
+        await end_session(tx, call, session, END_MAX_DURATION, MAX_DURATION)
+        if not call.ended:
+            call.end("max_duration")
 
     # -- presence (WatchCall streams) --------------------------------------------------------------
 

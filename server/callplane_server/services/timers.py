@@ -86,7 +86,7 @@ class TimerRunner:
 
         async def work(tx: Transaction) -> bool:
             # Lock order as every writer of a call: the call row first, then the timer row.
-            await tx.calls.get(timer.call_cid, for_update=True)
+            await tx.calls.open(timer.call_cid, now)
             claimed = await tx.timers.claim(timer.id, now)
             if claimed is None:
                 return False

@@ -17,8 +17,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from callplane.v1 import event_pb2
 from callplane_server.domain.events import DomainEvent
+from callplane_server.domain.records import CallRecord
 from callplane_server.events.encoding import encode
 from callplane_server.store.models import CallRow, CounterRow, EventRecipientRow, EventRow, UserRow
+from callplane_server.store.repositories import CallRepository
 
 POSITION_COUNTER = "event_position"
 NOTIFY_CHANNEL = "callplane_events"
@@ -79,17 +81,26 @@ def _within_budget(events: Iterable[StoredEvent], max_bytes: int | None) -> list
 
 
 class EventRepository:
-    def __init__(self, session: AsyncSession) -> None:
+    def __init__(self, session: AsyncSession, calls: CallRepository) -> None:
         self._session = session
+        self._calls = calls
         self._pending: list[_Pending] = []
 
     # -- writing -----------------------------------------------------------------------------------
+
+    def append(self, call: CallRecord, event: DomainEvent, at: datetime, recipients: tuple[str, ...]) -> None:
+        """The sink of call aggregates: `event` already numbered (call.last_seq is its seq)."""
+        message = encode(event, call.cid, call.last_seq, at)
+        self._pending.append(_Pending(call.cid, call.type, call.last_seq, message, recipients, at))
 
     async def record(
         self, call_cid: str, event: DomainEvent, at: datetime, recipients: Sequence[str] = ()
     ) -> int:
         """Appends `event` to the call's log in this transaction and returns its seq; `recipients` also
-        get it on their WatchUser streams."""
+        get it on their WatchUser streams. Through the call's aggregate when this transaction opened it."""
+        opened = self._calls.opened(call_cid)
+        if opened is not None:
+            return opened.record_event(event, recipients, at)
         result = await self._session.execute(
             update(CallRow)
             .where(CallRow.cid == call_cid)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import Select, bindparam, delete, func, select, update
+from sqlalchemy import Select, Table, bindparam, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from callplane_server.domain.call import Call, EventSink
 from callplane_server.domain.records import (
     CallRecord,
     CallTypeRecord,
@@ -34,6 +37,43 @@ from callplane_server.store.visibility import CallReader, calls_with_capability,
 _CALL = select(CallRow.__table__).where(CallRow.__table__.c.cid == bindparam("cid"))
 _CALL_FOR_UPDATE = _CALL.with_for_update()
 _CALL_FOR_SHARE = _CALL.with_for_update(read=True)
+_CALLS = cast(Table, CallRow.__table__)
+_CALL_COLUMNS = (
+    "created_by_user_id",
+    "team",
+    "custom",
+    "settings_override",
+    "backstage",
+    "ongoing",
+    "member_count",
+    "version",
+    "created_at",
+    "updated_at",
+    "starts_at",
+    "ended_at",
+    "deleted_at",
+    "current_session_id",
+    "pins",
+    "blocked_user_ids",
+)
+_TYPES = cast(Table, CallTypeRow.__table__)
+# The call with its type's settings and grants, its row locked (FOR UPDATE OF calls on PostgreSQL;
+# SQLite's writer holds the database lock anyway).
+_OPEN_CALL = (
+    select(_CALLS, _TYPES.c.settings.label("type_settings"), _TYPES.c.grants.label("type_grants"))
+    .join(_TYPES, _TYPES.c.name == _CALLS.c.type)
+    .where(_CALLS.c.cid == bindparam("cid"))
+    .with_for_update(of=_CALLS)
+)
+_SAVE_CALL = (
+    update(_CALLS)
+    .where(_CALLS.c.cid == bindparam("key"))
+    .values({column: bindparam(f"new_{column}") for column in (*_CALL_COLUMNS, "last_seq")})
+)
+_MEMBER_ROLE = select(CallMemberRow.__table__.c.role).where(
+    CallMemberRow.__table__.c.call_cid == bindparam("cid"),
+    CallMemberRow.__table__.c.user_id == bindparam("user_id"),
+)
 _CALL_TYPE_BY_NAME = select(CallTypeRow.__table__).where(CallTypeRow.__table__.c.name == bindparam("name"))
 _USERS_BY_ID = select(UserRow.__table__).where(UserRow.__table__.c.id.in_(bindparam("ids", expanding=True)))
 _TEAMS_OF_USERS = (
@@ -220,37 +260,95 @@ class UserRepository:
 
 
 class CallRepository:
-    def __init__(self, session: AsyncSession, signer: CursorSigner) -> None:
+    """Calls. In a write transaction, `open` and `create` hand out the call aggregate and keep it (one per
+    call: an identity map), and `flush` writes back each one that changed, once."""
+
+    def __init__(self, session: AsyncSession, signer: CursorSigner, sink: EventSink | None = None) -> None:
         self._session = session
         self._signer = signer
+        self._sink = sink
+        self._open: dict[str, Call] = {}
+
+    def _aggregate(self, record: CallRecord, type_row: Any, now: datetime) -> Call:
+        if self._sink is None:  # pragma: no cover - read transactions hand out no aggregates
+            raise RuntimeError("calls are opened for change only in write transactions")
+        call = Call(
+            record,
+            type_settings=dict(type_row.settings) if type_row is not None else {},
+            grants={role: list(caps) for role, caps in type_row.grants.items()}
+            if type_row is not None
+            else {},
+            now=now,
+            sink=self._sink,
+        )
+        self._open[record.cid] = call
+        return call
+
+    async def open(self, cid: str, now: datetime) -> Call | None:
+        """The call (soft-deleted too) for change, its row locked until commit (which serializes the
+        writers of one call, and so its event seq, on PostgreSQL), with its type's settings and grants:
+        one statement. Opening an open call again hands out the same aggregate."""
+        call = self._open.get(cid)
+        if call is not None:
+            call.now = now
+            return call
+        row = (await self._session.execute(_OPEN_CALL, {"cid": cid})).first()
+        if row is None:
+            return None
+        return self._aggregate(_call_record(row), _TypeColumns(row.type_settings, row.type_grants), now)
+
+    def opened(self, cid: str) -> Call | None:
+        """The call's aggregate if this transaction opened it."""
+        return self._open.get(cid)
+
+    async def create(self, record: CallRecord, call_type: CallTypeRecord, now: datetime) -> Call:
+        """Inserts a new call and hands out its aggregate."""
+        columns = _call_columns(record)
+        await self._session.execute(
+            _CALLS.insert(),
+            {"cid": record.cid, "type": record.type, "id": record.id, "last_seq": record.last_seq, **columns},
+        )
+        call = self._aggregate(record, call_type, now)
+        call.created = True
+        return call
+
+    async def flush(self) -> frozenset[str]:
+        """Writes back every opened call that changed (with its new last_seq); returns their cids."""
+        changed = [call for call in self._open.values() if call.changed]
+        for call in changed:
+            if not call.gone:
+                values = {**_call_columns(call.record), "last_seq": call.record.last_seq}
+                await self._session.execute(
+                    _SAVE_CALL, {"key": call.cid, **{f"new_{name}": value for name, value in values.items()}}
+                )
+            call.changed = False
+        return frozenset(call.cid for call in changed)
 
     async def get(self, cid: str, *, for_update: bool = False, for_share: bool = False) -> CallRecord | None:
         """The call (soft-deleted too). `for_update` locks the row for the rest of the transaction,
         which serializes writers of one call (and so its event seq) on PostgreSQL. `for_share` waits for
         in-flight writers of the call and keeps new ones out, so several reads see one consistent state
-        (every change of a call's state locks its row to take an event seq)."""
+        (every change of a call's state locks its row to take an event seq). A call this transaction
+        opened is its aggregate's record, pending changes included."""
+        opened = self._open.get(cid)
+        if opened is not None:
+            return None if opened.gone else opened.record
         statement = _CALL_FOR_UPDATE if for_update else _CALL_FOR_SHARE if for_share else _CALL
         row = (await self._session.execute(statement, {"cid": cid})).first()
         return _call_record(row) if row else None
 
-    async def insert(self, record: CallRecord) -> None:
-        columns = _call_columns(record)
-        self._session.add(
-            CallRow(cid=record.cid, type=record.type, id=record.id, last_seq=record.last_seq, **columns)
-        )
-        await self._session.flush()
-
-    async def save(self, record: CallRecord) -> None:
-        await self._session.execute(
-            update(CallRow).where(CallRow.cid == record.cid).values(**_call_columns(record))
-        )
-
     async def hard_delete(self, cid: str) -> None:
+        opened = self._open.get(cid)
+        if opened is not None:
+            opened.gone = True
         await self._session.execute(delete(CallMemberRow).where(CallMemberRow.call_cid == cid))
         await self._session.execute(delete(CallRow).where(CallRow.cid == cid))
 
     async def refresh_member_counts(self, cids: Iterable[str]) -> None:
+        """Recounts members of calls this transaction did not open (an opened call counts its own)."""
         for cid in cids:
+            if cid in self._open:  # pragma: no cover - a programming error, not a runtime condition
+                raise RuntimeError(f"{cid} is open: count its members with Call.members_changed")
             count = select(func.count()).where(CallMemberRow.call_cid == cid).scalar_subquery()
             await self._session.execute(update(CallRow).where(CallRow.cid == cid).values(member_count=count))
 
@@ -263,6 +361,12 @@ class CallRepository:
             self._session, base, CALLS, page, self._signer, whole_rows=True
         )
         return Page([_call_record(row) for row in rows], next_cursor, prev_cursor)
+
+
+@dataclass(frozen=True)
+class _TypeColumns:
+    settings: Any
+    grants: Any
 
 
 def _call_columns(record: CallRecord) -> dict[str, Any]:
@@ -348,6 +452,10 @@ class MemberRepository:
         for record in await self._records(rows):
             grouped[record.call_cid].append(record)
         return grouped
+
+    async def role_of(self, cid: str, user_id: str) -> str | None:
+        """The user's member role in the call; None when not a member."""
+        return (await self._session.execute(_MEMBER_ROLE, {"cid": cid, "user_id": user_id})).scalar()
 
     async def roles_of(self, user_id: str, cids: Sequence[str]) -> dict[str, str]:
         """cid → the user's member role, for the calls among `cids` the user is a member of."""

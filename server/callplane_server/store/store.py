@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from callplane_server.domain.events import DomainEvent
+from callplane_server.domain.records import CallRecord
 from callplane_server.errors import CallplaneError, Unavailable
 from callplane_server.store.custom_indexes import CustomIndex, ensure_custom_indexes
 from callplane_server.store.database import Database
@@ -31,18 +34,29 @@ T = TypeVar("T")
 class Transaction:
     """One unit of work: every repository shares the same session and so the same transaction."""
 
-    def __init__(self, session: AsyncSession, signer: CursorSigner) -> None:
+    def __init__(self, session: AsyncSession, signer: CursorSigner, *, write: bool = False) -> None:
         self.call_types = CallTypeRepository(session)
         self.users = UserRepository(session, signer)
-        self.calls = CallRepository(session, signer)
+        self.calls = CallRepository(session, signer, sink=self._record if write else None)
         self.members = MemberRepository(session, signer, self.users)
         self.secrets = SecretRepository(session)
-        self.events = EventRepository(session)
+        self.events = EventRepository(session, self.calls)
         self.permissions = PermissionRepository(session)
         self.sessions = SessionRepository(session)
         self.timers = TimerRepository(session)
         self.rings = RingRepository(session)
         self.idempotency = IdempotencyRepository(session)
+
+    def _record(
+        self, call: CallRecord, event: DomainEvent, at: datetime, recipients: tuple[str, ...]
+    ) -> None:
+        self.events.append(call, event, at, recipients)
+
+    async def flush(self) -> tuple[frozenset[str], int]:
+        """Writes back the calls this transaction changed, then its events (last, so the position
+        counter is locked as briefly as possible). Returns the changed calls and the last position."""
+        changed = await self.calls.flush() | self.events.pending_cids()
+        return changed, await self.events.flush()
 
 
 class Store:
@@ -99,10 +113,10 @@ class Store:
 
         async def attempt(session: AsyncSession) -> T:
             nonlocal last_position, changed
-            tx = Transaction(session, self.signer)
+            tx = Transaction(session, self.signer, write=True)
             result = await work(tx)
-            changed = tx.events.pending_cids() or None
-            last_position = await tx.events.flush()
+            cids, last_position = await tx.flush()
+            changed = cids or None
             return result
 
         try:
