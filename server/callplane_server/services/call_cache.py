@@ -56,6 +56,8 @@ class CallCache:
         self._entries[cid] = entry
 
     def _changed(self, cids: frozenset[str] | None) -> None:
+        if cids is not None and not cids:
+            return  # a write that changed nothing (a no-op update)
         self.generation += 1
         if cids is None:
             self._entries.clear()

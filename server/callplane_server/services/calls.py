@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -428,15 +428,28 @@ class CallService:
         if unchanged is not None:
             return unchanged
 
-        async def update_call(tx: Transaction) -> CallView:
+        async def update_call(tx: Transaction) -> tuple[CallView, bool]:
             call = await self._open(tx, cid, *needed)
             call.check_etag(change.etag)
             override_before = call.record.settings_override
-            if call.update(applied(call.record)) and call.record.settings_override != override_before:
-                await reschedule_max_duration(tx, call)
-            return await self._view(tx, call, limit)
+            if call.update(applied(call.record)):
+                if call.record.settings_override != override_before:
+                    await reschedule_max_duration(tx, call)
+                return await self._view(tx, call, limit), True
+            # Nothing to change: keep this state for the next such request (read, as the cache keeps
+            # them, with as many members as any read may ask for).
+            readable = "read-call" in call.capabilities and self._cache.enabled
+            return await self._view(tx, call, MAX_MEMBERS_LIMIT if readable else limit), False
 
-        return await self._store.write(update_call)
+        generation = self._cache.generation
+        view, changed = await self._store.write(update_call)
+        if not changed and "read-call" in view.own_capabilities and self._cache.enabled:
+            # The state read under the write lock was committed; a write that committed with it and
+            # changed this call invalidates the entry after this (its change listeners run later).
+            entry = CachedCall(view.call, view.settings, view.members)
+            entry.capabilities[current_principal()] = frozenset(view.own_capabilities)
+            self._cache.put(cid, entry, generation)
+        return replace(view, members=view.members[:limit])
 
     async def _unchanged(
         self,
@@ -448,10 +461,10 @@ class CallService:
     ) -> CallView | None:
         """The call's view when an update would change nothing in its current state (and the caller may
         make it); None when the write path must decide (a change, a refusal, or no readable state)."""
-        try:
-            cached, have = await self._readable(cid)
-        except CallplaneError:
-            return None  # missing or not readable: the write path gives the precise refusal
+        cached = self._cache.get(cid)
+        have = cached.capabilities.get(current_principal()) if cached is not None else None
+        if cached is None or have is None:
+            return None  # not known here: reading it first would cost every real change a read
         record = cached.call
         if any(capability not in have for capability in needed) or (etag and etag != record.etag):
             return None

@@ -297,6 +297,10 @@ class CallRepository:
             return None
         return self._aggregate(_call_record(row), _TypeColumns(row.type_settings, row.type_grants), now)
 
+    @property
+    def opened_any(self) -> bool:
+        return bool(self._open)
+
     def opened(self, cid: str) -> Call | None:
         """The call's aggregate if this transaction opened it."""
         return self._open.get(cid)

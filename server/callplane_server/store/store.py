@@ -116,7 +116,12 @@ class Store:
             tx = Transaction(session, self.signer, write=True)
             result = await work(tx)
             cids, last_position = await tx.flush()
-            changed = cids or None
+            # A transaction that opened calls changed only what belongs to them (members, sessions,
+            # participants, permissions...); one that did not may have changed anything (users, types).
+            changed = cids if tx.calls.opened_any else cids or None
+            # Also now, before the commit: a later write of the same group commit must not take this
+            # change's calls from a cache (it runs in the same transaction, after this change).
+            self._changed(changed)
             return result
 
         try:
