@@ -71,14 +71,21 @@ _REQUESTS = re.compile(
 
 
 def run(
-    target: str, method: str, body: bytes, token: str | None, settings: LoadSettings, folder: Path
+    target: str,
+    method: str,
+    body: bytes,
+    token: str | None,
+    settings: LoadSettings,
+    folder: Path,
+    cpu: str | None = None,
 ) -> LoadResult:
-    """One h2load run against http://target/method."""
+    """One h2load run against http://target/method (on the given CPUs, `taskset -c`, if any)."""
     body_path = folder / f"{method.strip('/').replace('/', '.')}.body"
     body_path.write_bytes(body)
     log_path = folder / "h2load-requests.log"
     log_path.unlink(missing_ok=True)
     command = [
+        *(["taskset", "-c", cpu] if cpu else []),
         ensure_h2load(),
         "-c",
         str(settings.clients),

@@ -1,17 +1,24 @@
 """`make bench`: Callplane against the transport's own limit, on SQLite and PostgreSQL.
 
 For each backend: a fresh database seeded through the API (10,000 calls with 5 members and custom data,
-1,000 users), then h2load at fixed settings against the reference server (bare grpc.aio, fixed GetCall
-reply) and each measured RPC, interleaved, 3 runs each, median reported. Every reply must be OK by the
-server's own count (/metrics). Then event fan-out (1,000 WatchCall streams on one call, 100 UpdateCalls/s
-for 10 s) and server RSS with 10,000 idle watch streams. Writes Markdown, JSON and a PNG chart, and the
-README's results section.
+1,000 users), then the rows of tests/bench/workloads.py, interleaved with the reference server (bare
+grpc.aio answering fixed replies), 3 runs each, median reported, with the servers pinned to CPU 0 and the
+load on CPU 1. Reads, SendCallEvent and the no-op UpdateCall go through h2load (one body, repeated);
+writes whose every request must differ (UpdateCall, UpdateParticipantCustom, GetOrCreateCall creating a
+call, JoinCall + LeaveCall) through tests/bench/generator.py, which also runs against the reference in
+the same run to show it is not the limit. Every ratio is to the reference under h2load -c16 -m16 (GetCall);
+generator rows also show their ratio to the reference under the same generator. Every reply must be OK by
+the server's own count (/metrics), and each write row must have appended the events its OK replies owe
+(counted in the `events` table); the no-op and the reads must append none. Then event fan-out (1,000
+WatchCall streams on one call, 100 UpdateCalls/s for 10 s) and server RSS with 10,000 idle watch
+streams. Writes Markdown, JSON and a PNG chart, and the README's results section.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -21,16 +28,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from callplane.v1 import call_service_pb2, call_service_pb2_grpc, query_pb2
+from callplane.v1 import call_service_pb2, call_service_pb2_grpc
 from callplane_server import runtime
-from tests.bench import fanout, h2load, report
+from tests.bench import fanout, generator, h2load, report, workloads
 from tests.bench.servers import (
     CALL_TYPE,
     REPO,
@@ -38,69 +45,18 @@ from tests.bench.servers import (
     callplane,
     free_port,
     handled_counts,
+    pin,
     reference,
     seed,
     server_token,
     wait_serving,
 )
 from tests.bench.stats import proc_status
-from tests.support import new_database, struct
+from tests.support import new_database
 
 RESULTS_DIR = REPO / "tests" / "bench" / "results"
-GET_CALL = "/callplane.v1.CallService/GetCall"
-
-
-def workloads(calls: int) -> dict[str, tuple[str, bytes]]:
-    """RPC name → (method path, h2load body). h2load sends the same body every time."""
-    hot = call_id(calls // 2)
-    return {
-        "GetCall": (GET_CALL, h2load.grpc_body(call_service_pb2.GetCallRequest(type=CALL_TYPE, id=hot))),
-        "GetOrCreateCall": (
-            "/callplane.v1.CallService/GetOrCreateCall",
-            h2load.grpc_body(call_service_pb2.GetOrCreateCallRequest(type=CALL_TYPE, id=hot)),
-        ),
-        "UpdateCall": (
-            "/callplane.v1.CallService/UpdateCall",
-            h2load.grpc_body(
-                call_service_pb2.UpdateCallRequest(
-                    type=CALL_TYPE,
-                    id=call_id(calls // 2 + 1),
-                    set_custom=struct({"host.tier": "pro", "bump": 1}),
-                )
-            ),
-        ),
-        "QueryCalls": (
-            "/callplane.v1.CallService/QueryCalls",
-            h2load.grpc_body(
-                call_service_pb2.QueryCallsRequest(
-                    filter_conditions=struct({"custom.region": "eu", "custom.priority": {"$gte": 5}}),
-                    sort=[
-                        query_pb2.SortParam(
-                            field="custom.priority",
-                            direction=query_pb2.SORT_DIRECTION_DESC,
-                            type=query_pb2.SORT_TYPE_NUMBER,
-                        )
-                    ],
-                    limit=25,
-                )
-            ),
-        ),
-        "QueryMembers": (
-            "/callplane.v1.CallService/QueryMembers",
-            h2load.grpc_body(call_service_pb2.QueryMembersRequest(type=CALL_TYPE, id=hot, limit=25)),
-        ),
-    }
-
-
-async def fetch_reply(target: str, token: str, calls: int) -> bytes:
-    """A real GetCallResponse for the hot call: what the reference server answers with."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = call_service_pb2_grpc.CallServiceStub(channel)
-        reply = await stub.GetCall(
-            call_service_pb2.GetCallRequest(type=CALL_TYPE, id=call_id(calls // 2)),
-            metadata=(("authorization", f"Bearer {token}"),),
-        )
-        return reply.SerializeToString()
+#: Where --quick writes (small runs never overwrite the committed results).
+QUICK_OUTPUT = Path(tempfile.gettempdir()) / "callplane-bench-quick"
 
 
 def _non_ok(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float], method: str) -> dict:
@@ -111,61 +67,218 @@ def _non_ok(before: dict[tuple[str, str], float], after: dict[tuple[str, str], f
     return {code: count for code, count in delta.items() if count}
 
 
-def load_rpcs(
-    backend: str,
-    callplane_target: str,
-    reference_target: str,
-    metrics_port: int,
-    token: str,
-    args: Any,
-    folder: Path,
-) -> dict[str, Any]:
-    settings = h2load.LoadSettings(
-        clients=args.clients, streams=args.streams, seconds=args.seconds, warm_up_seconds=args.warm_up
-    )
-    loads = workloads(args.calls)
-    runs: dict[str, list[h2load.LoadResult]] = {"reference": [], **{name: [] for name in loads}}
-    for run_index in range(args.runs):
-        result = h2load.run(reference_target, GET_CALL, loads["GetCall"][1], None, settings, folder)
+@dataclass
+class Bench:
+    """One backend's load part: where to send what, and how to check it."""
+
+    backend: str
+    callplane_target: str
+    reference_target: str
+    metrics_port: int
+    token: str
+    args: Any
+    folder: Path
+    stage: workloads.Stage
+    counter: workloads.EventCounter
+    load_cpu: str | None
+    numbers: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def h2load_settings(self) -> h2load.LoadSettings:
+        args = self.args
+        return h2load.LoadSettings(
+            clients=args.clients, streams=args.streams, seconds=args.seconds, warm_up_seconds=args.warm_up
+        )
+
+    def generator_settings(self) -> generator.GenSettings:
+        args = self.args
+        return generator.GenSettings(
+            concurrency=args.in_flight,
+            processes=args.generator_processes,
+            seconds=args.seconds,
+            warm_up_seconds=args.warm_up,
+            cpu=self.load_cpu,
+        )
+
+    def fresh_base(self) -> int:
+        """Item numbers no earlier generator run used (each run takes fewer than 10^9)."""
+        return next(self.numbers) * 1_000_000_000
+
+    async def reference(self) -> dict[str, Any]:
+        result = await asyncio.to_thread(
+            h2load.run,
+            self.reference_target,
+            workloads.GET_CALL,
+            workloads.h2load_reference_body(self.stage),
+            None,
+            self.h2load_settings(),
+            self.folder,
+            self.load_cpu,
+        )
+        return asdict(result)
+
+    async def generator_reference(self, workload: workloads.Workload) -> dict[str, Any]:
+        """The same generator, bodies and concurrency against the reference server (fixed replies)."""
+        result = await asyncio.to_thread(
+            generator.run_load,
+            self.reference_target,
+            self.token,
+            list(workload.steps),
+            self.fresh_base(),
+            self.generator_settings(),
+            self.folder / "generator.log",
+        )
+        if result.non_ok:
+            raise SystemExit(
+                f"{workload.name} on the reference server: non-OK replies {result.non_ok} "
+                f"({result.first_error})"
+            )
+        return asdict(result)
+
+    async def measure(self, workload: workloads.Workload) -> dict[str, Any]:
+        """One run of a row against Callplane, checked: every reply OK by the server's own count, and
+        the events its OK replies owe appended (nothing appended by a row that must not write)."""
+        keys = workloads.event_keys(workload)
+        events_before = await self.counter.counts(keys)
+        before = handled_counts(self.metrics_port)
+        measured: dict[str, Any]
+        if workload.loader == "h2load":
+            (only,) = workload.steps
+            load = await asyncio.to_thread(
+                h2load.run,
+                self.callplane_target,
+                only.method,
+                workload.h2load_body(),
+                self.token,
+                self.h2load_settings(),
+                self.folder,
+                self.load_cpu,
+            )
+            measured = asdict(load)
+            client_ok, client_failed = load.succeeded, load.failed + load.errored
+            client_errors = f"h2load {load.succeeded} succeeded, {load.failed} failed, {load.errored} errored"
+        else:
+            result = await asyncio.to_thread(
+                generator.run_load,
+                self.callplane_target,
+                self.token,
+                list(workload.steps),
+                self.fresh_base(),
+                self.generator_settings(),
+                self.folder / "generator.log",
+            )
+            measured = asdict(result)
+            client_ok, client_failed = result.requests_total, sum(result.non_ok.values())
+            client_errors = f"generator {result.requests_total} OK, non-OK {result.non_ok or 'none'}" + (
+                f" (first: {result.first_error})" if result.first_error else ""
+            )
+        after = handled_counts(self.metrics_port)
+        events_after = await self.counter.counts(keys)
+        ok: dict[str, float] = {}
+        non_ok: dict[str, dict[str, float]] = {}
+        cut = 0.0
+        for method in workload.methods:
+            replies = _non_ok(before, after, method)
+            ok[method] = replies.pop("OK", 0.0)
+            if workload.loader == "h2load":
+                # h2load ends a run by closing its connections with requests still in flight (it counts
+                # none of them); the server may see those as CANCELLED. At most one per stream.
+                cut += replies.pop("CANCELLED", 0.0)
+            if replies:
+                non_ok[method] = replies
+        in_flight = self.args.clients * self.args.streams
+        if cut > in_flight:
+            non_ok.setdefault("CANCELLED beyond the requests in flight at h2load's end", {})["CANCELLED"] = (
+                cut
+            )
+        measured["cancelled_at_end"] = cut
+        if non_ok or client_failed or sum(ok.values()) < client_ok:
+            raise SystemExit(
+                f"{workload.name} on {self.backend}: not every reply was OK (server counted "
+                f"{non_ok or 'none'} non-OK, {sum(ok.values()):.0f} OK; {client_errors})"
+            )
+        measured["server_ok"] = ok
+        measured["events"] = workloads.check_events(
+            workload.name, self.backend, workload, ok, events_before, events_after
+        )
+        return measured
+
+
+async def load_rpcs(bench: Bench) -> dict[str, Any]:
+    rows = workloads.workloads(bench.stage)
+    runs: dict[str, list[dict[str, Any]]] = {"reference": [], **{w.name: [] for w in rows}}
+    generator_references: dict[str, list[dict[str, Any]]] = {
+        w.name: [] for w in rows if w.loader == "generator"
+    }
+    tag = bench.backend
+    for run_index in range(bench.args.runs):
+        result = await bench.reference()
         runs["reference"].append(result)
         print(
-            f"  [{backend} run {run_index + 1}] reference: {result.requests_per_second:,.0f} req/s",
-            flush=True,
+            f"  [{tag} run {run_index + 1}] reference: {result['requests_per_second']:,.0f} req/s", flush=True
         )
-        for name, (method, body) in loads.items():
-            before = handled_counts(metrics_port)
-            result = h2load.run(callplane_target, method, body, token, settings, folder)
-            after = handled_counts(metrics_port)
-            replies = _non_ok(before, after, method)
-            ok = replies.pop("OK", 0)
-            if replies or result.failed or result.errored or ok < result.succeeded:
-                raise SystemExit(
-                    f"{name} on {backend}: not every reply was OK (server counted "
-                    f"{replies or 'none'} non-OK, {ok:.0f} OK; h2load {result.succeeded} succeeded, "
-                    f"{result.failed} failed, {result.errored} errored)"
+        for workload in rows:
+            if workload.loader == "generator":
+                on_reference = await bench.generator_reference(workload)
+                generator_references[workload.name].append(on_reference)
+                print(
+                    f"  [{tag} run {run_index + 1}] {workload.name} on the reference (generator): "
+                    f"{on_reference['requests_per_second']:,.0f} {workload.unit}, "
+                    f"generator CPU {on_reference['cpu_share']:.0%} of a core",
+                    flush=True,
                 )
-            runs[name].append(result)
+            result = await bench.measure(workload)
+            runs[workload.name].append(result)
+            events = "; ".join(
+                f"{label}: +{figures['appended']:,}"
+                + (" (must stay 0)" if "expected" in figures else f" (≥ {figures['expected_at_least']:,})")
+                for label, figures in result["events"].items()
+            )
             print(
-                f"  [{backend} run {run_index + 1}] {name}: {result.requests_per_second:,.0f} req/s "
-                f"p50 {result.p50_ms:.1f} ms p99 {result.p99_ms:.1f} ms ({ok:.0f} OK, 0 non-OK)",
+                f"  [{tag} run {run_index + 1}] {workload.name} ({workload.loader}): "
+                f"{result['requests_per_second']:,.0f} {workload.unit} p50 {result['p50_ms']:.1f} ms "
+                f"p99 {result['p99_ms']:.1f} ms ({sum(result['server_ok'].values()):,.0f} OK, 0 non-OK"
+                + (
+                    f", {result['cancelled_at_end']:.0f} cut by h2load's end"
+                    if result.get("cancelled_at_end")
+                    else ""
+                )
+                + (f"; events {events}" if events else "")
+                + ")",
                 flush=True,
             )
+    reference_rps = statistics.median(r["requests_per_second"] for r in runs["reference"])
     summary: dict[str, Any] = {}
-    reference_rps = statistics.median(r.requests_per_second for r in runs["reference"])
+    loaders = {w.name: w for w in rows}
     for name, results in runs.items():
-        rps = statistics.median(r.requests_per_second for r in results)
-        summary[name] = {
+        rps = statistics.median(r["requests_per_second"] for r in results)
+        entry: dict[str, Any] = {
             "requests_per_second": rps,
-            "p50_ms": statistics.median(r.p50_ms for r in results),
-            "p99_ms": statistics.median(r.p99_ms for r in results),
+            "p50_ms": statistics.median(r["p50_ms"] for r in results),
+            "p99_ms": statistics.median(r["p99_ms"] for r in results),
             "ratio": rps / reference_rps,
-            "runs": [asdict(r) for r in results],
+            "runs": results,
         }
+        if name in loaders:
+            workload = loaders[name]
+            entry.update(loader=workload.loader, unit=workload.unit, description=workload.description)
+        if name in generator_references:
+            same = generator_references[name]
+            same_rps = statistics.median(r["requests_per_second"] for r in same)
+            entry["generator_reference"] = {
+                "requests_per_second": same_rps,
+                "p50_ms": statistics.median(r["p50_ms"] for r in same),
+                "cpu_share": statistics.median(r["cpu_share"] for r in same),
+                "runs": same,
+            }
+            entry["ratio_to_generator_reference"] = rps / same_rps if same_rps else 0.0
+            entry["generator_cpu_share"] = statistics.median(r["cpu_share"] for r in results)
+        summary[name] = entry
     return summary
 
 
 async def bench_backend(backend: str, args: Any, postgres_url: str) -> dict[str, Any]:
     token = server_token()
+    server_cpu, load_cpu = _cpus(args)
     with tempfile.TemporaryDirectory(prefix=f"callplane-bench-{backend}-") as tmp:
         folder = Path(tmp)
         async with new_database(backend, folder, postgres_url, prefix="callplane_bench") as database_url:
@@ -179,23 +292,34 @@ async def bench_backend(backend: str, args: Any, postgres_url: str) -> dict[str,
                     f"in {time.monotonic() - started:.0f} s",
                     flush=True,
                 )
-                reply = await fetch_reply(server.target, token, args.calls)
-                with reference(reply, folder) as reference_server:
+                stage = workloads.Stage(calls=args.calls, users=args.users)
+                await workloads.prepare(server.target, token, stage)
+                with reference(stage.replies, folder, server_cpu) as reference_server:
                     await wait_serving(reference_server)
+                    if server_cpu:
+                        pin(server.pid, server_cpu)
                     profiler = _start_profiler(server.pid, backend, args)
                     try:
-                        rpcs = await asyncio.to_thread(
-                            load_rpcs,
-                            backend,
-                            server.target,
-                            reference_server.target,
-                            metrics_port,
-                            token,
-                            args,
-                            folder,
-                        )
+                        async with workloads.keep_alive(server.target, token, stage):
+                            rpcs = await load_rpcs(
+                                Bench(
+                                    backend=backend,
+                                    callplane_target=server.target,
+                                    reference_target=reference_server.target,
+                                    metrics_port=metrics_port,
+                                    token=token,
+                                    args=args,
+                                    folder=folder,
+                                    stage=stage,
+                                    counter=workloads.EventCounter(database_url),
+                                    load_cpu=load_cpu,
+                                )
+                            )
                     finally:
                         _stop_profiler(profiler)
+                        if server_cpu:
+                            pin(server.pid, f"0-{(os.cpu_count() or 1) - 1}")
+                reply = stage.replies[workloads.GET_CALL]
                 result: dict[str, Any] = {"rpcs": rpcs, "reply_bytes": len(reply)}
                 if not args.skip_streams:
                     async with grpc.aio.insecure_channel(server.target) as channel:
@@ -218,7 +342,7 @@ async def bench_backend(backend: str, args: Any, postgres_url: str) -> dict[str,
                         server.target, token, server.pid, idle_calls, streams=args.idle_streams
                     )
                     print(f"[{backend}] idle watches: {json.dumps(result['idle_watches'])}", flush=True)
-                    with reference(reply, folder) as reference_server:
+                    with reference({workloads.GET_CALL: reply}, folder) as reference_server:
                         await wait_serving(reference_server)
                         result["idle_watches_reference"] = await fanout.measure_idle_rss(
                             reference_server.target,
@@ -234,6 +358,13 @@ async def bench_backend(backend: str, args: Any, postgres_url: str) -> dict[str,
                     )
                 result["server_rss_mb_at_end"] = proc_status(server.pid)["VmRSS"] / 1024
                 return result
+
+
+def _cpus(args: Any) -> tuple[str | None, str | None]:
+    """(servers' CPU, load generators' CPU) for taskset, or (None, None) when not pinning."""
+    if args.no_pin or (os.cpu_count() or 1) < 2:
+        return None, None
+    return "0", "1"
 
 
 def _start_profiler(pid: int, backend: str, args: Any) -> subprocess.Popen[bytes] | None:
@@ -301,19 +432,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=1_000)
     parser.add_argument("--clients", type=int, default=16, help="h2load -c")
     parser.add_argument("--streams", type=int, default=16, help="h2load -m")
-    parser.add_argument("--seconds", type=float, default=5.0, help="h2load -D per run")
-    parser.add_argument("--warm-up", type=float, default=1.0, help="h2load --warm-up-time")
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="measured seconds per run (h2load -D; the generator too)"
+    )
+    parser.add_argument(
+        "--warm-up",
+        type=float,
+        default=1.0,
+        help="unmeasured seconds first (h2load --warm-up-time; the generator too)",
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--watchers", type=int, default=1_000)
     parser.add_argument("--rate", type=float, default=100.0, help="UpdateCalls per second during fan-out")
     parser.add_argument("--fanout-seconds", type=float, default=10.0)
     parser.add_argument("--idle-streams", type=int, default=10_000)
-    parser.add_argument("--skip-streams", action="store_true", help="only the h2load part")
-    parser.add_argument("--profile", action="store_true", help="py-spy the server during the h2load part")
+    parser.add_argument(
+        "--in-flight", type=int, default=64, help="generator rows: requests in flight (all processes)"
+    )
+    parser.add_argument("--generator-processes", type=int, default=1, help="generator rows: processes")
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin the servers to CPU 0 and h2load / the generator to CPU 1 during the RPC part",
+    )
+    parser.add_argument(
+        "--skip-streams",
+        action="store_true",
+        help="only the RPC part (no fan-out, no idle streams); with e.g. --calls 500 --users 100 --runs 1 "
+        "--seconds 3 --no-readme --output /tmp/bench-out for a quick check",
+    )
+    parser.add_argument("--profile", action="store_true", help="py-spy the server during the RPC part")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a quick check of the RPC part: --calls 500 --users 100 --runs 1 --seconds 3 --skip-streams "
+        f"--no-readme, results in {QUICK_OUTPUT} unless --output says otherwise",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR)
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README's results")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.calls, args.users, args.runs, args.seconds = 500, 100, 1, 3.0
+        args.skip_streams = args.no_readme = True
+        if args.output == RESULTS_DIR:
+            args.output = QUICK_OUTPUT
 
+    if args.generator_processes < 1 or args.in_flight < args.generator_processes:
+        parser.error("--in-flight must be at least --generator-processes, which must be at least 1")
+    if args.calls < workloads.MIN_CALLS:
+        parser.error(f"--calls must be at least {workloads.MIN_CALLS}")
     h2load.ensure_h2load()
     args.output.mkdir(parents=True, exist_ok=True)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -329,6 +496,12 @@ def main(argv: list[str] | None = None) -> int:
                     warm_up_seconds=args.warm_up,
                 )
             ),
+            "generator": {
+                "in_flight": args.in_flight,
+                "processes": args.generator_processes,
+                "channels_per_process": generator.CHANNELS,
+            },
+            "pinned": _cpus(args)[0] is not None,
             "runs": args.runs,
             "calls": args.calls,
             "users": args.users,

@@ -4,7 +4,9 @@ seeding through the public API, and reading a server's own RPC counters from /me
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -98,6 +100,16 @@ async def wait_serving(process: Process, within: float = 60.0) -> None:
             await asyncio.sleep(0.2)
 
 
+def pinned(cpu: str | None) -> list[str]:
+    """A command prefix running it on the given CPUs (`taskset -c`), or nothing."""
+    return ["taskset", "-c", cpu] if cpu else []
+
+
+def pin(pid: int, cpu: str) -> None:
+    """Moves a running process, every thread of it, to the given CPUs."""
+    subprocess.run(["taskset", "-a", "-p", "-c", cpu, str(pid)], check=True, stdout=subprocess.DEVNULL)
+
+
 @contextlib.contextmanager
 def callplane(database_url: str, folder: Path, metrics_port: int) -> Iterator[Process]:
     port = free_port()
@@ -122,18 +134,22 @@ def callplane(database_url: str, folder: Path, metrics_port: int) -> Iterator[Pr
 
 
 @contextlib.contextmanager
-def reference(reply: bytes, folder: Path) -> Iterator[Process]:
+def reference(replies: dict[str, bytes], folder: Path, cpu: str | None = None) -> Iterator[Process]:
+    """The reference server answering each method of `replies` with its fixed reply (on `cpu` if given)."""
     port = free_port()
-    reply_path = folder / "reference-reply.bin"
-    reply_path.write_bytes(reply)
+    replies_path = folder / "reference-replies.json"
+    replies_path.write_text(
+        json.dumps({method: base64.b64encode(reply).decode("ascii") for method, reply in replies.items()})
+    )
     command = [
+        *pinned(cpu),
         sys.executable,
         "-m",
         "tests.bench.reference_server",
         "--listen",
         f"127.0.0.1:{port}",
-        "--reply",
-        str(reply_path),
+        "--replies",
+        str(replies_path),
     ]
     with _process(command, f"127.0.0.1:{port}", folder / "reference.log", dict(os.environ)) as process:
         yield process
