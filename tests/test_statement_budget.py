@@ -243,11 +243,17 @@ async def _update_call_noop(api: Api) -> Rpc:
 
 @scenario("GetCall (after a change)")
 async def _get_call(api: Api) -> Rpc:
-    call_id = await api.new_call(await api.new_users(2))
+    members = await api.new_users(2)
+    call_id = await api.new_call(members)
     request = call_service_pb2.GetCallRequest(type="default", id=call_id)
     await api.calls.GetCall(request)
-    await api.calls.UpdateCall(
-        call_service_pb2.UpdateCallRequest(type="default", id=call_id, set_custom=struct({"topic": "x"}))
+    # A members change (UpdateCall would leave its new state cached for the next read).
+    await api.calls.UpdateCallMembers(
+        call_service_pb2.UpdateCallMembersRequest(
+            type="default",
+            id=call_id,
+            update_members=[call_pb2.MemberRequest(user_id=members[1], role="host")],
+        )
     )
     return lambda metadata: api.calls.GetCall(request, metadata=metadata)
 

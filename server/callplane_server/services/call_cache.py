@@ -49,7 +49,18 @@ class CallCache:
 
     def put(self, cid: str, entry: CachedCall, read_at_generation: int) -> None:
         """Keeps `entry` unless anything changed since the read that made it began."""
-        if not self.enabled or read_at_generation != self.generation:
+        if read_at_generation == self.generation:
+            self._keep(cid, entry)
+
+    def put_committed(self, cid: str, entry: CachedCall) -> None:
+        """Keeps the state a write of this process read under its lock and committed. Safe without the
+        generation check: a write that committed in the same group and changed the call after it
+        invalidates the entry before it is acknowledged, and its acknowledgement comes after this (the
+        group's writers resume in order)."""
+        self._keep(cid, entry)
+
+    def _keep(self, cid: str, entry: CachedCall) -> None:
+        if not self.enabled:
             return
         if cid not in self._entries and len(self._entries) >= self._capacity:
             del self._entries[next(iter(self._entries))]  # the oldest entry

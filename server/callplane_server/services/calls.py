@@ -428,28 +428,30 @@ class CallService:
         if unchanged is not None:
             return unchanged
 
-        async def update_call(tx: Transaction) -> tuple[CallView, bool]:
+        async def update_call(tx: Transaction) -> CallView:
             call = await self._open(tx, cid, *needed)
             call.check_etag(change.etag)
             override_before = call.record.settings_override
-            if call.update(applied(call.record)):
-                if call.record.settings_override != override_before:
-                    await reschedule_max_duration(tx, call)
-                return await self._view(tx, call, limit), True
-            # Nothing to change: keep this state for the next such request (read, as the cache keeps
-            # them, with as many members as any read may ask for).
-            readable = "read-call" in call.capabilities and self._cache.enabled
-            return await self._view(tx, call, MAX_MEMBERS_LIMIT if readable else limit), False
+            if call.update(applied(call.record)) and call.record.settings_override != override_before:
+                await reschedule_max_duration(tx, call)
+            # With as many members as the cache keeps, so that the state can be kept once committed.
+            return await self._view(tx, call, MAX_MEMBERS_LIMIT if self._keeps(call) else limit)
 
-        generation = self._cache.generation
-        view, changed = await self._store.write(update_call)
-        if not changed and "read-call" in view.own_capabilities and self._cache.enabled:
-            # The state read under the write lock was committed; a write that committed with it and
-            # changed this call invalidates the entry after this (its change listeners run later).
+        view = await self._store.write(update_call)
+        self._keep_written(view)
+        return replace(view, members=view.members[:limit])
+
+    def _keeps(self, call: Call) -> bool:
+        """Whether the call's state after this write can be kept in the cache for the caller."""
+        return self._cache.enabled and "read-call" in call.capabilities
+
+    def _keep_written(self, view: CallView) -> None:
+        """Keeps the state a write left (read under its lock, now committed), so the next read or no-op
+        update of the call needs no query."""
+        if self._cache.enabled and "read-call" in view.own_capabilities:
             entry = CachedCall(view.call, view.settings, view.members)
             entry.capabilities[current_principal()] = frozenset(view.own_capabilities)
-            self._cache.put(cid, entry, generation)
-        return replace(view, members=view.members[:limit])
+            self._cache.put_committed(view.call.cid, entry)
 
     async def _unchanged(
         self,
