@@ -282,11 +282,22 @@ class StatementRecorder:
             if trace is None:
                 continue
             for entry, owner in zip(entries, owners, strict=True):
-                if owner == tag or (owner is None and entry.control and _SAVEPOINT.match(entry.text) is None):
+                shared = owner is None and (
+                    (entry.control and _SAVEPOINT.match(entry.text) is None)
+                    or (not entry.control and _GROUP_EVENT_WRITE.match(entry.text) is not None)
+                )
+                if owner == tag or shared:
                     (trace.transaction_control if entry.control else trace.statements).append(entry.text)
                     trace.log.append((entry.engine, entry.text))
 
 
+# SQLite's group commit writes the events of all its units at once, from its untagged drainer task, before
+# its COMMIT: like BEGIN and COMMIT, every unit of the group pays for those statements.
+_GROUP_EVENT_WRITE = re.compile(
+    r"^\s*(UPDATE counters\b|INSERT INTO events\b|INSERT INTO event_recipients\b"
+    r"|UPDATE users SET last_event_seq)",
+    re.I,
+)
 _SAVEPOINT = re.compile(
     r"^\s*(?:SAVEPOINT|RELEASE SAVEPOINT|RELEASE|ROLLBACK TO SAVEPOINT|ROLLBACK TO)\s+(\S+)", re.I
 )

@@ -10,7 +10,7 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +177,10 @@ class _GroupCommit:
         self._engine = engine
         self._queue: list[_Unit] = []
         self._running = False
+        # What the units leave for the group to write once, before the commit (see Database.defer_to_group).
+        self.deferred_key: str | None = None
+        self.write_deferred: Callable[[AsyncSession, list[Any]], Awaitable[Any]] | None = None
+        self.committed: Callable[[Any], None] | None = None
 
     async def run(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         # arg-type: _Unit runs `work` as a task, which needs a coroutine; every caller's work returns one.
@@ -209,6 +213,8 @@ class _GroupCommit:
 
     async def _run_group(self, group: list[_Unit]) -> None:
         outcomes: list[tuple[bool, Any]] = []
+        deferred: list[Any] = []  # left by the units that succeeded, in order
+        written: Any = None
         try:
             async with self._engine.connect() as connection:
                 await connection.begin()  # BEGIN IMMEDIATE (see _configure_sqlite)
@@ -216,11 +222,15 @@ class _GroupCommit:
                     if unit.caller_gone():
                         outcomes.append((False, _caller_gone()))
                         continue
+                    # Earlier units' deferred items are visible to later ones (a read of them sees them).
+                    left: list[Any] = []
+                    info = {self.deferred_key: _Deferred(deferred, left)} if self.deferred_key else {}
                     session = AsyncSession(
                         bind=connection,
                         join_transaction_mode="create_savepoint",
                         expire_on_commit=False,
                         autoflush=False,
+                        info=info,
                     )
                     try:
                         async with session.begin():
@@ -231,6 +241,7 @@ class _GroupCommit:
                             if unit.caller_gone():
                                 raise _caller_gone()  # back to the savepoint: this unit only
                         outcomes.append((True, result))
+                        deferred.extend(left)
                     except Exception as error:
                         if not await _in_transaction(connection):
                             # SQLite rolled the whole group back (a full disk, an I/O error): the units
@@ -239,14 +250,38 @@ class _GroupCommit:
                         outcomes.append((False, error))
                     finally:
                         await session.close()
+                if deferred and self.write_deferred is not None:
+                    session = AsyncSession(bind=connection, expire_on_commit=False, autoflush=False)
+                    try:
+                        written = await self.write_deferred(session, deferred)
+                    finally:
+                        await session.close()
                 await connection.commit()
         except Exception as error:
             # Nothing of the group was committed (or we cannot know): every unit fails with the cause.
             for unit in group:
                 _settle(unit, False, error)
             return
+        if deferred and self.committed is not None:
+            self.committed(written)
         for unit, (succeeded, value) in zip(group, outcomes, strict=True):
             _settle(unit, succeeded, value)
+
+
+class _Deferred:
+    """A unit's view of the group's deferred items: it appends its own (kept only if it succeeds) and
+    iterates over the earlier units' and its own."""
+
+    def __init__(self, earlier: list[Any], own: list[Any]) -> None:
+        self._earlier = earlier
+        self._own = own
+
+    def extend(self, items: Iterable[Any]) -> None:
+        self._own.extend(items)
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self._earlier
+        yield from self._own
 
 
 async def _in_transaction(connection: AsyncConnection) -> bool:
@@ -297,6 +332,20 @@ class Database:
         # SQLite has one writer connection: writers that queue for it share one commit.
         self._group_commit = _GroupCommit(self.write_engine) if self.dialect == "sqlite" else None
         self._read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=False)
+
+    def defer_to_group(
+        self,
+        key: str,
+        write: Callable[[AsyncSession, list[Any]], Awaitable[Any]],
+        committed: Callable[[Any], None],
+    ) -> None:
+        """With group commit (SQLite): a unit may leave items in `session.info[key]` (extend) instead of
+        writing them; the group writes those of every unit that succeeded with `write`, once, right
+        before its commit, and calls `committed` with what `write` returned after the commit."""
+        if self._group_commit is not None:
+            self._group_commit.deferred_key = key
+            self._group_commit.write_deferred = write
+            self._group_commit.committed = committed
 
     @staticmethod
     def _configure_sqlite(engine: AsyncEngine, *, begin: str) -> None:

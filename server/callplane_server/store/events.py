@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Table, and_, delete, func, select, text, update
+from sqlalchemy import CursorResult, Table, and_, bindparam, delete, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from callplane.v1 import event_pb2
@@ -80,6 +80,76 @@ def _within_budget(events: Iterable[StoredEvent], max_bytes: int | None) -> list
     return taken
 
 
+#: Session.info key of a group commit's list of deferred events (see EventRepository.flush).
+GROUP_EVENTS = "callplane.group_events"
+
+_COUNTERS = cast(Table, CounterRow.__table__)
+_EVENTS = cast(Table, EventRow.__table__)
+_USERS = cast(Table, UserRow.__table__)
+_RECIPIENTS = cast(Table, EventRecipientRow.__table__)
+_TAKE_POSITIONS = (
+    update(_COUNTERS)
+    .where(_COUNTERS.c.name == POSITION_COUNTER)
+    .values(value=_COUNTERS.c.value + bindparam("count"))
+    .returning(_COUNTERS.c.value)
+)
+_TAKE_USER_SEQS = (
+    update(_USERS)
+    .where(_USERS.c.id == bindparam("user_id"))
+    .values(last_event_seq=_USERS.c.last_event_seq + bindparam("count"))
+    .returning(_USERS.c.last_event_seq)
+)
+_INSERT_EVENTS = _EVENTS.insert()
+_INSERT_RECIPIENTS = _RECIPIENTS.insert()
+
+
+async def write_events(session: AsyncSession, pending: Sequence[_Pending]) -> int:
+    """Numbers `pending` (global positions, recipients' user_seqs) and writes them; returns the last
+    position. The counter rows stay locked until commit, so numbers are gap-free and in commit order."""
+    connection = await session.connection()
+    last = int((await connection.execute(_TAKE_POSITIONS, {"count": len(pending)})).scalar_one())
+    first = last - len(pending) + 1
+    rows = []
+    recipients: dict[str, list[int]] = {}
+    for offset, item in enumerate(pending):
+        position = first + offset
+        rows.append(
+            {
+                "position": position,
+                "call_cid": item.call_cid,
+                "call_type": item.call_type,
+                "seq": item.seq,
+                "type": item.event.type,
+                "created_at": item.at,
+                "payload": item.event.SerializeToString(),
+            }
+        )
+        for user_id in item.recipients:
+            recipients.setdefault(user_id, []).append(position)
+    await connection.execute(_INSERT_EVENTS, rows)
+    # Sorted so concurrent writers lock user rows in the same order (no deadlocks).
+    for user_id in sorted(recipients):
+        positions = recipients[user_id]
+        taken = await connection.execute(_TAKE_USER_SEQS, {"user_id": user_id, "count": len(positions)})
+        user_last = taken.scalar_one_or_none()
+        if user_last is None:  # the user no longer exists: nobody to deliver to
+            continue
+        user_first = int(user_last) - len(positions) + 1
+        await connection.execute(
+            _INSERT_RECIPIENTS,
+            [
+                {"user_id": user_id, "user_seq": user_first + index, "position": position}
+                for index, position in enumerate(positions)
+            ],
+        )
+    if connection.dialect.name == "postgresql":
+        # A doorbell for other server processes; delivered on commit, never on rollback.
+        await connection.execute(
+            text("SELECT pg_notify(:channel, :position)"), {"channel": NOTIFY_CHANNEL, "position": str(last)}
+        )
+    return last
+
+
 class EventRepository:
     def __init__(self, session: AsyncSession, calls: CallRepository) -> None:
         self._session = session
@@ -124,64 +194,17 @@ class EventRepository:
 
     async def flush(self) -> int:
         """Numbers and writes the pending events; called last, right before commit, so the counter row
-        is locked for as short a time as possible. Returns the last position written (0 if none)."""
+        is locked for as short a time as possible. Returns the last position written (0 if none). In a
+        group commit (SQLite) the events are handed to the group instead, which writes those of every
+        write that succeeded in one go before it commits (`write_events`): 0 then."""
         if not self._pending:
             return 0
         pending, self._pending = self._pending, []
-        result = await self._session.execute(
-            update(CounterRow)
-            .where(CounterRow.name == POSITION_COUNTER)
-            .values(value=CounterRow.value + len(pending))
-            .returning(CounterRow.value)
-        )
-        last = int(result.scalar_one())
-        first = last - len(pending) + 1
-        rows = []
-        recipients: dict[str, list[int]] = {}
-        for offset, item in enumerate(pending):
-            position = first + offset
-            item.event.position = 0  # stored in its column; filled in on read
-            rows.append(
-                {
-                    "position": position,
-                    "call_cid": item.call_cid,
-                    "call_type": item.call_type,
-                    "seq": item.seq,
-                    "type": item.event.type,
-                    "created_at": item.at,
-                    "payload": item.event.SerializeToString(),
-                }
-            )
-            for user_id in item.recipients:
-                recipients.setdefault(user_id, []).append(position)
-        await self._session.execute(cast(Table, EventRow.__table__).insert(), rows)
-        # Sorted so concurrent writers lock user rows in the same order (no deadlocks).
-        for user_id in sorted(recipients):
-            positions = recipients[user_id]
-            result = await self._session.execute(
-                update(UserRow)
-                .where(UserRow.id == user_id)
-                .values(last_event_seq=UserRow.last_event_seq + len(positions))
-                .returning(UserRow.last_event_seq)
-            )
-            user_last = result.scalar_one_or_none()
-            if user_last is None:  # the user no longer exists: nobody to deliver to
-                continue
-            user_first = int(user_last) - len(positions) + 1
-            await self._session.execute(
-                cast(Table, EventRecipientRow.__table__).insert(),
-                [
-                    {"user_id": user_id, "user_seq": user_first + index, "position": position}
-                    for index, position in enumerate(positions)
-                ],
-            )
-        if self._session.get_bind().dialect.name == "postgresql":
-            # A doorbell for other server processes; delivered on commit, never on rollback.
-            await self._session.execute(
-                text("SELECT pg_notify(:channel, :position)"),
-                {"channel": NOTIFY_CHANNEL, "position": str(last)},
-            )
-        return last
+        group = self._session.info.get(GROUP_EVENTS)
+        if group is not None:
+            group.extend(pending)
+            return 0
+        return await write_events(self._session, pending)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -198,10 +221,11 @@ class EventRepository:
 
     async def max_seq(self, call_cid: str) -> int:
         """Highest retained seq of a cid: a recreated (hard-deleted) call continues after it."""
-        return int(
-            await self._session.scalar(select(func.max(EventRow.seq)).where(EventRow.call_cid == call_cid))
-            or 0
-        )
+        newest = select(func.max(EventRow.seq)).where(EventRow.call_cid == call_cid)
+        stored = int(await self._session.scalar(newest) or 0)
+        # Events of this group commit (or transaction) not written yet count too.
+        unwritten: list[_Pending] = [*self._session.info.get(GROUP_EVENTS, ()), *self._pending]
+        return max([stored, *(item.seq for item in unwritten if item.call_cid == call_cid)])
 
     async def call_seq_bounds(self, call_cid: str) -> tuple[int, int] | None:
         """(earliest retained seq, last seq) of a call; None if the call never existed. With nothing

@@ -13,7 +13,7 @@ from callplane_server.domain.records import CallRecord
 from callplane_server.errors import CallplaneError, Unavailable
 from callplane_server.store.custom_indexes import CustomIndex, ensure_custom_indexes
 from callplane_server.store.database import Database
-from callplane_server.store.events import EventRepository
+from callplane_server.store.events import GROUP_EVENTS, EventRepository, write_events
 from callplane_server.store.idempotency import IdempotencyRepository
 from callplane_server.store.permissions import PermissionRepository
 from callplane_server.store.query import CursorSigner
@@ -68,6 +68,13 @@ class Store:
         # Called after each committed write, before it is acknowledged, with the cids of the calls it
         # changed, or None when it may have changed anything (it wrote no call events: users, call types).
         self.change_listeners: list[Callable[[frozenset[str] | None], None]] = []
+        # With group commit, the group writes the events of all its writes at once (one statement for
+        # the positions, one insert) and rings the doorbell once.
+        database.defer_to_group(GROUP_EVENTS, write_events, self._events_committed)
+
+    def _events_committed(self, last_position: int) -> None:
+        for listener in self.commit_listeners:
+            listener(last_position)
 
     @classmethod
     async def open(
