@@ -178,7 +178,6 @@ class _GroupCommit:
         self._queue: list[_Unit] = []
         self._running = False
         # What the units leave for the group to write once, before the commit (see Database.defer_to_group).
-        self.deferred_key: str | None = None
         self.write_deferred: Callable[[AsyncSession, list[Any]], Awaitable[Any]] | None = None
         self.committed: Callable[[Any], None] | None = None
 
@@ -214,6 +213,7 @@ class _GroupCommit:
     async def _run_group(self, group: list[_Unit]) -> None:
         outcomes: list[tuple[bool, Any]] = []
         deferred: list[Any] = []  # left by the units that succeeded, in order
+        remembered: dict[Any, Any] = {}  # what they remembered for the units after them
         written: Any = None
         try:
             async with self._engine.connect() as connection:
@@ -222,15 +222,13 @@ class _GroupCommit:
                     if unit.caller_gone():
                         outcomes.append((False, _caller_gone()))
                         continue
-                    # Earlier units' deferred items are visible to later ones (a read of them sees them).
-                    left: list[Any] = []
-                    info = {self.deferred_key: _Deferred(deferred, left)} if self.deferred_key else {}
+                    scope = GroupScope(deferred, remembered)
                     session = AsyncSession(
                         bind=connection,
                         join_transaction_mode="create_savepoint",
                         expire_on_commit=False,
                         autoflush=False,
-                        info=info,
+                        info={GROUP_SCOPE: scope},
                     )
                     try:
                         async with session.begin():
@@ -241,7 +239,7 @@ class _GroupCommit:
                             if unit.caller_gone():
                                 raise _caller_gone()  # back to the savepoint: this unit only
                         outcomes.append((True, result))
-                        deferred.extend(left)
+                        scope.keep()
                     except Exception as error:
                         if not await _in_transaction(connection):
                             # SQLite rolled the whole group back (a full disk, an I/O error): the units
@@ -268,20 +266,46 @@ class _GroupCommit:
             _settle(unit, succeeded, value)
 
 
-class _Deferred:
-    """A unit's view of the group's deferred items: it appends its own (kept only if it succeeds) and
-    iterates over the earlier units' and its own."""
+#: Session.info key of the GroupScope of a unit of SQLite's group commit.
+GROUP_SCOPE = "callplane.group"
 
-    def __init__(self, earlier: list[Any], own: list[Any]) -> None:
-        self._earlier = earlier
-        self._own = own
 
-    def extend(self, items: Iterable[Any]) -> None:
-        self._own.extend(items)
+class GroupScope:
+    """What one unit of a group commit shares with the group: items it leaves for the group to write
+    before the commit (`defer`), and state it remembers for the units after it (`remember`, `recall`).
+    Both are kept only if the unit succeeds: a unit rolled back to its savepoint leaves nothing."""
 
-    def __iter__(self) -> Iterator[Any]:
-        yield from self._earlier
-        yield from self._own
+    def __init__(self, deferred: list[Any], remembered: dict[Any, Any]) -> None:
+        self._group_deferred = deferred
+        self._group_remembered = remembered
+        self._deferred: list[Any] = []
+        self._remembered: dict[Any, Any] = {}
+
+    def defer(self, items: Iterable[Any]) -> None:
+        self._deferred.extend(items)
+
+    def deferred(self) -> Iterator[Any]:
+        """The group's deferred items so far: the earlier units' and this one's."""
+        yield from self._group_deferred
+        yield from self._deferred
+
+    def remember(self, key: Any, value: Any) -> None:
+        self._remembered[key] = value
+
+    def recall(self, key: Any) -> Any:
+        if key in self._remembered:
+            return self._remembered[key]
+        return self._group_remembered.get(key)
+
+    def forget_all(self) -> None:
+        """This unit may have changed anything (users, call types): nothing remembered holds."""
+        self._remembered.clear()
+        self._group_remembered.clear()
+
+    def keep(self) -> None:
+        """The unit succeeded: what it left becomes the group's."""
+        self._group_deferred.extend(self._deferred)
+        self._group_remembered.update(self._remembered)
 
 
 async def _in_transaction(connection: AsyncConnection) -> bool:
@@ -334,16 +358,12 @@ class Database:
         self._read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=False)
 
     def defer_to_group(
-        self,
-        key: str,
-        write: Callable[[AsyncSession, list[Any]], Awaitable[Any]],
-        committed: Callable[[Any], None],
+        self, write: Callable[[AsyncSession, list[Any]], Awaitable[Any]], committed: Callable[[Any], None]
     ) -> None:
-        """With group commit (SQLite): a unit may leave items in `session.info[key]` (extend) instead of
-        writing them; the group writes those of every unit that succeeded with `write`, once, right
-        before its commit, and calls `committed` with what `write` returned after the commit."""
+        """With group commit (SQLite): a unit may leave items to its GroupScope (`session.info[GROUP_SCOPE]`)
+        instead of writing them; the group writes those of every unit that succeeded with `write`, once,
+        right before its commit, and calls `committed` with what `write` returned after the commit."""
         if self._group_commit is not None:
-            self._group_commit.deferred_key = key
             self._group_commit.write_deferred = write
             self._group_commit.committed = committed
 

@@ -19,6 +19,7 @@ from callplane.v1 import event_pb2
 from callplane_server.domain.events import DomainEvent
 from callplane_server.domain.records import CallRecord
 from callplane_server.events.encoding import encode
+from callplane_server.store.database import GROUP_SCOPE, GroupScope
 from callplane_server.store.models import CallRow, CounterRow, EventRecipientRow, EventRow, UserRow
 from callplane_server.store.repositories import CallRepository
 
@@ -79,9 +80,6 @@ def _within_budget(events: Iterable[StoredEvent], max_bytes: int | None) -> list
             break
     return taken
 
-
-#: Session.info key of a group commit's list of deferred events (see EventRepository.flush).
-GROUP_EVENTS = "callplane.group_events"
 
 _COUNTERS = cast(Table, CounterRow.__table__)
 _EVENTS = cast(Table, EventRow.__table__)
@@ -200,9 +198,9 @@ class EventRepository:
         if not self._pending:
             return 0
         pending, self._pending = self._pending, []
-        group = self._session.info.get(GROUP_EVENTS)
+        group: GroupScope | None = self._session.info.get(GROUP_SCOPE)
         if group is not None:
-            group.extend(pending)
+            group.defer(pending)
             return 0
         return await write_events(self._session, pending)
 
@@ -224,7 +222,8 @@ class EventRepository:
         newest = select(func.max(EventRow.seq)).where(EventRow.call_cid == call_cid)
         stored = int(await self._session.scalar(newest) or 0)
         # Events of this group commit (or transaction) not written yet count too.
-        unwritten: list[_Pending] = [*self._session.info.get(GROUP_EVENTS, ()), *self._pending]
+        group: GroupScope | None = self._session.info.get(GROUP_SCOPE)
+        unwritten: list[_Pending] = [*(group.deferred() if group is not None else ()), *self._pending]
         return max([stored, *(item.seq for item in unwritten if item.call_cid == call_cid)])
 
     async def call_seq_bounds(self, call_cid: str) -> tuple[int, int] | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, cast
 
@@ -20,6 +20,7 @@ from callplane_server.domain.records import (
     PageRequest,
     UserRecord,
 )
+from callplane_server.store.database import GROUP_SCOPE, GroupScope
 from callplane_server.store.models import (
     CallMemberRow,
     CallRow,
@@ -295,7 +296,14 @@ class CallRepository:
         row = (await self._session.execute(_OPEN_CALL, {"cid": cid})).first()
         if row is None:
             return None
-        return self._aggregate(_call_record(row), _TypeColumns(row.type_settings, row.type_grants), now)
+        call = self._aggregate(_call_record(row), _TypeColumns(row.type_settings, row.type_grants), now)
+        group: GroupScope | None = self._session.info.get(GROUP_SCOPE)
+        known = group.recall(("call", cid)) if group is not None else None
+        if known is not None and known[0] == call.record:
+            # An earlier write of this group commit left the call in this very state (every change bumps
+            # last_seq) and knew its first members.
+            call.members, call.members_limit = known[1], known[2]
+        return call
 
     @property
     def opened_any(self) -> bool:
@@ -318,6 +326,13 @@ class CallRepository:
 
     async def flush(self) -> frozenset[str]:
         """Writes back every opened call that changed (with its new last_seq); returns their cids."""
+        group: GroupScope | None = self._session.info.get(GROUP_SCOPE)
+        if group is not None:
+            for call in self._open.values():
+                if call.members is not None and not call.gone:
+                    group.remember(
+                        ("call", call.cid), (replace(call.record), call.members, call.members_limit)
+                    )
         changed = [call for call in self._open.values() if call.changed]
         for call in changed:
             if not call.gone:

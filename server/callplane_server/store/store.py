@@ -12,8 +12,8 @@ from callplane_server.domain.events import DomainEvent
 from callplane_server.domain.records import CallRecord
 from callplane_server.errors import CallplaneError, Unavailable
 from callplane_server.store.custom_indexes import CustomIndex, ensure_custom_indexes
-from callplane_server.store.database import Database
-from callplane_server.store.events import GROUP_EVENTS, EventRepository, write_events
+from callplane_server.store.database import GROUP_SCOPE, Database, GroupScope
+from callplane_server.store.events import EventRepository, write_events
 from callplane_server.store.idempotency import IdempotencyRepository
 from callplane_server.store.permissions import PermissionRepository
 from callplane_server.store.query import CursorSigner
@@ -70,7 +70,7 @@ class Store:
         self.change_listeners: list[Callable[[frozenset[str] | None], None]] = []
         # With group commit, the group writes the events of all its writes at once (one statement for
         # the positions, one insert) and rings the doorbell once.
-        database.defer_to_group(GROUP_EVENTS, write_events, self._events_committed)
+        database.defer_to_group(write_events, self._events_committed)
 
     def _events_committed(self, last_position: int) -> None:
         for listener in self.commit_listeners:
@@ -126,6 +126,9 @@ class Store:
             # A transaction that opened calls changed only what belongs to them (members, sessions,
             # participants, permissions...); one that did not may have changed anything (users, types).
             changed = cids if tx.calls.opened_any else cids or None
+            group: GroupScope | None = session.info.get(GROUP_SCOPE)
+            if changed is None and group is not None:
+                group.forget_all()
             # Also now, before the commit: a later write of the same group commit must not take this
             # change's calls from a cache (it runs in the same transaction, after this change).
             self._changed(changed)
