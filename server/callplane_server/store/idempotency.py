@@ -7,33 +7,37 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, insert, select
+from sqlalchemy import CursorResult, Table, bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from callplane_server.store.execution import Statements
 from callplane_server.store.models import IdempotencyKeyRow
+
+_KEYS = cast(Table, IdempotencyKeyRow.__table__)
+_RESULT = select(_KEYS.c.result).where(
+    _KEYS.c.call_cid == bindparam("cid"), _KEYS.c.request_id == bindparam("request_id")
+)
+_INSERT = _KEYS.insert()
 
 
 class IdempotencyRepository:
-    def __init__(self, session: AsyncSession) -> None:
+    def __init__(self, session: AsyncSession, statements: Statements) -> None:
         self._session = session
+        self._statements = statements
 
     async def get(self, call_cid: str, request_id: str) -> dict[str, Any] | None:
         """The stored result of an earlier request with this key, or None."""
-        result = await self._session.scalar(
-            select(IdempotencyKeyRow.result).where(
-                IdempotencyKeyRow.call_cid == call_cid, IdempotencyKeyRow.request_id == request_id
-            )
-        )
+        found = await self._statements.execute(_RESULT, {"cid": call_cid, "request_id": request_id})
+        result = found.scalar()
         return dict(result) if result is not None else None
 
     async def insert(
         self, call_cid: str, request_id: str, result: dict[str, Any], created_at: datetime
     ) -> None:
         """Records the key; a concurrent insert of the same key raises a unique violation (retryable)."""
-        await self._session.execute(
-            insert(IdempotencyKeyRow).values(
-                call_cid=call_cid, request_id=request_id, result=result, created_at=created_at
-            )
+        await self._statements.execute(
+            _INSERT,
+            {"call_cid": call_cid, "request_id": request_id, "result": result, "created_at": created_at},
         )
 
     async def forget_call(self, call_cid: str) -> None:

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from callplane_server.store.execution import Statements
 from callplane_server.store.models import PermissionOverrideRow
+
+_OVERRIDES = PermissionOverrideRow.__table__
+_OVERRIDE = select(_OVERRIDES.c.granted, _OVERRIDES.c.revoked).where(
+    _OVERRIDES.c.call_cid == bindparam("cid"), _OVERRIDES.c.user_id == bindparam("user_id")
+)
 
 
 class PermissionRepository:
-    def __init__(self, session: AsyncSession) -> None:
+    def __init__(self, session: AsyncSession, statements: Statements) -> None:
         self._session = session
+        self._statements = statements
 
     async def get(self, call_cid: str, user_id: str) -> tuple[list[str], list[str]]:
         """(granted, revoked) for the user in the call."""
-        row = await self._session.get(PermissionOverrideRow, (call_cid, user_id))
+        row = (await self._statements.execute(_OVERRIDE, {"cid": call_cid, "user_id": user_id})).first()
         return (list(row.granted), list(row.revoked)) if row else ([], [])
 
     async def for_user(self, user_id: str, call_cids: list[str]) -> dict[str, tuple[list[str], list[str]]]:

@@ -21,6 +21,7 @@ from callplane_server.domain.records import (
     UserRecord,
 )
 from callplane_server.store.database import GROUP_SCOPE, GroupScope
+from callplane_server.store.execution import Statements
 from callplane_server.store.models import (
     CallMemberRow,
     CallRow,
@@ -77,6 +78,7 @@ _MEMBER_ROLE = select(CallMemberRow.__table__.c.role).where(
 )
 _CALL_TYPE_BY_NAME = select(CallTypeRow.__table__).where(CallTypeRow.__table__.c.name == bindparam("name"))
 _USERS_BY_ID = select(UserRow.__table__).where(UserRow.__table__.c.id.in_(bindparam("ids", expanding=True)))
+_USER_IDS = select(UserRow.__table__.c.id).where(UserRow.__table__.c.id.in_(bindparam("ids", expanding=True)))
 _TEAMS_OF_USERS = (
     select(UserTeamRow.__table__.c.user_id, UserTeamRow.__table__.c.team)
     .where(UserTeamRow.__table__.c.user_id.in_(bindparam("ids", expanding=True)))
@@ -119,11 +121,12 @@ def _call_type_record(row: Any) -> CallTypeRecord:
 
 
 class CallTypeRepository:
-    def __init__(self, session: AsyncSession) -> None:
+    def __init__(self, session: AsyncSession, statements: Statements) -> None:
         self._session = session
+        self._statements = statements
 
     async def get(self, name: str) -> CallTypeRecord | None:
-        row = (await self._session.execute(_CALL_TYPE_BY_NAME, {"name": name})).first()
+        row = (await self._statements.execute(_CALL_TYPE_BY_NAME, {"name": name})).first()
         return _call_type_record(row) if row else None
 
     async def list(self) -> list[CallTypeRecord]:
@@ -158,15 +161,16 @@ class CallTypeRepository:
 
 
 class UserRepository:
-    def __init__(self, session: AsyncSession, signer: CursorSigner) -> None:
+    def __init__(self, session: AsyncSession, signer: CursorSigner, statements: Statements) -> None:
         self._session = session
         self._signer = signer
+        self._statements = statements
 
     async def get_many(self, user_ids: Iterable[str]) -> dict[str, UserRecord]:
         ids = list(dict.fromkeys(user_ids))
         if not ids:
             return {}
-        rows = (await self._session.execute(_USERS_BY_ID, {"ids": ids})).all()
+        rows = (await self._statements.execute(_USERS_BY_ID, {"ids": ids})).all()
         teams = await self._teams_of(ids)
         return {row.id: self._record(row, teams.get(row.id, [])) for row in rows}
 
@@ -174,13 +178,13 @@ class UserRepository:
         ids = list(dict.fromkeys(user_ids))
         if not ids:
             return set()
-        return set(await self._session.scalars(select(UserRow.id).where(UserRow.id.in_(ids))))
+        return set((await self._statements.execute(_USER_IDS, {"ids": ids})).scalars())
 
     async def _teams_of(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
-        rows = await self._session.execute(_TEAMS_OF_USERS, {"ids": list(user_ids)})
+        rows = await self._statements.execute(_TEAMS_OF_USERS, {"ids": list(user_ids)})
         teams: dict[str, list[str]] = {}
-        for user_id, team in rows:
-            teams.setdefault(user_id, []).append(team)
+        for row in rows:
+            teams.setdefault(row.user_id, []).append(row.team)
         return teams
 
     @staticmethod
@@ -264,9 +268,16 @@ class CallRepository:
     """Calls. In a write transaction, `open` and `create` hand out the call aggregate and keep it (one per
     call: an identity map), and `flush` writes back each one that changed, once."""
 
-    def __init__(self, session: AsyncSession, signer: CursorSigner, sink: EventSink | None = None) -> None:
+    def __init__(
+        self,
+        session: AsyncSession,
+        signer: CursorSigner,
+        statements: Statements,
+        sink: EventSink | None = None,
+    ) -> None:
         self._session = session
         self._signer = signer
+        self._statements = statements
         self._sink = sink
         self._open: dict[str, Call] = {}
 
@@ -293,7 +304,7 @@ class CallRepository:
         if call is not None:
             call.now = now
             return call
-        row = (await self._session.execute(_OPEN_CALL, {"cid": cid})).first()
+        row = (await self._statements.execute(_OPEN_CALL, {"cid": cid})).first()
         if row is None:
             return None
         call = self._aggregate(_call_record(row), _TypeColumns(row.type_settings, row.type_grants), now)
@@ -316,7 +327,7 @@ class CallRepository:
     async def create(self, record: CallRecord, call_type: CallTypeRecord, now: datetime) -> Call:
         """Inserts a new call and hands out its aggregate."""
         columns = _call_columns(record)
-        await self._session.execute(
+        await self._statements.execute(
             _CALLS.insert(),
             {"cid": record.cid, "type": record.type, "id": record.id, "last_seq": record.last_seq, **columns},
         )
@@ -337,7 +348,7 @@ class CallRepository:
         for call in changed:
             if not call.gone:
                 values = {**_call_columns(call.record), "last_seq": call.record.last_seq}
-                await self._session.execute(
+                await self._statements.execute(
                     _SAVE_CALL, {"key": call.cid, **{f"new_{name}": value for name, value in values.items()}}
                 )
             call.changed = False
@@ -353,7 +364,7 @@ class CallRepository:
         if opened is not None:
             return None if opened.gone else opened.record
         statement = _CALL_FOR_UPDATE if for_update else _CALL_FOR_SHARE if for_share else _CALL
-        row = (await self._session.execute(statement, {"cid": cid})).first()
+        row = (await self._statements.execute(statement, {"cid": cid})).first()
         return _call_record(row) if row else None
 
     async def hard_delete(self, cid: str) -> None:
@@ -430,12 +441,16 @@ _FIRST_MEMBERS = _first_members_statement()
 
 
 class MemberRepository:
-    def __init__(self, session: AsyncSession, signer: CursorSigner, users: UserRepository) -> None:
+    def __init__(
+        self, session: AsyncSession, signer: CursorSigner, users: UserRepository, statements: Statements
+    ) -> None:
         self._session = session
+        self._statements = statements
         self._signer = signer
         self._users = users
 
-    async def _records(self, rows: Sequence[CallMemberRow]) -> list[MemberRecord]:
+    async def _records(self, rows: Sequence[Any]) -> list[MemberRecord]:
+        """Member records of call_members rows (ORM rows or Core rows: the same attributes)."""
         users = await self._users.get_many(row.user_id for row in rows)
         return [
             MemberRecord(
@@ -466,7 +481,7 @@ class MemberRepository:
         """The oldest `limit` members of each call, in one query (window function)."""
         if not cids or limit <= 0:
             return {cid: [] for cid in cids}
-        rows = (await self._session.execute(_FIRST_MEMBERS, {"cids": list(cids), "limit": limit})).all()
+        rows = (await self._statements.execute(_FIRST_MEMBERS, {"cids": list(cids), "limit": limit})).all()
         grouped: dict[str, list[MemberRecord]] = {cid: [] for cid in cids}
         for record in await self._records(rows):
             grouped[record.call_cid].append(record)
@@ -474,7 +489,10 @@ class MemberRepository:
 
     async def role_of(self, cid: str, user_id: str) -> str | None:
         """The user's member role in the call; None when not a member."""
-        return (await self._session.execute(_MEMBER_ROLE, {"cid": cid, "user_id": user_id})).scalar()
+        role: str | None = (
+            await self._statements.execute(_MEMBER_ROLE, {"cid": cid, "user_id": user_id})
+        ).scalar()
+        return role
 
     async def roles_of(self, user_id: str, cids: Sequence[str]) -> dict[str, str]:
         """cid → the user's member role, for the calls among `cids` the user is a member of."""

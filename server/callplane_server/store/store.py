@@ -14,6 +14,7 @@ from callplane_server.errors import CallplaneError, Unavailable
 from callplane_server.store.custom_indexes import CustomIndex, ensure_custom_indexes
 from callplane_server.store.database import GROUP_SCOPE, Database, GroupScope
 from callplane_server.store.events import EventRepository, write_events
+from callplane_server.store.execution import Statements
 from callplane_server.store.idempotency import IdempotencyRepository
 from callplane_server.store.permissions import PermissionRepository
 from callplane_server.store.query import CursorSigner
@@ -35,17 +36,18 @@ class Transaction:
     """One unit of work: every repository shares the same session and so the same transaction."""
 
     def __init__(self, session: AsyncSession, signer: CursorSigner, *, write: bool = False) -> None:
-        self.call_types = CallTypeRepository(session)
-        self.users = UserRepository(session, signer)
-        self.calls = CallRepository(session, signer, sink=self._record if write else None)
-        self.members = MemberRepository(session, signer, self.users)
+        statements = Statements(session)
+        self.call_types = CallTypeRepository(session, statements)
+        self.users = UserRepository(session, signer, statements)
+        self.calls = CallRepository(session, signer, statements, sink=self._record if write else None)
+        self.members = MemberRepository(session, signer, self.users, statements)
         self.secrets = SecretRepository(session)
         self.events = EventRepository(session, self.calls)
-        self.permissions = PermissionRepository(session)
+        self.permissions = PermissionRepository(session, statements)
         self.sessions = SessionRepository(session)
         self.timers = TimerRepository(session)
         self.rings = RingRepository(session)
-        self.idempotency = IdempotencyRepository(session)
+        self.idempotency = IdempotencyRepository(session, statements)
 
     def _record(
         self, call: CallRecord, event: DomainEvent, at: datetime, recipients: tuple[str, ...]
