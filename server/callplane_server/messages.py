@@ -251,21 +251,6 @@ def member_message(record: MemberRecord) -> call_pb2.Member:
 
 
 def call_message(view: CallView) -> call_pb2.Call:
-    rendered = view.rendered.get("call")
-    if rendered is None:
-        rendered = view.rendered["call"] = _call_message(view)
-    return rendered
-
-
-def member_messages(view: CallView) -> list[call_pb2.Member]:
-    key = ("members", len(view.members))
-    rendered = view.rendered.get(key)
-    if rendered is None:
-        rendered = view.rendered[key] = [member_message(m) for m in view.members]
-    return rendered
-
-
-def _call_message(view: CallView) -> call_pb2.Call:
     call = view.call
     message = call_pb2.Call(
         cid=call.cid,

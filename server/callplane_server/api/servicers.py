@@ -16,6 +16,7 @@ from callplane.v1 import (
     user_pb2,
     user_pb2_grpc,
 )
+from callplane_server.api.rendering import Renderings
 from callplane_server.domain.records import CallView
 from callplane_server.messages import (
     call_message,
@@ -23,7 +24,6 @@ from callplane_server.messages import (
     grants_to_dict,
     member_inputs,
     member_message,
-    member_messages,
     optional_struct,
     page_request,
     settings_to_dict,
@@ -123,19 +123,23 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         return user_pb2.DeleteUsersResponse(deleted_user_ids=deleted)
 
 
+_RENDERINGS = Renderings()
+
+
 def _rendered(view: CallView, reply_type: type[Reply], **fields: bool) -> Reply:
-    """The reply (or QueryCalls page entry) for a view, built once per state of a cached call: a hot call
-    is read far more often than it changes, and building the reply costs more than serializing it."""
+    """The reply (or QueryCalls page entry) for a view, built once per state of a cached call (anchored
+    on its record): a hot call is read far more often than it changes."""
     key = (reply_type, len(view.members), tuple(view.own_capabilities), tuple(fields.items()))
-    reply = view.rendered.get(key)
-    if reply is None:
-        reply = view.rendered[key] = reply_type(
+    return _RENDERINGS.get(
+        view.call,
+        key,
+        lambda: reply_type(
             call=call_message(view),
-            members=member_messages(view),
+            members=[member_message(m) for m in view.members],
             own_capabilities=view.own_capabilities,
             **fields,
-        )
-    return reply
+        ),
+    )
 
 
 class CallServicer(call_service_pb2_grpc.CallServiceServicer):
@@ -186,7 +190,9 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
             etag=request.etag,
         )
         view = await self._service.update(request.type, request.id, change, request.members_limit)
-        return call_service_pb2.UpdateCallResponse(call=call_message(view), members=member_messages(view))
+        return call_service_pb2.UpdateCallResponse(
+            call=call_message(view), members=[member_message(m) for m in view.members]
+        )
 
     async def EndCall(
         self, request: call_service_pb2.EndCallRequest, context: Context
@@ -225,9 +231,11 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
         self, request: call_service_pb2.QueryMembersRequest, context: Context
     ) -> call_service_pb2.QueryMembersResponse:
         page = await self._service.query_members(request.type, request.id, page_request(request))
-        reply = page.rendered.get("QueryMembers")
-        if reply is None:  # a cached page is rendered once
-            reply = page.rendered["QueryMembers"] = call_service_pb2.QueryMembersResponse(
+        # A cached page is the same object until the call changes: rendered once.
+        return _RENDERINGS.get(
+            page,
+            "QueryMembers",
+            lambda: call_service_pb2.QueryMembersResponse(
                 members=[member_message(m) for m in page.items], next=page.next, prev=page.prev
-            )
-        return reply
+            ),
+        )

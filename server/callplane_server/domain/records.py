@@ -108,8 +108,6 @@ class Page(Generic[T]):
     items: list[T]
     next: str = ""
     prev: str = ""
-    # The API layer's renderings of this page, kept with it when the page is cached.
-    rendered: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
@@ -130,8 +128,6 @@ class CallView:
     created: bool = False
     # What the caller may do in the call, in the canonical CAPABILITIES order.
     own_capabilities: list[str] = field(default_factory=list)
-    # Memo of the API layer's renderings of call and members (shared by views of one cached state).
-    rendered: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass

@@ -23,8 +23,6 @@ class CachedCall:
     members: list[MemberRecord]
     # What each principal that read the call may do in it (only principals that may read it).
     capabilities: dict[Principal, frozenset[str]] = field(default_factory=dict)
-    # The API layer's renderings of this state, shared by every view made from this entry.
-    rendered: dict[Any, Any] = field(default_factory=dict)
     # QueryMembers pages of this state, by request (filter, sort, limit, cursor); a few per call.
     member_pages: dict[Any, Page[MemberRecord]] = field(default_factory=dict)
 

@@ -338,11 +338,7 @@ class CallService:
         state of it before, else from the database (filling the cache)."""
         cached, have = await self._readable(cid)
         return CallView(
-            cached.call,
-            cached.settings,
-            cached.members[:limit],
-            own_capabilities=ordered_capabilities(have),
-            rendered=cached.rendered,
+            cached.call, cached.settings, cached.members[:limit], own_capabilities=ordered_capabilities(have)
         )
 
     async def _readable(self, cid: str) -> tuple[CachedCall, frozenset[str]]:
@@ -481,7 +477,7 @@ class CallService:
             record.starts_at,
         ):
             return None
-        return CallView(record, cached.settings, cached.members[:limit], rendered=cached.rendered)
+        return CallView(record, cached.settings, cached.members[:limit])
 
     async def end(self, call_type: str, call_id: str) -> CallView:
         problems = ViolationCollector()
@@ -575,7 +571,6 @@ class CallService:
                     entries[call.cid].settings,
                     entries[call.cid].members[:limit],
                     own_capabilities=ordered_capabilities(capabilities[call.cid]),
-                    rendered=entries[call.cid].rendered,
                 )
                 for call in calls.items
             ]
