@@ -254,12 +254,25 @@ class SessionService:
             raise _participant_left(call.cid, participant)
         return participant
 
-    async def _leave(self, tx: Transaction, call: Call, participant: ParticipantRecord, reason: str) -> int:
-        """One participant leaves; when the session is left empty, its inactivity timer starts."""
+    async def _leave(
+        self,
+        tx: Transaction,
+        call: Call,
+        participant: ParticipantRecord,
+        reason: str,
+        live: list[ParticipantRecord] | None = None,
+    ) -> int:
+        """One participant leaves; when the session is left empty, its inactivity timer starts. `live`: the
+        session's live participants before the leave, when the caller read them (read here otherwise)."""
         await mark_left(tx, call, participant, reason)
-        seq = await record_counts(tx, call, participant.session_id)
+        if live is None:
+            live = await tx.sessions.live_participants(participant.session_id)
+        else:
+            gone = participant.participant_session_id
+            live = [p for p in live if p.participant_session_id != gone]
+        seq = await record_counts(tx, call, participant.session_id, live)
         running = call.record.current_session_id == participant.session_id
-        if running and not await tx.sessions.live_participants(participant.session_id):
+        if running and not live:
             due = call.now + timedelta(seconds=inactivity_timeout_seconds(call.settings))
             await tx.timers.schedule(
                 INACTIVITY_TIMER, call.cid, due, payload={"session_id": participant.session_id}
@@ -464,16 +477,27 @@ class SessionService:
 
         async def leave_call(tx: Transaction) -> None:
             call = await open_call(tx, cid, now=self._clock(), check=False)
-            try:
-                participant = await self._current_participant(tx, call, participant_session_id)
-            except FailedPrecondition:
+            # The participant with the running session's live participants (one query), else the latest
+            # participant with this id in an earlier session.
+            live: list[ParticipantRecord] | None = None
+            participant: ParticipantRecord | None = None
+            if call.record.current_session_id:
+                live, participant = await tx.sessions.live_and_one(
+                    call.record.current_session_id, participant_session_id
+                )
+            if participant is None:
+                live = None
+                participant = await tx.sessions.find_participant(cid, participant_session_id)
+            if participant is None:
+                raise participant_not_found(cid, participant_session_id)
+            if participant.left_at is not None:
                 departed = await tx.sessions.find_participant(cid, participant_session_id)
                 if authorize and departed is not None:
                     require_own_participant(await caller_of(tx, call), departed)
                 return  # already left: leaving is idempotent
             if authorize:
                 require_own_participant(await caller_of(tx, call), participant)
-            await self._leave(tx, call, participant, reason)
+            await self._leave(tx, call, participant, reason, live)
 
         await self._store.write(leave_call)
 
