@@ -21,6 +21,8 @@ from callplane_server.errors import PermissionDenied
 from callplane_server.store import Transaction
 
 ALL_CAPABILITIES = frozenset(CAPABILITIES)
+#: A user's standing in a call when already loaded: (member role or None, (granted, revoked) overrides).
+Standing = tuple[str | None, tuple[list[str], list[str]]]
 SERVER_OR_ADMIN = "server token or global admin"
 
 #: service/RPC → what is checked. Capability names are checked on the call; other entries are rules.
@@ -108,12 +110,18 @@ def _denied(message: str, reason: str, **metadata: object) -> PermissionDenied:
 
 
 async def call_capabilities(
-    tx: Transaction, caller: Caller, call: CallRecord, grants: dict[str, list[str]] | None = None
+    tx: Transaction,
+    caller: Caller,
+    call: CallRecord,
+    grants: dict[str, list[str]] | None = None,
+    *,
+    standing: Standing | None = None,
 ) -> frozenset[str]:
-    """Everything the caller may do in the call (empty when it may not see the call at all)."""
+    """Everything the caller may do in the call (empty when it may not see the call at all).
+    `standing`: the user's, when the caller has it already."""
     if caller.is_server:
         return ALL_CAPABILITIES
-    return (await _explain(tx, caller, call, grants))[0]
+    return (await _explain(tx, caller, call, grants, standing))[0]
 
 
 def _denial(caller: Caller, call: CallRecord) -> str:
@@ -151,7 +159,11 @@ def _granted(
 
 
 async def _explain(
-    tx: Transaction, caller: Caller, call: CallRecord, grants: dict[str, list[str]] | None = None
+    tx: Transaction,
+    caller: Caller,
+    call: CallRecord,
+    grants: dict[str, list[str]] | None = None,
+    standing: Standing | None = None,
 ) -> tuple[frozenset[str], str]:
     """(capabilities, why they are empty: a reason code or ""). `grants`: the call type's, when known."""
     why = _denial(caller, call)
@@ -162,8 +174,9 @@ async def _explain(
     if grants is None:
         call_type = await tx.call_types.get(call.type)
         grants = call_type.grants if call_type else {}
-    role = await tx.members.role_of(call.cid, user.id)
-    overrides = await tx.permissions.get(call.cid, user.id)
+    if standing is None:
+        standing = (await tx.members.role_of(call.cid, user.id), await tx.permissions.get(call.cid, user.id))
+    role, overrides = standing
     return _granted(user, grants, role, overrides), ""
 
 
@@ -197,12 +210,13 @@ async def require(
     call: CallRecord,
     *capabilities: str,
     grants: dict[str, list[str]] | None = None,
+    standing: Standing | None = None,
 ) -> frozenset[str]:
     """Raises PERMISSION_DENIED naming the first missing capability; returns all the caller has.
-    `grants`: the call type's, when the caller has them already."""
+    `grants`: the call type's, `standing`: the user's in the call, when the caller has them already."""
     if caller.is_server:
         return ALL_CAPABILITIES
-    have, why = await _explain(tx, caller, call, grants)
+    have, why = await _explain(tx, caller, call, grants, standing)
     if why:
         messages = {
             "CALL_NOT_IN_TOKEN_SCOPE": "this token is limited to other calls",

@@ -45,9 +45,13 @@ def inactivity_timeout_seconds(settings: dict[str, Any]) -> int:
     return int(settings.get("session", {}).get("inactivity_timeout_seconds") or 30)
 
 
-async def record_counts(tx: Transaction, call: Call, session_id: str) -> int:
-    """Records the session's live participant counts; returns the event's seq."""
-    live = await tx.sessions.live_participants(session_id)
+async def record_counts(
+    tx: Transaction, call: Call, session_id: str, live: list[ParticipantRecord] | None = None
+) -> int:
+    """Records the session's live participant counts (of `live` when the caller knows who is live now,
+    read otherwise); returns the event's seq."""
+    if live is None:
+        live = await tx.sessions.live_participants(session_id)
     return call.record_event(ParticipantCountUpdated(session_id, participants_by_role(live)))
 
 
@@ -73,7 +77,7 @@ async def end_session(
     for participant in live:
         await mark_left(tx, call, participant, leave_reason)
     if live:
-        await record_counts(tx, call, session.id)
+        await record_counts(tx, call, session.id, [])
     session.ended_at = call.now
     session.end_reason = end_reason
     await tx.sessions.save(session)

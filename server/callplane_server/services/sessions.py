@@ -31,6 +31,7 @@ from callplane_server.domain.records import (
     ParticipantRecord,
     SessionRecord,
     TimerRecord,
+    UserRecord,
 )
 from callplane_server.domain.validation import (
     USER_ID,
@@ -77,6 +78,7 @@ from callplane_server.services.session_rules import (
 )
 from callplane_server.services.timers import TimerRunner
 from callplane_server.store import Store, Transaction
+from callplane_server.store.sessions import Joiner
 
 log = logging.getLogger(__name__)
 
@@ -142,16 +144,21 @@ def require_own_participant(caller: Caller, participant: ParticipantRecord) -> N
     )
 
 
-async def joining_capabilities(tx: Transaction, caller: Caller, call: Call, user_id: str) -> frozenset[str]:
-    """What the joining user may do in the call: for a user token, join-call is required (blocked users,
-    other teams and out-of-scope calls are refused); a server token may join anyone, and the joined
-    user's own capabilities decide backstage and ended-call access."""
+async def joining_capabilities(
+    tx: Transaction, caller: Caller, call: Call, user_id: str, joiner: Joiner | None
+) -> frozenset[str]:
+    """What the joining user (`joiner`: None when the user does not exist) may do in the call: for a user
+    token (always the joining user), join-call is required (blocked users, other teams and out-of-scope
+    calls are refused); a server token may join anyone, and the joined user's own capabilities decide
+    backstage and ended-call access."""
+    standing = (joiner.member_role, joiner.overrides) if joiner is not None else None
     if not caller.is_server:
-        return await require(tx, caller, call.record, "join-call", grants=call.grants)
-    user = (await tx.users.get_many([user_id])).get(user_id)
-    if user is None:
+        return await require(tx, caller, call.record, "join-call", grants=call.grants, standing=standing)
+    if joiner is None:
         return frozenset()
-    return await call_capabilities(tx, Caller(Principal(user_id=user_id), user), call.record, call.grants)
+    return await call_capabilities(
+        tx, Caller(Principal(user_id=user_id), joiner.user), call.record, call.grants, standing=standing
+    )
 
 
 def _participant_left(cid: str, participant: ParticipantRecord) -> FailedPrecondition:
@@ -176,6 +183,11 @@ def _joinable_from(starts_at: datetime | None, ahead_seconds: int) -> datetime |
         return starts_at - timedelta(seconds=ahead_seconds)
     except OverflowError:
         return datetime.min.replace(tzinfo=starts_at.tzinfo)
+
+
+def _join_order(participant: ParticipantRecord) -> tuple[datetime, str]:
+    """The order live participants are listed in (as the store's queries give them)."""
+    return participant.joined_at, participant.participant_session_id
 
 
 def _call_ended(cid: str) -> FailedPrecondition:
@@ -211,6 +223,12 @@ class SessionService:
     async def _renew_lease(self, tx: Transaction, participant: ParticipantRecord, now: datetime) -> None:
         participant.lease_expires_at = now + self._lease_ttl
         await tx.sessions.save_participant(participant)
+        await self._schedule_lease(tx, participant)
+
+    @staticmethod
+    async def _schedule_lease(tx: Transaction, participant: ParticipantRecord) -> None:
+        """Sets (or moves) the participant's lease timer to its `lease_expires_at`."""
+        assert participant.lease_expires_at is not None
         await tx.timers.schedule(
             LEASE_TIMER,
             participant.call_cid,
@@ -236,12 +254,25 @@ class SessionService:
             raise _participant_left(call.cid, participant)
         return participant
 
-    async def _leave(self, tx: Transaction, call: Call, participant: ParticipantRecord, reason: str) -> int:
-        """One participant leaves; when the session is left empty, its inactivity timer starts."""
+    async def _leave(
+        self,
+        tx: Transaction,
+        call: Call,
+        participant: ParticipantRecord,
+        reason: str,
+        live: list[ParticipantRecord] | None = None,
+    ) -> int:
+        """One participant leaves; when the session is left empty, its inactivity timer starts. `live`: the
+        session's live participants before the leave, when the caller read them (read here otherwise)."""
         await mark_left(tx, call, participant, reason)
-        seq = await record_counts(tx, call, participant.session_id)
+        if live is None:
+            live = await tx.sessions.live_participants(participant.session_id)
+        else:
+            gone = participant.participant_session_id
+            live = [p for p in live if p.participant_session_id != gone]
+        seq = await record_counts(tx, call, participant.session_id, live)
         running = call.record.current_session_id == participant.session_id
-        if running and not await tx.sessions.live_participants(participant.session_id):
+        if running and not live:
             due = call.now + timedelta(seconds=inactivity_timeout_seconds(call.settings))
             await tx.timers.schedule(
                 INACTIVITY_TIMER, call.cid, due, payload={"session_id": participant.session_id}
@@ -321,18 +352,29 @@ class SessionService:
                 # permission) creates no call either.
                 await self._calls.get_or_create_in(tx, call_type, call_id, create_data, 0)
                 call = await open_call(tx, cid, now=self._clock(), check=False)
+            # The joining user, their member role and overrides, read once: a user token joins as itself
+            # (checked above), so its user record is the joiner's (a default one when the user does not
+            # exist, as load_caller gives).
+            joiner = await tx.sessions.joiner(cid, user_id)
+            principal = current_principal()
+            if call.caller is None and not principal.is_server:
+                call.caller = Caller(principal, joiner.user if joiner else UserRecord(id=user_id))
             caller = await caller_of(tx, call)
             require_self(caller, user_id)
-            capabilities = await joining_capabilities(tx, caller, call, user_id)
+            capabilities = await joining_capabilities(tx, caller, call, user_id, joiner)
             now = call.now
-            users = await tx.users.get_many([user_id])
-            user = users.get(user_id)
-            if user is None:
+            if joiner is None:
                 raise NotFound(
                     f"user {user_id!r} does not exist", reason="USER_NOT_FOUND", metadata={"user_id": user_id}
                 )
+            # The running session with its live participants and this participant id (live or not).
+            session: SessionRecord | None = None
+            live: list[ParticipantRecord] = []
+            existing: ParticipantRecord | None = None
             if call.record.current_session_id:
-                existing = await tx.sessions.get_participant(call.record.current_session_id, psid)
+                session, live, existing = await tx.sessions.with_participants(
+                    call.record.current_session_id, psid
+                )
                 if existing is not None:
                     if existing.user_id != user_id:
                         raise FailedPrecondition(
@@ -351,11 +393,10 @@ class SessionService:
                                 "left_reason": existing.left_reason,
                             },
                         )
-                    # Idempotent re-join: the same participant, its lease renewed, no events.
+                    # Idempotent re-join: the same participant (the one in `live`), its lease renewed, no
+                    # events.
                     await self._renew_lease(tx, existing, now)
-                    session = await tx.sessions.get(call.record.current_session_id)
                     assert session is not None
-                    live = await tx.sessions.live_participants(session.id)
                     return JoinResult(
                         call.view(), session, live, existing, call.record.last_seq, now, capabilities
                     )
@@ -375,10 +416,6 @@ class SessionService:
                         reason="CALL_IN_BACKSTAGE",
                         metadata=metadata,
                     )
-            session = None  # (typed SessionRecord | None by the re-join branch above)
-            if call.record.current_session_id:
-                session = await tx.sessions.get(call.record.current_session_id)
-            live = await tx.sessions.live_participants(session.id) if session else []
             maximum = int(settings.get("limits", {}).get("max_participants") or 0)
             if maximum and len(live) >= maximum:
                 raise ResourceExhausted(
@@ -398,25 +435,27 @@ class SessionService:
                     )
                 call.session_started(session.id)
                 call.record_event(SessionStarted(session))
-            await tx.timers.cancel(INACTIVITY_TIMER, cid)
-            member = (await tx.members.get_many(cid, [user_id])).get(user_id)
+            elif not live:
+                # The running session was left empty: its inactivity timer stops (it exists only then).
+                await tx.timers.cancel(INACTIVITY_TIMER, cid)
             participant = ParticipantRecord(
                 session_id=session.id,
                 participant_session_id=psid,
                 call_cid=cid,
                 user_id=user_id,
-                role=member.role if member else user.role,
+                role=joiner.member_role or joiner.user.role,
                 custom=custom,
                 custom_version=1,
                 published_tracks=[],
                 joined_at=now,
                 lease_expires_at=now + self._lease_ttl,
             )
+            # Inserted with its lease set; the lease timer goes in with it.
             await tx.sessions.insert_participant(participant)
-            await self._renew_lease(tx, participant, now)
+            await self._schedule_lease(tx, participant)
             call.record_event(ParticipantJoined(participant))
-            seq = await record_counts(tx, call, session.id)
-            live = await tx.sessions.live_participants(session.id)
+            live = sorted([*live, participant], key=_join_order)
+            seq = await record_counts(tx, call, session.id, live)
             return JoinResult(call.view(), session, live, participant, seq, now, capabilities)
 
         return await self._store.write(join_call)
@@ -438,16 +477,27 @@ class SessionService:
 
         async def leave_call(tx: Transaction) -> None:
             call = await open_call(tx, cid, now=self._clock(), check=False)
-            try:
-                participant = await self._current_participant(tx, call, participant_session_id)
-            except FailedPrecondition:
+            # The participant with the running session's live participants (one query), else the latest
+            # participant with this id in an earlier session.
+            live: list[ParticipantRecord] | None = None
+            participant: ParticipantRecord | None = None
+            if call.record.current_session_id:
+                live, participant = await tx.sessions.live_and_one(
+                    call.record.current_session_id, participant_session_id
+                )
+            if participant is None:
+                live = None
+                participant = await tx.sessions.find_participant(cid, participant_session_id)
+            if participant is None:
+                raise participant_not_found(cid, participant_session_id)
+            if participant.left_at is not None:
                 departed = await tx.sessions.find_participant(cid, participant_session_id)
                 if authorize and departed is not None:
                     require_own_participant(await caller_of(tx, call), departed)
                 return  # already left: leaving is idempotent
             if authorize:
                 require_own_participant(await caller_of(tx, call), participant)
-            await self._leave(tx, call, participant, reason)
+            await self._leave(tx, call, participant, reason, live)
 
         await self._store.write(leave_call)
 

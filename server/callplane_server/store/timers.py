@@ -3,22 +3,45 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import Table, bindparam, delete, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from callplane_server.domain.records import TimerRecord
 from callplane_server.store.models import TimerRow
 
+# The hot statements, built once over Core columns with bound parameters (no ORM unit of work, no
+# statement construction or cache-key generation per call).
+_TIMERS = cast(Table, TimerRow.__table__)
+_ONE = (_TIMERS.c.kind == bindparam("kind")) & (_TIMERS.c.call_cid == bindparam("call_cid"))
+_CANCEL_KIND = delete(_TIMERS).where(_ONE)
+_CANCEL_KEY = delete(_TIMERS).where(_ONE, _TIMERS.c.key == bindparam("key"))
+_GET = select(_TIMERS).where(_ONE, _TIMERS.c.key == bindparam("key"))
 
-def _record(row: TimerRow) -> TimerRecord:
+
+def _schedule(insert: Any) -> Any:
+    """Sets (or moves) the timer of (kind, call_cid, key) in one statement: an upsert on its unique key
+    (the row keeps its id when moved)."""
+    statement = insert(_TIMERS)
+    return statement.on_conflict_do_update(
+        index_elements=[_TIMERS.c.kind, _TIMERS.c.call_cid, _TIMERS.c.key],
+        set_={"due_at": statement.excluded.due_at, "payload": statement.excluded.payload},
+    )
+
+
+_SCHEDULE = {"sqlite": _schedule(sqlite.insert), "postgresql": _schedule(postgresql.insert)}
+
+
+def _record(row: Any) -> TimerRecord:
     return TimerRecord(row.id, row.kind, row.call_cid, row.key, row.due_at, dict(row.payload or {}))
 
 
 class TimerRepository:
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
+        self._schedule: Any = None
 
     async def schedule(
         self,
@@ -30,29 +53,22 @@ class TimerRepository:
         payload: dict[str, Any] | None = None,
     ) -> None:
         """Sets (or moves) the one timer of this kind for this call and key."""
-        row = await self._session.scalar(
-            select(TimerRow).where(TimerRow.kind == kind, TimerRow.call_cid == call_cid, TimerRow.key == key)
+        if self._schedule is None:
+            self._schedule = _SCHEDULE[self._session.get_bind().dialect.name]
+        await self._session.execute(
+            self._schedule,
+            {"kind": kind, "call_cid": call_cid, "key": key, "due_at": due_at, "payload": payload or {}},
         )
-        if row is None:
-            self._session.add(
-                TimerRow(kind=kind, call_cid=call_cid, key=key, due_at=due_at, payload=payload or {})
-            )
-        else:
-            row.due_at = due_at
-            row.payload = payload or {}
-        await self._session.flush()
 
     async def cancel(self, kind: str, call_cid: str, *, key: str | None = None) -> None:
         """Removes the timer (every key of the kind for the call when key is None)."""
-        statement = delete(TimerRow).where(TimerRow.kind == kind, TimerRow.call_cid == call_cid)
-        if key is not None:
-            statement = statement.where(TimerRow.key == key)
-        await self._session.execute(statement)
+        if key is None:
+            await self._session.execute(_CANCEL_KIND, {"kind": kind, "call_cid": call_cid})
+        else:
+            await self._session.execute(_CANCEL_KEY, {"kind": kind, "call_cid": call_cid, "key": key})
 
     async def get(self, kind: str, call_cid: str, key: str = "") -> TimerRecord | None:
-        row = await self._session.scalar(
-            select(TimerRow).where(TimerRow.kind == kind, TimerRow.call_cid == call_cid, TimerRow.key == key)
-        )
+        row = (await self._session.execute(_GET, {"kind": kind, "call_cid": call_cid, "key": key})).first()
         return _record(row) if row else None
 
     async def due(self, now: datetime, limit: int) -> list[TimerRecord]:

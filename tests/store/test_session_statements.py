@@ -1,0 +1,144 @@
+"""The session and timer repositories' prebuilt statements, on both backends: the timer upsert, the joiner
+lookup (user, teams, member role and overrides in one query) and the session-with-participants read."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from callplane_server.domain.records import ParticipantRecord, SessionRecord
+from callplane_server.store.models import (
+    CallMemberRow,
+    CallRow,
+    CallTypeRow,
+    PermissionOverrideRow,
+    UserRow,
+    UserTeamRow,
+)
+from callplane_server.store.sessions import SessionRepository
+from callplane_server.store.timers import TimerRepository
+
+NOW = datetime(2030, 1, 2, 3, 4, 5, 600000, tzinfo=UTC)
+
+
+async def test_schedule_inserts_then_moves_the_one_timer(session: AsyncSession) -> None:
+    timers = TimerRepository(session)
+    await timers.schedule("lease", "default:t1", NOW, key="p1", payload={"session_id": "s1"})
+    first = await timers.get("lease", "default:t1", "p1")
+    assert first is not None and first.due_at == NOW and first.payload == {"session_id": "s1"}
+    later = NOW + timedelta(seconds=30)
+    await timers.schedule("lease", "default:t1", later, key="p1", payload={"session_id": "s2"})
+    moved = await timers.get("lease", "default:t1", "p1")
+    assert moved is not None
+    assert (moved.id, moved.due_at, moved.payload) == (first.id, later, {"session_id": "s2"})
+    await timers.schedule("lease", "default:t1", NOW, key="p2")
+    await timers.schedule("other", "default:t1", NOW)
+    assert [(t.kind, t.key) for t in await timers.pending("default:t1")] == [
+        ("lease", "p2"),
+        ("other", ""),
+        ("lease", "p1"),
+    ]
+    await timers.cancel("lease", "default:t1", key="p2")
+    assert await timers.get("lease", "default:t1", "p2") is None
+    assert await timers.get("lease", "default:t1", "p1") is not None
+    await timers.cancel("lease", "default:t1")
+    assert [t.kind for t in await timers.pending("default:t1")] == ["other"]
+    await session.rollback()
+
+
+async def test_joiner_reads_user_teams_role_and_overrides(session: AsyncSession) -> None:
+    repository = SessionRepository(session)
+    session.add(CallTypeRow(name="t-j", settings={}, grants={}, created_at=NOW, updated_at=NOW))
+    await session.flush()
+    session.add(CallRow(cid="default:j", type="t-j", id="j", created_at=NOW, updated_at=NOW))
+    await session.flush()
+    for user_id, role in (("j-alice", "admin"), ("j-bob", "user")):
+        session.add(
+            UserRow(id=user_id, name=user_id, role=role, custom={"a": 1}, created_at=NOW, updated_at=NOW)
+        )
+    await session.flush()
+    session.add_all([UserTeamRow(user_id="j-alice", team=team) for team in ("red", "blue")])
+    session.add(
+        CallMemberRow(
+            call_cid="default:j", user_id="j-alice", role="host", custom={}, created_at=NOW, updated_at=NOW
+        )
+    )
+    session.add(
+        PermissionOverrideRow(
+            call_cid="default:j", user_id="j-alice", granted=["kick-user"], revoked=["screenshare"]
+        )
+    )
+    # Another call's standing does not leak in.
+    session.add(
+        PermissionOverrideRow(call_cid="default:k", user_id="j-bob", granted=["kick-user"], revoked=[])
+    )
+    await session.flush()
+
+    alice = await repository.joiner("default:j", "j-alice")
+    assert alice is not None
+    assert (alice.user.id, alice.user.role, alice.user.teams, alice.user.custom) == (
+        "j-alice",
+        "admin",
+        ["blue", "red"],
+        {"a": 1},
+    )
+    assert alice.user.created_at == NOW
+    assert (alice.member_role, alice.overrides) == ("host", (["kick-user"], ["screenshare"]))
+    bob = await repository.joiner("default:j", "j-bob")
+    assert bob is not None
+    assert (bob.user.teams, bob.member_role, bob.overrides) == ([], None, ([], []))
+    assert await repository.joiner("default:j", "j-nobody") is None
+    await session.rollback()
+
+
+def _participant(session_id: str, psid: str, joined: int, *, left: bool = False) -> ParticipantRecord:
+    return ParticipantRecord(
+        session_id=session_id,
+        participant_session_id=psid,
+        call_cid="default:w",
+        user_id=f"user-{psid}",
+        role="user",
+        custom={"n": joined},
+        custom_version=1,
+        published_tracks=["audio"],
+        joined_at=NOW + timedelta(seconds=joined),
+        left_at=NOW + timedelta(seconds=50) if left else None,
+        left_reason="left" if left else "",
+        lease_expires_at=None if left else NOW + timedelta(seconds=60),
+    )
+
+
+async def test_session_with_participants(session: AsyncSession) -> None:
+    repository = SessionRepository(session)
+    assert await repository.with_participants("missing", "p1") == (None, [], None)
+    record = SessionRecord(
+        id="s-w", call_cid="default:w", started_at=NOW, custom={"k": "v"}, custom_version=2
+    )
+    await repository.insert(record)
+    assert await repository.with_participants("s-w", "p1") == (record, [], None)
+
+    await repository.insert_participant(_participant("s-w", "p2", 2))
+    await repository.insert_participant(_participant("s-w", "p1", 1))
+    await repository.insert_participant(_participant("s-w", "gone", 0, left=True))
+    await repository.insert_participant(_participant("s-w", "gone2", 0, left=True))
+    live = [_participant("s-w", "p1", 1), _participant("s-w", "p2", 2)]
+
+    found, people, one = await repository.with_participants("s-w", "p2")
+    assert (found, people) == (record, live)
+    assert one is people[1]
+    assert await repository.live_and_one("s-w", "p2") == (live, live[1])
+    found, people, one = await repository.with_participants("s-w", "gone")
+    assert (people, one) == (live, _participant("s-w", "gone", 0, left=True))
+    assert await repository.live_and_one("s-w", "nobody") == (live, None)
+    assert await repository.live_participants("s-w") == live
+
+    changed = _participant("s-w", "p1", 1)
+    changed.published_tracks, changed.custom_version = ["video"], 3
+    await repository.save_participant(changed)
+    assert await repository.get_participant("s-w", "p1") == changed
+    assert await repository.find_participant("default:w", "p1") == changed
+    record.ended_at, record.end_reason = NOW, "inactivity"
+    await repository.save(record)
+    assert await repository.get("s-w") == record
+    await session.rollback()
