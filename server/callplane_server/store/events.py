@@ -20,6 +20,7 @@ from callplane_server.domain.events import DomainEvent
 from callplane_server.domain.records import CallRecord
 from callplane_server.events.encoding import encode
 from callplane_server.store.database import GROUP_SCOPE, GroupScope
+from callplane_server.store.execution import Statements
 from callplane_server.store.models import CallRow, CounterRow, EventRecipientRow, EventRow, UserRow
 from callplane_server.store.repositories import CallRepository
 
@@ -62,7 +63,8 @@ class StoredEvent:
         return bool(custom.to_user_ids or custom.to_roles)
 
 
-def _decode(row: EventRow) -> StoredEvent:
+def _decode(row: Any) -> StoredEvent:
+    """An events row (ORM or Core) as read back."""
     event = event_pb2.Event.FromString(row.payload)
     event.position = row.position
     event.seq = row.seq
@@ -98,13 +100,19 @@ _TAKE_USER_SEQS = (
     .returning(_USERS.c.last_event_seq)
 )
 _INSERT_EVENTS = _EVENTS.insert()
+_EVENTS_AFTER = (
+    select(_EVENTS)
+    .where(_EVENTS.c.position > bindparam("after"))
+    .order_by(_EVENTS.c.position)
+    .limit(bindparam("limit"))
+)
 _INSERT_RECIPIENTS = _RECIPIENTS.insert()
 
 
 async def write_events(session: AsyncSession, pending: Sequence[_Pending]) -> int:
     """Numbers `pending` (global positions, recipients' user_seqs) and writes them; returns the last
     position. The counter rows stay locked until commit, so numbers are gap-free and in commit order."""
-    connection = await session.connection()
+    connection = Statements(session)
     last = int((await connection.execute(_TAKE_POSITIONS, {"count": len(pending)})).scalar_one())
     first = last - len(pending) + 1
     rows = []
@@ -140,7 +148,7 @@ async def write_events(session: AsyncSession, pending: Sequence[_Pending]) -> in
                 for index, position in enumerate(positions)
             ],
         )
-    if connection.dialect.name == "postgresql":
+    if session.get_bind().dialect.name == "postgresql":
         # A doorbell for other server processes; delivered on commit, never on rollback.
         await connection.execute(
             text("SELECT pg_notify(:channel, :position)"), {"channel": NOTIFY_CHANNEL, "position": str(last)}
@@ -149,8 +157,9 @@ async def write_events(session: AsyncSession, pending: Sequence[_Pending]) -> in
 
 
 class EventRepository:
-    def __init__(self, session: AsyncSession, calls: CallRepository) -> None:
+    def __init__(self, session: AsyncSession, calls: CallRepository, statements: Statements) -> None:
         self._session = session
+        self._statements = statements
         self._calls = calls
         self._pending: list[_Pending] = []
 
@@ -286,6 +295,9 @@ class EventRepository:
             conditions.append(EventRow.call_cid.in_(call_cids))
         if event_types:
             conditions.append(EventRow.type.in_(event_types))
+        if len(conditions) == 1:  # the tailer's question, many times a second: a prebuilt statement
+            found = await self._statements.execute(_EVENTS_AFTER, {"after": after_position, "limit": limit})
+            return _within_budget((_decode(row) for row in found), max_bytes)
         rows = await self._session.scalars(
             select(EventRow).where(and_(*conditions)).order_by(EventRow.position).limit(limit)
         )

@@ -122,8 +122,7 @@ def _plan_for(statement: Executable, keys: tuple[str, ...], dialect: Dialect) ->
         "post_compile_params",
         "insert_prefetch",
         "update_prefetch",
-        "postfetch",
-    )
+    )  # (`postfetch`, columns set to SQL expressions, matters only to the ORM's state: not needed here)
     usable = isinstance(compiled, SQLCompiler) and not any(
         getattr(compiled, name, None) for name in needs_help
     )

@@ -79,6 +79,7 @@ _MEMBER_ROLE = select(CallMemberRow.__table__.c.role).where(
 _CALL_TYPE_BY_NAME = select(CallTypeRow.__table__).where(CallTypeRow.__table__.c.name == bindparam("name"))
 _USERS_BY_ID = select(UserRow.__table__).where(UserRow.__table__.c.id.in_(bindparam("ids", expanding=True)))
 _USER_IDS = select(UserRow.__table__.c.id).where(UserRow.__table__.c.id.in_(bindparam("ids", expanding=True)))
+_USER_ID = select(UserRow.__table__.c.id).where(UserRow.__table__.c.id == bindparam("id"))
 _TEAMS_OF_USERS = (
     select(UserTeamRow.__table__.c.user_id, UserTeamRow.__table__.c.team)
     .where(UserTeamRow.__table__.c.user_id.in_(bindparam("ids", expanding=True)))
@@ -178,6 +179,8 @@ class UserRepository:
         ids = list(dict.fromkeys(user_ids))
         if not ids:
             return set()
+        if len(ids) == 1:  # the common question (does this user exist?): a prebuilt statement
+            return set((await self._statements.execute(_USER_ID, {"id": ids[0]})).scalars())
         return set((await self._statements.execute(_USER_IDS, {"ids": ids})).scalars())
 
     async def _teams_of(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
