@@ -129,7 +129,10 @@ class CallplaneServer:
         grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         # Typed as the server it stands in for: the add_*_to_server functions below only call the two
         # registration methods WrappingRegistrar provides.
-        registrar = WrappingRegistrar(grpc_server, RpcWrapper(Authenticator(self.api_secret), self.metrics))
+        registrar = WrappingRegistrar(
+            grpc_server,
+            RpcWrapper(Authenticator(self.api_secret), self.metrics, log_requests=self.config.log_requests),
+        )
         server = cast(grpc.aio.Server, registrar)
         call_type_service_pb2_grpc.add_CallTypeServiceServicer_to_server(
             CallTypeServicer(CallTypeService(self.store, self.clock)), server

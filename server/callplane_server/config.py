@@ -21,6 +21,8 @@ class Config:
     reflection: bool = True
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
+    # Log every successful unary RPC at INFO (default: at DEBUG; failures, refusals and streams always INFO).
+    log_requests: bool = False
     limits: Limits = field(default_factory=Limits)
     # Idle watch streams get a progress message this often.
     progress_interval_seconds: float = 10.0
@@ -85,6 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-grace", type=float, help="seconds to drain on SIGTERM (default 10)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (CALLPLANE_LOG_LEVEL; default INFO)")
     parser.add_argument(
+        "--log-requests",
+        action="store_true",
+        default=None,
+        help="log every successful unary RPC at INFO too (CALLPLANE_LOG_REQUESTS=1; by default they are "
+        "logged at DEBUG, and refusals, errors and streams at INFO)",
+    )
+    parser.add_argument(
         "--progress-interval", type=float, help="seconds between progress messages (default 10)"
     )
     parser.add_argument("--event-retention", type=float, help="seconds events are kept (default 86400)")
@@ -126,6 +135,7 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         reflection=reflection,
         shutdown_grace_seconds=float(pick("shutdown_grace", "CALLPLANE_SHUTDOWN_GRACE_SECONDS") or 10.0),
         log_level=(pick("log_level", "CALLPLANE_LOG_LEVEL") or defaults.log_level).upper(),
+        log_requests=_bool(pick("log_requests", "CALLPLANE_LOG_REQUESTS") or "false"),
         limits=limits,
         progress_interval_seconds=float(
             pick("progress_interval", "CALLPLANE_PROGRESS_INTERVAL_SECONDS")

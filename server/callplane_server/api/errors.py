@@ -142,14 +142,26 @@ class RpcWrapper:
     """Wraps every method handler: authentication first, domain errors → status with details, unexpected
     ones → INTERNAL, and a log line and metrics with method, status code and duration."""
 
-    def __init__(self, authenticator: Authenticator, metrics: RpcMetrics | None = None) -> None:
+    def __init__(
+        self, authenticator: Authenticator, metrics: RpcMetrics | None = None, *, log_requests: bool = False
+    ) -> None:
         self._authenticator = authenticator
         self._metrics = metrics or RpcMetrics()
+        # Successful unary calls are nearly all of the traffic and the metrics count them: their line is
+        # at DEBUG unless asked for (--log-requests); formatting and emitting it cost a few % of a write.
+        self._success_level = logging.INFO if log_requests else logging.DEBUG
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, "unary", handler.unary_unary, self._authenticator, self._metrics),
+                _wrap_unary(
+                    method,
+                    "unary",
+                    handler.unary_unary,
+                    self._authenticator,
+                    self._metrics,
+                    success_level=self._success_level,
+                ),
                 request_deserializer=_tolerant(method, handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
@@ -318,6 +330,7 @@ def _finish(
     metrics: RpcMetrics,
     *,
     cancelled: bool = False,
+    success_level: int = logging.INFO,
 ) -> None:
     code = context.code()
     if cancelled:
@@ -331,7 +344,9 @@ def _finish(
         name = code.name
     seconds = time.perf_counter() - started
     metrics.handled(method, kind, name, seconds)
-    log.info("rpc %s %s %.1fms", method, name, seconds * 1000)
+    level = success_level if name == "OK" else logging.INFO
+    if log.isEnabledFor(level):
+        log.log(level, "rpc %s %s %.1fms", method, name, seconds * 1000)
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> None:
@@ -344,6 +359,8 @@ def _wrap_unary(
     behavior: Callable[..., Awaitable[Any]],
     authenticator: Authenticator,
     metrics: RpcMetrics,
+    *,
+    success_level: int = logging.INFO,
 ) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = time.perf_counter()
@@ -362,7 +379,7 @@ def _wrap_unary(
         except Exception as error:
             await _abort(context, error)
         finally:
-            _finish(method, kind, context, started, metrics, cancelled=cancelled)
+            _finish(method, kind, context, started, metrics, cancelled=cancelled, success_level=success_level)
 
     return wrapper
 
