@@ -39,7 +39,9 @@ async def test_restart_migrates_idempotently_and_keeps_data(backend: str, tmp_pa
             await server.stop(grace=0)
 
 
-async def _serve(data_dir: Path, *, shutdown_grace: float) -> asyncio.subprocess.Process:
+async def _serve(
+    data_dir: Path, *, shutdown_grace: float, extra: tuple[str, ...] = ()
+) -> asyncio.subprocess.Process:
     """`callplane serve` in a process of its own, on a free port (read it with _wait_for_port)."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -52,6 +54,7 @@ async def _serve(data_dir: Path, *, shutdown_grace: float) -> asyncio.subprocess
         str(data_dir),
         "--shutdown-grace",
         str(shutdown_grace),
+        *extra,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "CALLPLANE_API_SECRET": TEST_SECRET},
     )
@@ -70,8 +73,10 @@ async def _wait_for_port(process: asyncio.subprocess.Process) -> tuple[int, list
             return int(match.group(1)), lines
 
 
-async def test_sigterm_drains_logs_and_exits_zero(tmp_path: Path) -> None:
-    process = await _serve(tmp_path, shutdown_grace=5)
+@pytest.mark.parametrize("log_requests", [True, False], ids=["--log-requests", "default"])
+async def test_sigterm_drains_logs_and_exits_zero(tmp_path: Path, log_requests: bool) -> None:
+    """Also: a successful unary RPC is logged at INFO only with --log-requests (refusals always are)."""
+    process = await _serve(tmp_path, shutdown_grace=5, extra=("--log-requests",) if log_requests else ())
     try:
         port, lines = await _wait_for_port(process)
         async with authed_channel(f"127.0.0.1:{port}") as channel:
@@ -82,12 +87,15 @@ async def test_sigterm_drains_logs_and_exits_zero(tmp_path: Path) -> None:
             await stub.GetOrCreateCall(
                 call_service_pb2.GetOrCreateCallRequest(type="default", id="before-stop")
             )
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.GetCall(call_service_pb2.GetCallRequest(type="default", id="missing"))
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), timeout=30) == 0
         assert process.stderr is not None
         rest = (await process.stderr.read()).decode()
         log = "".join(lines) + rest
-        assert "rpc /callplane.v1.CallService/GetOrCreateCall OK" in log
+        assert ("rpc /callplane.v1.CallService/GetOrCreateCall OK" in log) is log_requests
+        assert "rpc /callplane.v1.CallService/GetCall NOT_FOUND" in log
         assert "shutting down" in log and "stopped" in log
     finally:
         if process.returncode is None:

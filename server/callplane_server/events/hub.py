@@ -17,7 +17,7 @@ from functools import partial
 
 from callplane_server.auth.context import authority_context
 from callplane_server.store import Store, Transaction
-from callplane_server.store.events import NOTIFY_CHANNEL, StoredEvent
+from callplane_server.store.events import NOTIFY_CHANNEL, StoredEvent, Written
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ class EventHub:
     async def start(self) -> None:
         _, self.last_position = await self._store.read(lambda tx: tx.events.position_bounds())
         self._store.commit_listeners.append(self._ring)
+        self._store.event_listeners.append(self._committed)
         # Commits by other processes (PostgreSQL replicas) ring through LISTEN/NOTIFY; polling backs it up.
         self._stop_listening = await self._store.database.listen(NOTIFY_CHANNEL, self.ring)
         # No authority at all: the tailer decides nothing for anyone. Each subscription's matcher is bound
@@ -154,6 +155,24 @@ class EventHub:
     def _ring(self, _position: int) -> None:
         self._doorbell.set()
 
+    def _committed(self, written: Written) -> None:
+        """Events this process just committed: dispatched at once when they follow the last dispatched
+        position (no reading them back); otherwise (a poll in between) the tailer reads them."""
+        if self.closed or not written.events or written.events[0].position != self.last_position + 1:
+            self._doorbell.set()
+            return
+        self._dispatch(written.events, written.recipients)
+
+    def _dispatch(self, batch: list[StoredEvent], recipients: dict[int, Recipients]) -> None:
+        for stored in batch:
+            if stored.position <= self.last_position:
+                continue  # delivered already (committed here, and read back by a poll that raced it)
+            for subscription in list(self._subscriptions):
+                item = subscription.matcher(stored, recipients.get(stored.position, []))
+                if item is not None:
+                    subscription.offer(item)
+            self.last_position = stored.position
+
     def ring(self) -> None:
         """Wake the tailer now (e.g. on a notification from another process)."""
         self._doorbell.set()
@@ -162,6 +181,8 @@ class EventHub:
         self.closed = True
         if self._ring in self._store.commit_listeners:
             self._store.commit_listeners.remove(self._ring)
+        if self._committed in self._store.event_listeners:
+            self._store.event_listeners.remove(self._committed)
         for subscription in list(self._subscriptions):
             subscription.close()
         if self._stop_listening is not None:
@@ -219,12 +240,7 @@ class EventHub:
             after = self.last_position
             needed = max((s.recipients for s in self._subscriptions), default=RecipientsNeeded.NONE)
             batch, recipients = await self._store.read(partial(self._read_batch, after, needed))
-            for stored in batch:
-                for subscription in list(self._subscriptions):
-                    item = subscription.matcher(stored, recipients.get(stored.position, []))
-                    if item is not None:
-                        subscription.offer(item)
-                self.last_position = stored.position
+            self._dispatch(batch, recipients)
             dispatched += len(batch)
             if len(batch) < self._batch_size:
                 return dispatched

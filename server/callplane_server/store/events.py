@@ -109,16 +109,28 @@ _EVENTS_AFTER = (
 _INSERT_RECIPIENTS = _RECIPIENTS.insert()
 
 
-async def write_events(session: AsyncSession, pending: Sequence[_Pending]) -> int:
-    """Numbers `pending` (global positions, recipients' user_seqs) and writes them; returns the last
-    position. The counter rows stay locked until commit, so numbers are gap-free and in commit order."""
+@dataclass(frozen=True)
+class Written:
+    """Events a transaction wrote, as readers will read them back once it commits."""
+
+    last_position: int
+    events: list[StoredEvent]
+    # position → [(user_id, user_seq)] of the events with recipients.
+    recipients: dict[int, list[tuple[str, int]]]
+
+
+async def write_events(session: AsyncSession, pending: Sequence[_Pending]) -> Written:
+    """Numbers `pending` (global positions, recipients' user_seqs) and writes them. The counter rows stay
+    locked until commit, so numbers are gap-free and in commit order."""
     connection = Statements(session)
     last = int((await connection.execute(_TAKE_POSITIONS, {"count": len(pending)})).scalar_one())
     first = last - len(pending) + 1
     rows = []
+    stored: list[StoredEvent] = []
     recipients: dict[str, list[int]] = {}
     for offset, item in enumerate(pending):
         position = first + offset
+        payload = item.event.SerializeToString()  # without its position: that is a column
         rows.append(
             {
                 "position": position,
@@ -127,12 +139,19 @@ async def write_events(session: AsyncSession, pending: Sequence[_Pending]) -> in
                 "seq": item.seq,
                 "type": item.event.type,
                 "created_at": item.at,
-                "payload": item.event.SerializeToString(),
+                "payload": payload,
             }
+        )
+        item.event.position = position
+        stored.append(
+            StoredEvent(
+                position, item.call_cid, item.call_type, item.seq, item.event.type, item.event, len(payload)
+            )
         )
         for user_id in item.recipients:
             recipients.setdefault(user_id, []).append(position)
     await connection.execute(_INSERT_EVENTS, rows)
+    delivered_to: dict[int, list[tuple[str, int]]] = {}
     # Sorted so concurrent writers lock user rows in the same order (no deadlocks).
     for user_id in sorted(recipients):
         positions = recipients[user_id]
@@ -148,12 +167,14 @@ async def write_events(session: AsyncSession, pending: Sequence[_Pending]) -> in
                 for index, position in enumerate(positions)
             ],
         )
+        for index, position in enumerate(positions):
+            delivered_to.setdefault(position, []).append((user_id, user_first + index))
     if session.get_bind().dialect.name == "postgresql":
         # A doorbell for other server processes; delivered on commit, never on rollback.
         await connection.execute(
             text("SELECT pg_notify(:channel, :position)"), {"channel": NOTIFY_CHANNEL, "position": str(last)}
         )
-    return last
+    return Written(last, stored, delivered_to)
 
 
 class EventRepository:
@@ -211,7 +232,7 @@ class EventRepository:
         if group is not None:
             group.defer(pending)
             return 0
-        return await write_events(self._session, pending)
+        return (await write_events(self._session, pending)).last_position
 
     # -- reading ---------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from callplane_server.domain.records import CallRecord
 from callplane_server.errors import CallplaneError, Unavailable
 from callplane_server.store.custom_indexes import CustomIndex, ensure_custom_indexes
 from callplane_server.store.database import GROUP_SCOPE, Database, GroupScope
-from callplane_server.store.events import EventRepository, write_events
+from callplane_server.store.events import EventRepository, Written, write_events
 from callplane_server.store.execution import Statements
 from callplane_server.store.idempotency import IdempotencyRepository
 from callplane_server.store.permissions import PermissionRepository
@@ -67,6 +67,9 @@ class Store:
         self._signer: CursorSigner | None = None
         # Called with the last event position after each commit that wrote events (the local doorbell).
         self.commit_listeners: list[Callable[[int], None]] = []
+        # Called with the events a group commit (SQLite) wrote, right after it committed, instead of the
+        # commit listeners: they need not read them back.
+        self.event_listeners: list[Callable[[Written], None]] = []
         # Called after each committed write, before it is acknowledged, with the cids of the calls it
         # changed, or None when it may have changed anything (it wrote no call events: users, call types).
         self.change_listeners: list[Callable[[frozenset[str] | None], None]] = []
@@ -74,9 +77,15 @@ class Store:
         # the positions, one insert) and rings the doorbell once.
         database.defer_to_group(write_events, self._events_committed)
 
-    def _events_committed(self, last_position: int) -> None:
+    def _events_committed(self, written: Written) -> None:
+        """A group commit wrote these events: handed to the event listeners as they are (this process is
+        the only writer: no reader needs to read them back), else the commit listeners are rung."""
+        if self.event_listeners:
+            for deliver in self.event_listeners:
+                deliver(written)
+            return
         for listener in self.commit_listeners:
-            listener(last_position)
+            listener(written.last_position)
 
     @classmethod
     async def open(
