@@ -248,12 +248,19 @@ async def test_iterators_resume_across_a_server_restart(backend: str, tmp_path: 
 async def emit_to_user(server: CallplaneServer, cid: str, user_id: str, k: int) -> None:
     """A custom event addressed to one user, written straight through the store."""
     from callplane_server.domain.events import CustomEventSent
+    from callplane_server.store import Transaction
 
     store = server.store
     assert store is not None
     sent = CustomEventSent(user_id="system", custom={"k": k}, to_user_ids=[user_id])
     now = server.clock()
-    await store.write(lambda tx: tx.events.record(cid, sent, now, recipients=[user_id]))
+
+    async def record(tx: Transaction) -> None:
+        call = await tx.calls.open(cid, now)
+        assert call is not None
+        call.record_event(sent, [user_id])
+
+    await store.write(record)
 
 
 async def test_a_stream_gives_up_after_the_configured_time(backend: str, tmp_path: Path) -> None:

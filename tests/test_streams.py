@@ -38,6 +38,7 @@ from callplane_server.app import CallplaneServer
 from callplane_server.config import Config
 from callplane_server.domain.events import CustomEventSent
 from callplane_server.services.limits import Limits
+from callplane_server.store import Transaction
 from tests.errors import decode, expect_error
 from tests.support import TEST_SECRET, RunningServer, TestClock, fresh_database, running_server, struct
 from tests.support import channel as authed_channel
@@ -171,7 +172,13 @@ class Calls:
         assert store is not None
         sent = CustomEventSent(user_id="system", custom=custom, to_user_ids=recipients)
         now = self.server.clock()
-        return await store.write(lambda tx: tx.events.record(cid, sent, now, recipients=recipients))
+
+        async def record(tx: Transaction) -> int:
+            call = await tx.calls.open(cid, now)
+            assert call is not None
+            return call.record_event(sent, recipients)
+
+        return await store.write(record)
 
     async def log(self, cid: str) -> list[event_pb2.Event]:
         """The call's whole retained log, read through WatchCall after_seq=0."""

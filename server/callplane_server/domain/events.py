@@ -1,7 +1,8 @@
 """What happened to a call, as the use cases record it: typed domain events, free of the wire format.
 
-A write records these on its unit of work (`tx.events.record`); the event log turns each into its stored
-protobuf form in one place (callplane_server.events.encoding). Every class names its public event type
+A write records these on the call they happened to (`Call.record_event`, numbered from the call's locked
+row); the unit of work's event log turns each into its stored protobuf form in one place
+(callplane_server.events.encoding). Every class names its public event type
 (`call.updated`, ...), which is also the `type` clients filter on."""
 
 from __future__ import annotations

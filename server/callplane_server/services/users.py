@@ -249,12 +249,14 @@ class UserService:
             missing = [user_id for user_id in user_ids if user_id not in existing]
             if missing:
                 raise users_not_found(missing)
-            # Calls first (sorted): the lock order every writer of a call uses.
             changed_calls = await tx.users.delete(user_ids)
-            await tx.calls.refresh_member_counts(sorted(changed_calls))
             now = self._clock()
-            for cid in sorted(changed_calls):
-                await tx.events.record(cid, MembersRemoved(changed_calls[cid]), now)
+            for cid in sorted(changed_calls):  # sorted: the order in which writers lock calls
+                call = await tx.calls.open(cid, now)
+                if call is not None:
+                    removed = changed_calls[cid]
+                    call.members_changed(added=0, removed=len(removed))
+                    call.record_event(MembersRemoved(removed))
             return user_ids
 
         return await self._store.write(work)

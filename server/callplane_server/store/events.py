@@ -22,7 +22,6 @@ from callplane_server.events.encoding import encode
 from callplane_server.store.database import GROUP_SCOPE, GroupScope
 from callplane_server.store.execution import Statements
 from callplane_server.store.models import CallRow, CounterRow, EventRecipientRow, EventRow, UserRow
-from callplane_server.store.repositories import CallRepository
 
 POSITION_COUNTER = "event_position"
 NOTIFY_CHANNEL = "callplane_events"
@@ -178,10 +177,9 @@ async def write_events(session: AsyncSession, pending: Sequence[_Pending]) -> Wr
 
 
 class EventRepository:
-    def __init__(self, session: AsyncSession, calls: CallRepository, statements: Statements) -> None:
+    def __init__(self, session: AsyncSession, statements: Statements) -> None:
         self._session = session
         self._statements = statements
-        self._calls = calls
         self._pending: list[_Pending] = []
 
     # -- writing -----------------------------------------------------------------------------------
@@ -190,31 +188,6 @@ class EventRepository:
         """The sink of call aggregates: `event` already numbered (call.last_seq is its seq)."""
         message = encode(event, call.cid, call.last_seq, at)
         self._pending.append(_Pending(call.cid, call.type, call.last_seq, message, recipients, at))
-
-    async def record(
-        self, call_cid: str, event: DomainEvent, at: datetime, recipients: Sequence[str] = ()
-    ) -> int:
-        """Appends `event` to the call's log in this transaction and returns its seq; `recipients` also
-        get it on their WatchUser streams. Through the call's aggregate when this transaction opened it."""
-        opened = self._calls.opened(call_cid)
-        if opened is not None:
-            return opened.record_event(event, recipients, at)
-        result = await self._session.execute(
-            update(CallRow)
-            .where(CallRow.cid == call_cid)
-            .values(last_seq=CallRow.last_seq + 1)
-            .returning(CallRow.last_seq, CallRow.type)
-        )
-        seq, call_type = result.one()
-        message = encode(event, call_cid, int(seq), at)
-        self._pending.append(
-            _Pending(call_cid, call_type, int(seq), message, tuple(dict.fromkeys(recipients)), at)
-        )
-        return int(seq)
-
-    @property
-    def has_pending(self) -> bool:
-        return bool(self._pending)
 
     def pending_cids(self) -> frozenset[str]:
         """The calls this transaction changed so far (each change to a call emits an event)."""

@@ -377,14 +377,6 @@ class CallRepository:
         await self._session.execute(delete(CallMemberRow).where(CallMemberRow.call_cid == cid))
         await self._session.execute(delete(CallRow).where(CallRow.cid == cid))
 
-    async def refresh_member_counts(self, cids: Iterable[str]) -> None:
-        """Recounts members of calls this transaction did not open (an opened call counts its own)."""
-        for cid in cids:
-            if cid in self._open:  # pragma: no cover - a programming error, not a runtime condition
-                raise RuntimeError(f"{cid} is open: count its members with Call.members_changed")
-            count = select(func.count()).where(CallMemberRow.call_cid == cid).scalar_subquery()
-            await self._session.execute(update(CallRow).where(CallRow.cid == cid).values(member_count=count))
-
     async def query(self, page: PageRequest, *, reader: CallReader | None = None) -> Page[CallRecord]:
         """Live calls; with `reader` (a user token) only those it may read (read-call)."""
         base = select(CallRow.__table__).where(CallRow.deleted_at.is_(None))

@@ -42,7 +42,7 @@ class Transaction:
         self.calls = CallRepository(session, signer, statements, sink=self._record if write else None)
         self.members = MemberRepository(session, signer, self.users, statements)
         self.secrets = SecretRepository(session)
-        self.events = EventRepository(session, self.calls, statements)
+        self.events = EventRepository(session, statements)
         self.permissions = PermissionRepository(session, statements)
         self.sessions = SessionRepository(session)
         self.timers = TimerRepository(session)
