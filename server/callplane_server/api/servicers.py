@@ -190,8 +190,13 @@ class CallServicer(call_service_pb2_grpc.CallServiceServicer):
             etag=request.etag,
         )
         view = await self._service.update(request.type, request.id, change, request.members_limit)
-        return call_service_pb2.UpdateCallResponse(
-            call=call_message(view), members=[member_message(m) for m in view.members]
+        # Anchored on the call's record: an update that changed nothing answers with the cached state.
+        return _RENDERINGS.get(
+            view.call,
+            ("UpdateCall", len(view.members)),
+            lambda: call_service_pb2.UpdateCallResponse(
+                call=call_message(view), members=[member_message(m) for m in view.members]
+            ),
         )
 
     async def EndCall(

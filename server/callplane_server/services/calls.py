@@ -565,9 +565,10 @@ class CallService:
                 settings = merge_settings(type_settings, call.settings_override)
                 entries[call.cid] = fresh[call.cid] = CachedCall(call, settings, members[call.cid])
             capabilities = await capabilities_for_calls(tx, caller, calls.items, grants)
+            # The entry's record (equal to the row): replies rendered for that state are reused.
             views = [
                 CallView(
-                    call,
+                    entries[call.cid].call,
                     entries[call.cid].settings,
                     entries[call.cid].members[:limit],
                     own_capabilities=ordered_capabilities(capabilities[call.cid]),

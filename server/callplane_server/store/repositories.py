@@ -76,6 +76,7 @@ _MEMBER_ROLE = select(CallMemberRow.__table__.c.role).where(
     CallMemberRow.__table__.c.call_cid == bindparam("cid"),
     CallMemberRow.__table__.c.user_id == bindparam("user_id"),
 )
+_CALL_TYPES = select(CallTypeRow.__table__).order_by(CallTypeRow.__table__.c.name)
 _CALL_TYPE_BY_NAME = select(CallTypeRow.__table__).where(CallTypeRow.__table__.c.name == bindparam("name"))
 _USERS_BY_ID = select(UserRow.__table__).where(UserRow.__table__.c.id.in_(bindparam("ids", expanding=True)))
 _USER_IDS = select(UserRow.__table__.c.id).where(UserRow.__table__.c.id.in_(bindparam("ids", expanding=True)))
@@ -131,8 +132,7 @@ class CallTypeRepository:
         return _call_type_record(row) if row else None
 
     async def list(self) -> list[CallTypeRecord]:
-        rows = await self._session.scalars(select(CallTypeRow).order_by(CallTypeRow.name))
-        return [_call_type_record(row) for row in rows]
+        return [_call_type_record(row) for row in await self._statements.execute(_CALL_TYPES)]
 
     async def insert(self, record: CallTypeRecord) -> None:
         self._session.add(
