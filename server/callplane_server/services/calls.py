@@ -290,7 +290,11 @@ class CallService:
         wanted = {f"data.members[{i}].user_id": m.user_id for i, m in enumerate(data.members)}
         if data.created_by_id:
             wanted["data.created_by_id"] = data.created_by_id
-        await self._require_users(tx, wanted)
+        # Read whole (the members' users are part of the call.created event): their existence with them.
+        users = await tx.users.get_many(wanted.values())
+        unknown = {path: user_id for path, user_id in wanted.items() if user_id not in users}
+        if unknown:
+            raise unknown_users(unknown)
         effective = merge_settings(type_record.settings, data.settings_override)
         record = CallRecord(
             type=call_type,
@@ -303,17 +307,20 @@ class CallService:
             ongoing=False,
             member_count=len(data.members),
             version=1,
-            # A hard-deleted call's retained events keep their seqs; a new call of that cid goes on.
-            last_seq=await tx.events.max_seq(cid),
+            last_seq=0,  # (a hard-deleted call's retained events keep theirs: the store goes on after them)
             created_at=now,
             updated_at=now,
             starts_at=data.starts_at,
         )
         call = await tx.calls.create(record, type_record, now)
-        members = await self._upsert_members(tx, cid, data.members, now)
+        # A new call has no members yet (a hard delete took its predecessor's).
+        members = [
+            MemberRecord(cid, m.user_id, m.role or "user", m.custom if m.custom is not None else {}, now, now)
+            for m in data.members
+        ]
+        await tx.members.insert_new(members)
         # Checked on the inserted call so that member roles count; a denial rolls the insert back.
         call = await open_call(tx, cid, "create-call", now=now, caller=caller)
-        users = await tx.users.get_many(m.user_id for m in members)
         for member in members:
             member.user = users.get(member.user_id)
         # Every member, oldest first (all were created now: by user id).

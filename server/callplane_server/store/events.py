@@ -220,14 +220,12 @@ class EventRepository:
         )
         return _within_budget((_decode(row) for row in rows), max_bytes)
 
-    async def max_seq(self, call_cid: str) -> int:
-        """Highest retained seq of a cid: a recreated (hard-deleted) call continues after it."""
-        newest = select(func.max(EventRow.seq)).where(EventRow.call_cid == call_cid)
-        stored = int(await self._session.scalar(newest) or 0)
-        # Events of this group commit (or transaction) not written yet count too.
+    def unwritten_max_seq(self, call_cid: str) -> int:
+        """Highest seq of the cid among events of this group commit (or transaction) not written yet:
+        a call recreated after a hard delete in the same group goes on after them."""
         group: GroupScope | None = self._session.info.get(GROUP_SCOPE)
         unwritten: list[_Pending] = [*(group.deferred() if group is not None else ()), *self._pending]
-        return max([stored, *(item.seq for item in unwritten if item.call_cid == call_cid)])
+        return max((item.seq for item in unwritten if item.call_cid == call_cid), default=0)
 
     async def call_seq_bounds(self, call_cid: str) -> tuple[int, int] | None:
         """(earliest retained seq, last seq) of a call; None if the call never existed. With nothing

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, cast
@@ -27,6 +27,7 @@ from callplane_server.store.models import (
     CallRow,
     CallTypeRow,
     EventRecipientRow,
+    EventRow,
     ServerSecretRow,
     UserRow,
     UserTeamRow,
@@ -75,6 +76,19 @@ _SAVE_CALL = (
 _MEMBER_ROLE = select(CallMemberRow.__table__.c.role).where(
     CallMemberRow.__table__.c.call_cid == bindparam("cid"),
     CallMemberRow.__table__.c.user_id == bindparam("user_id"),
+)
+# A new call, its last_seq taken from the retained events of a hard-deleted call of the same cid.
+_CREATE_CALL = (
+    _CALLS.insert()
+    .values(
+        {
+            **{name: bindparam(f"new_{name}") for name in ("cid", "type", "id", *_CALL_COLUMNS)},
+            "last_seq": select(func.coalesce(func.max(EventRow.__table__.c.seq), 0))
+            .where(EventRow.__table__.c.call_cid == bindparam("new_cid"))
+            .scalar_subquery(),
+        }
+    )
+    .returning(_CALLS.c.last_seq)
 )
 _CALL_TYPES = select(CallTypeRow.__table__).order_by(CallTypeRow.__table__.c.name)
 _CALL_TYPE_BY_NAME = select(CallTypeRow.__table__).where(CallTypeRow.__table__.c.name == bindparam("name"))
@@ -277,10 +291,13 @@ class CallRepository:
         signer: CursorSigner,
         statements: Statements,
         sink: EventSink | None = None,
+        unwritten_seq: Callable[[str], int] = lambda _cid: 0,
     ) -> None:
         self._session = session
         self._signer = signer
         self._statements = statements
+        # The highest seq of a cid among events recorded but not written yet (see EventRepository).
+        self._unwritten_seq = unwritten_seq
         self._sink = sink
         self._open: dict[str, Call] = {}
 
@@ -328,12 +345,11 @@ class CallRepository:
         return self._open.get(cid)
 
     async def create(self, record: CallRecord, call_type: CallTypeRecord, now: datetime) -> Call:
-        """Inserts a new call and hands out its aggregate."""
-        columns = _call_columns(record)
-        await self._statements.execute(
-            _CALLS.insert(),
-            {"cid": record.cid, "type": record.type, "id": record.id, "last_seq": record.last_seq, **columns},
-        )
+        """Inserts a new call and hands out its aggregate. Its event seqs go on after those a hard-deleted
+        call of the same cid left in the log (`record.last_seq` is set from them)."""
+        values = {"cid": record.cid, "type": record.type, "id": record.id, **_call_columns(record)}
+        inserted = await self._statements.execute(_CREATE_CALL, {f"new_{k}": v for k, v in values.items()})
+        record.last_seq = max(int(inserted.scalar_one()), self._unwritten_seq(record.cid))
         call = self._aggregate(record, call_type, now)
         call.created = True
         return call
@@ -433,6 +449,7 @@ def _first_members_statement() -> Select[Any]:
 
 
 _FIRST_MEMBERS = _first_members_statement()
+_INSERT_MEMBERS = cast(Table, CallMemberRow.__table__).insert()
 
 
 class MemberRepository:
@@ -499,6 +516,24 @@ class MemberRepository:
             )
         )
         return {cid: role for cid, role in rows}
+
+    async def insert_new(self, records: Sequence[MemberRecord]) -> None:
+        """Members of a call that has none yet (one multi-row statement)."""
+        if records:
+            await self._statements.execute(
+                _INSERT_MEMBERS,
+                [
+                    {
+                        "call_cid": r.call_cid,
+                        "user_id": r.user_id,
+                        "role": r.role,
+                        "custom": r.custom,
+                        "created_at": r.created_at,
+                        "updated_at": r.updated_at,
+                    }
+                    for r in records
+                ],
+            )
 
     async def upsert(self, records: Sequence[MemberRecord]) -> None:
         if not records:

@@ -39,10 +39,16 @@ class Transaction:
         statements = Statements(session)
         self.call_types = CallTypeRepository(session, statements)
         self.users = UserRepository(session, signer, statements)
-        self.calls = CallRepository(session, signer, statements, sink=self._record if write else None)
+        self.events = EventRepository(session, statements)
+        self.calls = CallRepository(
+            session,
+            signer,
+            statements,
+            sink=self._record if write else None,
+            unwritten_seq=self.events.unwritten_max_seq,
+        )
         self.members = MemberRepository(session, signer, self.users, statements)
         self.secrets = SecretRepository(session)
-        self.events = EventRepository(session, statements)
         self.permissions = PermissionRepository(session, statements)
         self.sessions = SessionRepository(session)
         self.timers = TimerRepository(session)
