@@ -19,7 +19,7 @@ from callplane.v1 import (
     session_service_pb2_grpc,
     user_pb2_grpc,
 )
-from tests.support import BACKENDS, POSTGRES_ENV, RunningServer, in_ci, running_server
+from tests.support import BACKENDS, LONG_LEASE_TTL, POSTGRES_ENV, RunningServer, in_ci, running_server
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -52,6 +52,18 @@ def backend(request: pytest.FixtureRequest) -> str:
 async def server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningServer]:
     """A real grpc.aio server on 127.0.0.1:0 over a fresh database, one per test module and backend."""
     async with running_server(backend, tmp_path_factory.mktemp(backend)) as running:
+        yield running
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def long_lease_server(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningServer]:
+    """Like `server`, with leases longer than every timer tests run past (LONG_LEASE_TTL), so participants
+    expire only where a test means them to."""
+    async with running_server(
+        backend, tmp_path_factory.mktemp(backend), lease_ttl_seconds=LONG_LEASE_TTL
+    ) as running:
         yield running
 
 

@@ -28,6 +28,8 @@ BACKENDS = ("sqlite", "postgres")
 # CALLPLANE_API_SECRET); channels carry a server token unless a test says otherwise.
 TEST_SECRET = "callplane-test-secret-" + "0" * 48
 SERVER_TOKEN = create_token(TEST_SECRET, ttl=timedelta(days=1))
+#: Lease of `long_lease_server` (conftest): longer than every timer tests run past.
+LONG_LEASE_TTL = 600.0
 
 
 def user_token(user_id: str, ttl: timedelta = timedelta(hours=1), **claims: object) -> str:

@@ -4,14 +4,12 @@ the injected clock and run_due, never by sleeps), backstage, and the participant
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-import pytest_asyncio
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from callplane.v1 import (
@@ -30,10 +28,17 @@ from callplane.v1 import (
 from callplane_server.app import CallplaneServer
 from callplane_server.config import Config
 from tests.errors import expect_error
-from tests.support import TEST_SECRET, RunningServer, TestClock, fresh_database, running_server, struct
+from tests.support import (
+    LONG_LEASE_TTL,
+    TEST_SECRET,
+    RunningServer,
+    TestClock,
+    fresh_database,
+    struct,
+)
 from tests.support import channel as authed_channel
 
-LEASE_TTL = 600.0  # longer than every timer these tests run past, so leases only expire where intended
+LEASE_TTL = LONG_LEASE_TTL
 INACTIVITY = 30  # the default call type's session.inactivity_timeout_seconds
 
 AUDIO = session_pb2.TRACK_TYPE_AUDIO
@@ -41,12 +46,9 @@ VIDEO = session_pb2.TRACK_TYPE_VIDEO
 SCREEN = session_pb2.TRACK_TYPE_SCREEN_SHARE
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningServer]:
-    async with running_server(
-        backend, tmp_path_factory.mktemp(backend), lease_ttl_seconds=LEASE_TTL
-    ) as running:
-        yield running
+@pytest.fixture(scope="module")
+def server(long_lease_server: RunningServer) -> RunningServer:
+    return long_lease_server
 
 
 @pytest.fixture(scope="module")

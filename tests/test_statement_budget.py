@@ -28,13 +28,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-import pytest_asyncio
 
 from callplane.v1 import (
     call_data_service_pb2,
@@ -49,10 +48,10 @@ from callplane.v1 import (
     user_pb2_grpc,
 )
 from tests.statements import StatementRecorder, Trace, shape
-from tests.support import RunningServer, running_server, struct
+from tests.support import LONG_LEASE_TTL, RunningServer, struct
 
 REPETITIONS = 3
-LEASE_TTL = 600.0
+LEASE_TTL = LONG_LEASE_TTL
 
 
 class Budget(NamedTuple):
@@ -110,13 +109,9 @@ TARGETS: dict[str, int] = {
 # --- fixtures -------------------------------------------------------------------------------------------
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningServer]:
-    # Leases long enough that no participant expires while the module runs (timers are off anyway).
-    async with running_server(
-        backend, tmp_path_factory.mktemp(backend), lease_ttl_seconds=LEASE_TTL
-    ) as running:
-        yield running
+@pytest.fixture(scope="module")
+def server(long_lease_server: RunningServer) -> RunningServer:
+    return long_lease_server
 
 
 @pytest.fixture(scope="module")
@@ -276,25 +271,22 @@ async def _send_call_event(api: Api) -> Rpc:
     return lambda metadata: api.data.SendCallEvent(request, metadata=metadata)
 
 
-@scenario("JoinCall (session running)")
-async def _join_running(api: Api) -> Rpc:
-    members = await api.new_users(2)
-    call_id = await api.new_call(members)
-    await api.join(call_id, members[0])
-    request = session_service_pb2.JoinCallRequest(
-        type="default", id=call_id, user_id=members[1], participant_session_id=api.unique("p")
-    )
-    return lambda metadata: api.sessions.JoinCall(request, metadata=metadata)
+def _join_call(*, session_running: bool) -> Callable[[Api], Awaitable[Rpc]]:
+    async def prepare(api: Api) -> Rpc:
+        members = await api.new_users(2)
+        call_id = await api.new_call(members)
+        if session_running:
+            await api.join(call_id, members[0])
+        request = session_service_pb2.JoinCallRequest(
+            type="default", id=call_id, user_id=members[1], participant_session_id=api.unique("p")
+        )
+        return lambda metadata: api.sessions.JoinCall(request, metadata=metadata)
+
+    return prepare
 
 
-@scenario("JoinCall (starts the session)")
-async def _join_first(api: Api) -> Rpc:
-    members = await api.new_users(2)
-    call_id = await api.new_call(members)
-    request = session_service_pb2.JoinCallRequest(
-        type="default", id=call_id, user_id=members[0], participant_session_id=api.unique("p")
-    )
-    return lambda metadata: api.sessions.JoinCall(request, metadata=metadata)
+scenario("JoinCall (session running)")(_join_call(session_running=True))
+scenario("JoinCall (starts the session)")(_join_call(session_running=False))
 
 
 @scenario("LeaveCall (others stay)")

@@ -14,7 +14,6 @@ from callplane.v1 import (
     call_pb2,
     call_service_pb2,
     call_type_pb2,
-    event_pb2,
     query_pb2,
     session_pb2,
     session_service_pb2,
@@ -337,26 +336,3 @@ def pin_messages(pins: Iterable[dict[str, Any]]) -> list[session_pb2.Pin]:
         set_timestamp(message.pinned_at, datetime.fromisoformat(pin["pinned_at"]))
         result.append(message)
     return result
-
-
-def event(type_name: str, **payload: Any) -> event_pb2.Event:
-    """An event with its type name and payload (keyword: the oneof field, e.g. call_updated=...)."""
-    return event_pb2.Event(type=type_name, **payload)
-
-
-def participants_by_role(participants: Iterable[ParticipantRecord]) -> dict[str, int]:
-    """Live participants counted by role."""
-    counts: dict[str, int] = {}
-    for participant in participants:
-        if participant.left_at is None:
-            counts[participant.role] = counts.get(participant.role, 0) + 1
-    return counts
-
-
-def participant_count_event(
-    session_id: str, participants: Iterable[ParticipantRecord]
-) -> event_pb2.ParticipantCountEvent:
-    by_role = participants_by_role(participants)
-    return event_pb2.ParticipantCountEvent(
-        session_id=session_id, participant_count=sum(by_role.values()), participant_count_by_role=by_role
-    )

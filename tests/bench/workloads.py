@@ -130,20 +130,22 @@ class Stage:
 def workloads(stage: Stage) -> list[Workload]:
     hot = call_id(stage.hot)
     reads_write_nothing = ((cid(stage.hot), "call.updated"),)
+
+    def read_of_hot_call(name: str, method: str, request: Message, description: str) -> Workload:
+        return Workload(name, "h2load", (step(method, request),), description, unchanged=reads_write_nothing)
+
     rows = [
-        Workload(
+        read_of_hot_call(
             "GetCall",
-            "h2load",
-            (step(GET_CALL, call_service_pb2.GetCallRequest(type=CALL_TYPE, id=hot)),),
+            GET_CALL,
+            call_service_pb2.GetCallRequest(type=CALL_TYPE, id=hot),
             "GetCall of a call with 5 members",
-            unchanged=reads_write_nothing,
         ),
-        Workload(
+        read_of_hot_call(
             "GetOrCreateCall",
-            "h2load",
-            (step(GET_OR_CREATE_CALL, call_service_pb2.GetOrCreateCallRequest(type=CALL_TYPE, id=hot)),),
+            GET_OR_CREATE_CALL,
+            call_service_pb2.GetOrCreateCallRequest(type=CALL_TYPE, id=hot),
             "GetOrCreateCall of an existing call",
-            unchanged=reads_write_nothing,
         ),
         Workload(
             "QueryCalls",
@@ -166,12 +168,11 @@ def workloads(stage: Stage) -> list[Workload]:
             ),
             "QueryCalls: custom filter and sort, 25 per page",
         ),
-        Workload(
+        read_of_hot_call(
             "QueryMembers",
-            "h2load",
-            (step(QUERY_MEMBERS, call_service_pb2.QueryMembersRequest(type=CALL_TYPE, id=hot, limit=25)),),
+            QUERY_MEMBERS,
+            call_service_pb2.QueryMembersRequest(type=CALL_TYPE, id=hot, limit=25),
             "QueryMembers of a call",
-            unchanged=reads_write_nothing,
         ),
         Workload(
             "SendCallEvent",

@@ -36,15 +36,18 @@ class CallCreated(DomainEvent):
 
 
 @dataclass(frozen=True)
-class CallUpdated(DomainEvent):
-    type: ClassVar[str] = "call.updated"
+class _CallChange(DomainEvent):
     call: CallView
 
 
 @dataclass(frozen=True)
-class CallLiveStarted(DomainEvent):
+class CallUpdated(_CallChange):
+    type: ClassVar[str] = "call.updated"
+
+
+@dataclass(frozen=True)
+class CallLiveStarted(_CallChange):
     type: ClassVar[str] = "call.live_started"
-    call: CallView
 
 
 @dataclass(frozen=True)
@@ -71,15 +74,18 @@ class PinsUpdated(DomainEvent):
 
 
 @dataclass(frozen=True)
-class MembersAdded(DomainEvent):
-    type: ClassVar[str] = "call.member_added"
+class _MembersChange(DomainEvent):
     members: Sequence[MemberRecord]
 
 
 @dataclass(frozen=True)
-class MembersUpdated(DomainEvent):
+class MembersAdded(_MembersChange):
+    type: ClassVar[str] = "call.member_added"
+
+
+@dataclass(frozen=True)
+class MembersUpdated(_MembersChange):
     type: ClassVar[str] = "call.member_updated"
-    members: Sequence[MemberRecord]
 
 
 @dataclass(frozen=True)
@@ -106,22 +112,24 @@ class SessionEnded(DomainEvent):
 
 
 @dataclass(frozen=True)
-class ParticipantJoined(DomainEvent):
-    type: ClassVar[str] = "call.session_participant_joined"
+class _ParticipantChange(DomainEvent):
     participant: ParticipantRecord
 
 
 @dataclass(frozen=True)
-class ParticipantLeft(DomainEvent):
+class ParticipantJoined(_ParticipantChange):
+    type: ClassVar[str] = "call.session_participant_joined"
+
+
+@dataclass(frozen=True)
+class ParticipantLeft(_ParticipantChange):
     type: ClassVar[str] = "call.session_participant_left"
-    participant: ParticipantRecord
     reason: str
 
 
 @dataclass(frozen=True)
-class ParticipantUpdated(DomainEvent):
+class ParticipantUpdated(_ParticipantChange):
     type: ClassVar[str] = "call.session_participant_updated"
-    participant: ParticipantRecord
 
 
 @dataclass(frozen=True)
@@ -133,9 +141,8 @@ class ParticipantCountUpdated(DomainEvent):
 
 
 @dataclass(frozen=True)
-class ParticipantCustomUpdated(DomainEvent):
+class ParticipantCustomUpdated(_ParticipantChange):
     type: ClassVar[str] = "call.participant_custom_updated"
-    participant: ParticipantRecord
 
 
 @dataclass(frozen=True)
@@ -149,40 +156,42 @@ class SessionCustomUpdated(DomainEvent):
 
 
 @dataclass(frozen=True)
-class Rang(DomainEvent):
+class _Ringing(DomainEvent):
+    call: CallView
+    caller_user_id: str
+    user_ids: Sequence[str]
+    video: bool
+
+
+@dataclass(frozen=True)
+class Rang(_Ringing):
     type: ClassVar[str] = "call.ring"
-    call: CallView
-    caller_user_id: str
-    user_ids: Sequence[str]
-    video: bool
 
 
 @dataclass(frozen=True)
-class Notified(DomainEvent):
+class Notified(_Ringing):
     type: ClassVar[str] = "call.notification"
-    call: CallView
-    caller_user_id: str
-    user_ids: Sequence[str]
-    video: bool
 
 
 @dataclass(frozen=True)
-class RingAccepted(DomainEvent):
+class _RingOutcome(DomainEvent):
+    user_id: str
+
+
+@dataclass(frozen=True)
+class RingAccepted(_RingOutcome):
     type: ClassVar[str] = "call.accepted"
-    user_id: str
 
 
 @dataclass(frozen=True)
-class RingRejected(DomainEvent):
+class RingRejected(_RingOutcome):
     type: ClassVar[str] = "call.rejected"
-    user_id: str
     reason: str
 
 
 @dataclass(frozen=True)
-class RingMissed(DomainEvent):
+class RingMissed(_RingOutcome):
     type: ClassVar[str] = "call.missed"
-    user_id: str
 
 
 # -- custom events, permissions and moderation -------------------------------------------------------
@@ -213,24 +222,24 @@ class PermissionsUpdated(DomainEvent):
 
 
 @dataclass(frozen=True)
-class UserBlocked(DomainEvent):
+class _Moderated(DomainEvent):
+    user_id: str
+    by_user_id: str
+
+
+@dataclass(frozen=True)
+class UserBlocked(_Moderated):
     type: ClassVar[str] = "call.blocked_user"
-    user_id: str
-    by_user_id: str
 
 
 @dataclass(frozen=True)
-class UserUnblocked(DomainEvent):
+class UserUnblocked(_Moderated):
     type: ClassVar[str] = "call.unblocked_user"
-    user_id: str
-    by_user_id: str
 
 
 @dataclass(frozen=True)
-class UserKicked(DomainEvent):
+class UserKicked(_Moderated):
     type: ClassVar[str] = "call.kicked_user"
-    user_id: str
-    by_user_id: str
 
 
 def participants_by_role(participants: Sequence[ParticipantRecord]) -> dict[str, int]:
