@@ -48,6 +48,15 @@ class Update:
     settings_override: JSONDict
     starts_at: datetime | None = None
 
+    def changes(self, call: CallRecord) -> bool:
+        """Whether applying this to `call` changes anything (an update that does not is answered as is)."""
+        starts_at = self.starts_at if self.starts_at is not None else call.starts_at
+        return (self.custom, self.settings_override, starts_at) != (
+            call.custom,
+            call.settings_override,
+            call.starts_at,
+        )
+
 
 class Call:
     """One call in a write transaction. Created by the unit of work (`tx.calls.open` / `tx.calls.create`),
@@ -145,12 +154,7 @@ class Call:
         """UpdateCall: custom data, settings override and start time. Returns False (and changes and
         records nothing) when the call already is what was asked for."""
         record = self.record
-        starts_at = change.starts_at if change.starts_at is not None else record.starts_at
-        if (
-            change.custom == record.custom
-            and change.settings_override == record.settings_override
-            and starts_at == record.starts_at
-        ):
+        if not change.changes(record):
             return False
         record.custom = change.custom
         if change.settings_override != record.settings_override:
@@ -161,7 +165,8 @@ class Call:
             # settings changes must not undo a GoLive.
             if backstage_enabled(self.settings) != was_backstage:
                 record.backstage = backstage_enabled(self.settings)
-        record.starts_at = starts_at
+        if change.starts_at is not None:
+            record.starts_at = change.starts_at
         self._touch()
         self.record_event(CallUpdated(self.view()))
         return True

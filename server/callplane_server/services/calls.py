@@ -474,15 +474,9 @@ class CallService:
         if any(capability not in have for capability in needed) or (etag and etag != record.etag):
             return None
         try:
-            update = applied(record)
+            if applied(record).changes(record):
+                return None
         except CallplaneError:
-            return None
-        starts_at = update.starts_at if update.starts_at is not None else record.starts_at
-        if (update.custom, update.settings_override, starts_at) != (
-            record.custom,
-            record.settings_override,
-            record.starts_at,
-        ):
             return None
         return CallView(record, cached.settings, cached.members[:limit])
 
