@@ -142,3 +142,44 @@ async def test_session_with_participants(session: AsyncSession) -> None:
     await repository.save(record)
     assert await repository.get("s-w") == record
     await session.rollback()
+
+
+async def test_renewing_held_leases_costs_two_statements_a_batch(session: AsyncSession) -> None:
+    """Stream-held participants' leases are renewed together: their rows and their lease timers, in two
+    statements whatever their number; a participant that left is not renewed (nor reported live)."""
+    repository = SessionRepository(session)
+    timers = TimerRepository(session)
+    await repository.insert(SessionRecord(id="s-r", call_cid="default:w", started_at=NOW))
+    held = []
+    for index in range(40):
+        psid = f"r{index}"
+        await repository.insert_participant(_participant("s-r", psid, index, left=index == 7))
+        await timers.schedule("participant_lease", "default:w", NOW, key=psid, payload={"session_id": "s-r"})
+        held.append(("default:w", psid))
+    await timers.schedule("participant_lease", "default:other", NOW, key="r1")  # another call's: untouched
+    until = NOW + timedelta(minutes=5)
+
+    executed = 0
+    execute = session.execute
+
+    async def counting(*args: object, **kwargs: object) -> object:
+        nonlocal executed
+        executed += 1
+        return await execute(*args, **kwargs)  # type: ignore[arg-type]
+
+    session.execute = counting  # type: ignore[method-assign]
+    try:
+        live = await repository.renew_leases([*held, ("default:w", "nobody")], until)
+    finally:
+        session.execute = execute  # type: ignore[method-assign]
+    assert executed == 2
+    assert live == {key for key in held if key[1] != "r7"}
+    renewed = await repository.get_participant("s-r", "r3")
+    assert renewed is not None and renewed.lease_expires_at == until
+    left = await repository.get_participant("s-r", "r7")
+    assert left is not None and left.lease_expires_at is None
+    timer = await timers.get("participant_lease", "default:w", "r3")
+    assert timer is not None and timer.due_at == until
+    other = await timers.get("participant_lease", "default:other", "r1")
+    assert other is not None and other.due_at == NOW
+    await session.rollback()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import BindParameter, Table, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import BindParameter, Table, and_, bindparam, delete, func, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from callplane_server.domain.records import (
@@ -21,6 +22,7 @@ from callplane_server.store.models import (
     CallSessionRow,
     ParticipantRow,
     PermissionOverrideRow,
+    TimerRow,
     UserRow,
     UserTeamRow,
 )
@@ -55,6 +57,11 @@ _PARTICIPANT_FIELDS = (
 # The hot statements, built once over Core columns with bound parameters: executing them skips statement
 # construction, cache-key generation, the ORM's unit of work and its bulk-update path.
 _SESSIONS = cast(Table, CallSessionRow.__table__)
+_TIMERS = cast(Table, TimerRow.__table__)
+#: The timer kind of participant leases (services/session_rules.LEASE_TIMER).
+LEASE_TIMER_KIND = "participant_lease"
+#: Pairs per renewal statement (well under SQLite's 32,766 bound parameters).
+_RENEW_BATCH = 500
 _PEOPLE = cast(Table, ParticipantRow.__table__)
 _SESSION = select(_SESSIONS).where(_SESSIONS.c.id == bindparam("id"))
 _INSERT_SESSION = _SESSIONS.insert()
@@ -283,6 +290,32 @@ class SessionRepository:
             )
         ).first()
         return participant_record(row) if row else None
+
+    async def renew_leases(self, held: Sequence[tuple[str, str]], until: datetime) -> set[tuple[str, str]]:
+        """Moves the leases (and lease timers) of the live participants among `held` ((call cid,
+        participant_session_id) pairs) to `until`, in two statements per batch whatever their number;
+        returns the pairs that were live (the others have left)."""
+        renewed: set[tuple[str, str]] = set()
+        for start in range(0, len(held), _RENEW_BATCH):
+            batch = held[start : start + _RENEW_BATCH]
+            rows = await self._session.execute(
+                update(_PEOPLE)
+                .where(_LIVE, tuple_(_PEOPLE.c.call_cid, _PEOPLE.c.participant_session_id).in_(batch))
+                .values(lease_expires_at=until)
+                .returning(_PEOPLE.c.call_cid, _PEOPLE.c.participant_session_id)
+            )
+            live = [(row.call_cid, row.participant_session_id) for row in rows]
+            if live:
+                await self._session.execute(
+                    update(_TIMERS)
+                    .where(
+                        _TIMERS.c.kind == LEASE_TIMER_KIND,
+                        tuple_(_TIMERS.c.call_cid, _TIMERS.c.key).in_(live),
+                    )
+                    .values(due_at=until)
+                )
+            renewed.update(live)
+        return renewed
 
     async def insert_participant(self, record: ParticipantRecord) -> None:
         await self._session.execute(
