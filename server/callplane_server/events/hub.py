@@ -68,7 +68,7 @@ class Subscription:
     one timer: no asyncio.Queue and no task per wait, because a server holds many thousands of these
     mostly idle, and waking one is on the path of every delivered event."""
 
-    __slots__ = ("_items", "_waiter", "closed", "matcher", "maxsize", "overflowed", "recipients")
+    __slots__ = ("_items", "_waiter", "closed", "index_key", "matcher", "maxsize", "overflowed", "recipients")
 
     def __init__(
         self, matcher: Matcher, maxsize: int, recipients: RecipientsNeeded = RecipientsNeeded.NONE
@@ -78,6 +78,8 @@ class Subscription:
         self.recipients = recipients
         self.overflowed = False
         self.closed = False
+        # What the hub indexes it by: (call cid, user id); (None, None) for the firehose.
+        self.index_key: tuple[str | None, str | None] = (None, None)
         self._items: deque[StoredEvent | Withheld | Overflow | Closed] = deque()
         self._waiter: asyncio.Future[None] | None = None
 
@@ -135,6 +137,11 @@ class EventHub:
         self._queue_size = queue_size
         self._batch_size = batch_size
         self._subscriptions: set[Subscription] = set()
+        # The same subscriptions indexed by what they follow, so an event is offered only to those that
+        # may want it: watchers of its call, inboxes of its recipients, and the firehose subscriptions.
+        self._by_call: dict[str, set[Subscription]] = {}
+        self._by_user: dict[str, set[Subscription]] = {}
+        self._firehose: set[Subscription] = set()
         self._doorbell = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stop_listening: Callable[[], Awaitable[None]] | None = None
@@ -167,11 +174,18 @@ class EventHub:
         for stored in batch:
             if stored.position <= self.last_position:
                 continue  # delivered already (committed here, and read back by a poll that raced it)
-            for subscription in list(self._subscriptions):
-                item = subscription.matcher(stored, recipients.get(stored.position, []))
+            addressed = recipients.get(stored.position, [])
+            for subscription in self._interested(stored, addressed):
+                item = subscription.matcher(stored, addressed)
                 if item is not None:
                     subscription.offer(item)
             self.last_position = stored.position
+
+    def _interested(self, stored: StoredEvent, addressed: Recipients) -> list[Subscription]:
+        interested = [*self._by_call.get(stored.call_cid, ()), *self._firehose]
+        for user_id, _user_seq in addressed:
+            interested.extend(self._by_user.get(user_id, ()))
+        return interested
 
     def ring(self) -> None:
         """Wake the tailer now (e.g. on a notification from another process)."""
@@ -193,16 +207,39 @@ class EventHub:
                 await self._task
 
     def subscribe(
-        self, matcher: Matcher, *, recipients: RecipientsNeeded = RecipientsNeeded.NONE
+        self,
+        matcher: Matcher,
+        *,
+        recipients: RecipientsNeeded = RecipientsNeeded.NONE,
+        call_cid: str | None = None,
+        user_id: str | None = None,
     ) -> Subscription:
+        """`matcher` sees the events of `call_cid` only, or those addressed to `user_id` only (with their
+        recipients), or, with neither, every event (the firehose)."""
         subscription = Subscription(matcher, self._queue_size, recipients)
         if self.closed:
             subscription.close()
         self._subscriptions.add(subscription)
+        subscription.index_key = (call_cid, user_id)
+        self._index(call_cid, user_id).add(subscription)
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
         self._subscriptions.discard(subscription)
+        call_cid, user_id = subscription.index_key
+        self._index(call_cid, user_id).discard(subscription)
+        # Emptied per-call and per-user sets go, so the index does not keep every call ever watched.
+        if call_cid is not None and not self._by_call.get(call_cid):
+            self._by_call.pop(call_cid, None)
+        if user_id is not None and not self._by_user.get(user_id):
+            self._by_user.pop(user_id, None)
+
+    def _index(self, call_cid: str | None, user_id: str | None) -> set[Subscription]:
+        if call_cid is not None:
+            return self._by_call.setdefault(call_cid, set())
+        if user_id is not None:
+            return self._by_user.setdefault(user_id, set())
+        return self._firehose
 
     @property
     def subscriber_count(self) -> int:

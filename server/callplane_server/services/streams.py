@@ -182,7 +182,7 @@ class EventStreamService:
             return stored if audience.sees(stored, recipients) else Withheld.of(stored)
 
         # Subscribe before reading anything, so nothing committed after the read can be missed.
-        subscription = self._hub.subscribe(matcher, recipients=audience.recipients_needed)
+        subscription = self._hub.subscribe(matcher, recipients=audience.recipients_needed, call_cid=cid)
         holds_presence = False
         try:
             # The resume point is checked before presence is taken: a stream refused at its start
@@ -265,7 +265,7 @@ class EventStreamService:
                     )
             return None
 
-        subscription = self._hub.subscribe(matcher, recipients=RecipientsNeeded.ALL)
+        subscription = self._hub.subscribe(matcher, recipients=RecipientsNeeded.ALL, user_id=user_id)
         try:
 
             async def resume(tx: Transaction) -> int:

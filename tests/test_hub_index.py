@@ -1,0 +1,44 @@
+"""The event hub offers an event only to the subscriptions that may want it: the watchers of its call, the
+inboxes (WatchUser) of its recipients and the firehose subscriptions. Not to every subscription: a server
+holding thousands of idle watch streams on other calls must not run thousands of matchers per event."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from callplane.v1 import event_pb2
+from callplane_server.events.hub import EventHub, Recipients
+from callplane_server.store import Store
+from callplane_server.store.events import StoredEvent
+
+
+def _event(position: int, cid: str) -> StoredEvent:
+    message = event_pb2.Event(type="custom", call_cid=cid, seq=position, position=position)
+    return StoredEvent(position, cid, cid.partition(":")[0], position, "custom", message)
+
+
+def test_an_event_reaches_only_its_calls_watchers_its_recipients_and_the_firehose() -> None:
+    hub = EventHub(cast(Store, object()))  # dispatching reads nothing
+    asked: dict[str, int] = {}
+
+    def matcher(name: str) -> Any:
+        def match(stored: StoredEvent, recipients: Recipients) -> StoredEvent:
+            asked[name] = asked.get(name, 0) + 1
+            return stored
+
+        return match
+
+    others = [hub.subscribe(matcher(f"other-{i}"), call_cid=f"default:other-{i}") for i in range(200)]
+    hub.subscribe(matcher("watcher"), call_cid="default:hot")
+    hub.subscribe(matcher("inbox"), user_id="alice")
+    hub.subscribe(matcher("bob's inbox"), user_id="bob")
+    hub.subscribe(matcher("firehose"))
+
+    hub._dispatch([_event(1, "default:hot")], {1: [("alice", 7)]})
+    assert asked == {"watcher": 1, "inbox": 1, "firehose": 1}
+    assert hub.last_position == 1
+
+    for subscription in others:
+        hub.unsubscribe(subscription)
+    assert "default:other-0" not in hub._by_call  # emptied per-call sets do not linger
+    assert hub.subscriber_count == 4
