@@ -26,6 +26,7 @@ from callplane_server.domain.events import (
     SessionStarted,
 )
 from callplane_server.domain.records import (
+    CallRecord,
     CallView,
     Page,
     PageRequest,
@@ -83,6 +84,8 @@ from callplane_server.store.sessions import Joiner
 
 log = logging.getLogger(__name__)
 
+#: How long the renewer waits after a stream opens for others to open, so they share one write.
+_GATHER_OPENINGS = 0.02
 PARTICIPANT_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -216,6 +219,9 @@ class SessionService:
         # Participants whose presence a WatchCall stream of this process holds: (cid, id) → open streams.
         self._held: dict[tuple[str, str], int] = {}
         self._renewer: asyncio.Task[None] | None = None
+        # Streams opened since the last renewal, renewed together soon (see stream_opened).
+        self._opened: set[tuple[str, str]] = set()
+        self._renew_soon = asyncio.Event()
         self._closing = False
         timers.register(LEASE_TIMER, self._on_lease_expired)
         timers.register(INACTIVITY_TIMER, self._on_inactivity)
@@ -245,14 +251,12 @@ class SessionService:
         )
 
     async def _current_participant(
-        self, tx: Transaction, call: Call, participant_session_id: str
+        self, tx: Transaction, call: CallRecord, participant_session_id: str
     ) -> ParticipantRecord:
         """The live participant, or NOT_FOUND / FAILED_PRECONDITION (PARTICIPANT_LEFT)."""
         participant = None
-        if call.record.current_session_id:
-            participant = await tx.sessions.get_participant(
-                call.record.current_session_id, participant_session_id
-            )
+        if call.current_session_id:
+            participant = await tx.sessions.get_participant(call.current_session_id, participant_session_id)
         if participant is None:
             participant = await tx.sessions.find_participant(call.cid, participant_session_id)
         if participant is None:
@@ -516,7 +520,7 @@ class SessionService:
 
         async def keep_participant(tx: Transaction) -> ParticipantRecord:
             call = await open_call(tx, cid, now=self._clock(), check=False)
-            participant = await self._current_participant(tx, call, participant_session_id)
+            participant = await self._current_participant(tx, call.record, participant_session_id)
             if authorize:
                 require_own_participant(await caller_of(tx, call), participant)
             await self._renew_lease(tx, participant, call.now)
@@ -542,7 +546,7 @@ class SessionService:
 
         async def update_tracks(tx: Transaction) -> tuple[ParticipantRecord, datetime]:
             call = await open_call(tx, cid, now=self._clock(), check=False)
-            participant = await self._current_participant(tx, call, participant_session_id)
+            participant = await self._current_participant(tx, call.record, participant_session_id)
             caller = await caller_of(tx, call)
             require_own_participant(caller, participant)
             needed = dict.fromkeys(TRACK_CAPABILITIES[name] for name in names)
@@ -667,9 +671,28 @@ class SessionService:
     # -- presence (WatchCall streams) --------------------------------------------------------------
 
     async def stream_opened(self, call_type: str, call_id: str, participant_session_id: str) -> None:
-        """A WatchCall stream now holds this participant: its lease is renewed now and while it stays open."""
-        participant = await self.keep_alive(call_type, call_id, participant_session_id)
-        key = (participant.call_cid, participant_session_id)
+        """A WatchCall stream now holds this participant (the caller's own, live): its lease is renewed
+        while the stream stays open. A lease with more than half of its time left (a participant that
+        has just joined) is renewed with the next batch, shared by the streams opened meanwhile, instead
+        of by a write of its own; one closer to its end is renewed at once."""
+        self._key_problems(call_type, call_id, participant_session_id).raise_if_any()
+        cid = f"{call_type}:{call_id}"
+
+        async def own_participant(tx: Transaction) -> ParticipantRecord:
+            participant = await self._current_participant(
+                tx, await live_call(tx, cid), participant_session_id
+            )
+            require_own_participant(await load_caller(tx), participant)
+            return participant
+
+        participant = await self._store.read(own_participant)
+        expires = participant.lease_expires_at
+        if expires is None or expires - self._clock() < self._lease_ttl / 2:
+            await self.keep_alive(call_type, call_id, participant_session_id)
+        else:
+            self._opened.add((cid, participant_session_id))
+            self._renew_soon.set()
+        key = (cid, participant_session_id)
         self._held[key] = self._held.get(key, 0) + 1
         if self._renewer is None and not self._closing:
             # Started by the first stream that holds a participant, so inside that RPC: it gets a fresh
@@ -699,25 +722,40 @@ class SessionService:
 
     async def _renew_held(self) -> None:
         """Keeps the leases of stream-held participants fresh in the database, so that the lease timer
-        does not fire on another replica while the stream is open here: all of them in one write per
-        tick (a couple of statements per 500 participants), not one write each."""
+        does not fire on another replica while the stream is open here: all of them in one write every
+        ttl/3 (a couple of statements per 500 participants), and the streams opened since the last
+        renewal together, a moment after they open."""
         interval = max(self._lease_ttl.total_seconds() / 3, 0.05)
+        next_full = asyncio.get_running_loop().time() + interval
         while True:
-            await asyncio.sleep(interval)
-            held = list(self._held)
-            if not held:
-                continue
-            until = self._clock() + self._lease_ttl
-            try:
-                live = await self._store.write(partial(_renew_leases, held=held, until=until))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("lease renewal failed for %d stream-held participants", len(held))
-                continue
-            for key in held:
-                if key not in live:  # left (or its call is gone) meanwhile: nothing to hold
-                    self._held.pop(key, None)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._renew_soon.wait(), max(next_full - asyncio.get_running_loop().time(), 0)
+                )
+            if self._renew_soon.is_set():
+                await asyncio.sleep(_GATHER_OPENINGS)  # streams opening in a burst share one write
+            self._renew_soon.clear()
+            if asyncio.get_running_loop().time() >= next_full:
+                next_full = asyncio.get_running_loop().time() + interval
+                due = list(self._held)
+            else:
+                due = [key for key in self._opened if key in self._held]
+            self._opened.clear()
+            if due:
+                await self._renew(due)
+
+    async def _renew(self, held: list[tuple[str, str]]) -> None:
+        until = self._clock() + self._lease_ttl
+        try:
+            live = await self._store.write(partial(_renew_leases, held=held, until=until))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("lease renewal failed for %d stream-held participants", len(held))
+            return
+        for key in held:
+            if key not in live:  # left (or its call is gone) meanwhile: nothing to hold
+                self._held.pop(key, None)
 
     async def close(self) -> None:
         """Server shutdown: stop renewing; open streams end without leaving (leases decide)."""
