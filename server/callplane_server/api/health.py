@@ -45,6 +45,9 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             if status != sent:
                 await context.write(health_pb2.HealthCheckResponse(status=status))
                 sent = status
+                # Look again: the status may have changed while the write waited (a shutdown that came
+                # then must still send NOT_SERVING before the stream ends).
+                continue
             if self._shutting_down:
                 raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
             await changed.wait()
