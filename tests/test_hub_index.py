@@ -42,3 +42,35 @@ def test_an_event_reaches_only_its_calls_watchers_its_recipients_and_the_firehos
         hub.unsubscribe(subscription)
     assert "default:other-0" not in hub._by_call  # emptied per-call sets do not linger
     assert hub.subscriber_count == 4
+
+
+class _Log:
+    """A store whose event log answers the tailer's two questions and records which were asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.events = self
+
+    async def read(self, work: Any) -> Any:
+        return await work(self)
+
+    async def last_position(self) -> int:
+        self.asked.append("last_position")
+        return 42
+
+    async def events_after_position(self, after: int, limit: int) -> list[StoredEvent]:
+        self.asked.append(f"events_after_position({after})")
+        return []
+
+
+async def test_with_nobody_subscribed_the_tailer_reads_no_events() -> None:
+    log = _Log()
+    hub = EventHub(cast(Store, log))
+    assert await hub.poll() == 0
+    assert log.asked == ["last_position"]  # not a single event read or decoded
+    assert hub.last_position == 42  # a stream subscribing later catches up from the log after its own cursor
+
+    hub.subscribe(lambda stored, recipients: stored, call_cid="default:x")
+    log.asked.clear()
+    await hub.poll()
+    assert log.asked == ["events_after_position(42)"]

@@ -270,10 +270,22 @@ class EventHub:
             recipients = {}
         return batch, recipients
 
+    async def _skip_unheard(self) -> bool:
+        """With nobody subscribed nothing is read or decoded: the tailer moves to the last position
+        handed out (positions commit in order, so everything up to it is in the log, where a stream
+        that subscribes later catches up from). False when a subscription arrived meanwhile."""
+        last = await self._store.read(lambda tx: tx.events.last_position())
+        if self._subscriptions:
+            return False
+        self.last_position = max(self.last_position, last)
+        return True
+
     async def poll(self) -> int:
         """Dispatches every event committed since the last poll; returns how many."""
         dispatched = 0
         while True:
+            if not self._subscriptions and await self._skip_unheard():
+                return dispatched
             after = self.last_position
             needed = max((s.recipients for s in self._subscriptions), default=RecipientsNeeded.NONE)
             batch, recipients = await self._store.read(partial(self._read_batch, after, needed))

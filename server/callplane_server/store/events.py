@@ -99,6 +99,7 @@ _TAKE_USER_SEQS = (
     .returning(_USERS.c.last_event_seq)
 )
 _INSERT_EVENTS = _EVENTS.insert()
+_LAST_POSITION = select(_COUNTERS.c.value).where(_COUNTERS.c.name == POSITION_COUNTER)
 _EVENTS_AFTER = (
     select(_EVENTS)
     .where(_EVENTS.c.position > bindparam("after"))
@@ -309,10 +310,13 @@ class EventRepository:
             found.setdefault(position, []).append((user_id, user_seq))
         return found
 
+    async def last_position(self) -> int:
+        """The last position handed out (committed: the counter row is locked until commit)."""
+        return int((await self._statements.execute(_LAST_POSITION)).scalar() or 0)
+
     async def position_bounds(self) -> tuple[int, int]:
         """(earliest retained position, last position handed out)."""
-        counter = select(CounterRow.value).where(CounterRow.name == POSITION_COUNTER)
-        last = int(await self._session.scalar(counter) or 0)
+        last = await self.last_position()
         earliest = await self._session.scalar(select(func.min(EventRow.position)))
         return (int(earliest) if earliest is not None else last + 1, last)
 
