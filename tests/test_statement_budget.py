@@ -76,7 +76,7 @@ BUDGETS: dict[str, dict[str, Budget]] = {
         "GetOrCreateCall (create, 1 member)": Budget(10, 6, 1),
         "GetOrCreateCall (create, 5 members)": Budget(10, 6, 1),
         "UpdateParticipantCustom": Budget(7, 4, 0),
-        "UpdateCallMembers (add one member)": Budget(11, 4, 0),
+        "UpdateCallMembers (add one member)": Budget(9, 4, 0),
     },
     "postgres": {
         "UpdateCall (set_custom, new value)": Budget(8, 2, 1),
@@ -91,7 +91,7 @@ BUDGETS: dict[str, dict[str, Budget]] = {
         "GetOrCreateCall (create, 1 member)": Budget(11, 4, 2),
         "GetOrCreateCall (create, 5 members)": Budget(11, 4, 2),
         "UpdateParticipantCustom": Budget(8, 2, 1),
-        "UpdateCallMembers (add one member)": Budget(12, 2, 1),
+        "UpdateCallMembers (add one member)": Budget(10, 2, 1),
     },
 }
 

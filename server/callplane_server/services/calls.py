@@ -18,7 +18,15 @@ from callplane_server.domain.events import (
     MembersRemoved,
     MembersUpdated,
 )
-from callplane_server.domain.records import CallRecord, CallView, MemberInput, MemberRecord, Page, PageRequest
+from callplane_server.domain.records import (
+    CallRecord,
+    CallView,
+    MemberInput,
+    MemberRecord,
+    Page,
+    PageRequest,
+    UserRecord,
+)
 from callplane_server.domain.validation import (
     DEFAULT_MEMBERS_LIMIT,
     MAX_BATCH,
@@ -142,16 +150,22 @@ class CallService:
                     member.custom, self._limits.max_member_custom_bytes, f"{path}.custom", problems
                 )
 
-    async def _require_users(self, tx: Transaction, wanted: dict[str, str]) -> None:
-        existing = await tx.users.existing_ids(wanted.values())
-        unknown = {path: user_id for path, user_id in wanted.items() if user_id not in existing}
+    @staticmethod
+    async def _require_users(tx: Transaction, wanted: dict[str, str]) -> dict[str, UserRecord]:
+        """The users `wanted` names (request field path → user id), read whole (they go into members and
+        events); UNKNOWN_USERS naming each path whose user does not exist."""
+        users = await tx.users.get_many(wanted.values())
+        unknown = {path: user_id for path, user_id in wanted.items() if user_id not in users}
         if unknown:
             raise unknown_users(unknown)
+        return users
 
+    @staticmethod
     async def _upsert_members(
-        self, tx: Transaction, cid: str, members: list[MemberInput], now: datetime
+        tx: Transaction, cid: str, members: list[MemberInput], current: dict[str, MemberRecord], now: datetime
     ) -> list[MemberRecord]:
-        current = await tx.members.get_many(cid, [m.user_id for m in members])
+        """`members` as they will be stored: `current` (the ones that exist) keep what the input leaves
+        out."""
         records = []
         for member in members:
             before = current.get(member.user_id)
@@ -291,10 +305,7 @@ class CallService:
         if data.created_by_id:
             wanted["data.created_by_id"] = data.created_by_id
         # Read whole (the members' users are part of the call.created event): their existence with them.
-        users = await tx.users.get_many(wanted.values())
-        unknown = {path: user_id for path, user_id in wanted.items() if user_id not in users}
-        if unknown:
-            raise unknown_users(unknown)
+        users = await self._require_users(tx, wanted)
         effective = merge_settings(type_record.settings, data.settings_override)
         record = CallRecord(
             type=call_type,
@@ -613,17 +624,15 @@ class CallService:
 
         async def change_members(tx: Transaction) -> MembersChange:
             call = await self._open(tx, cid, *needed)
-            await self._require_users(
+            users = await self._require_users(
                 tx, {f"update_members[{i}].user_id": m.user_id for i, m in enumerate(update_members)}
             )
-            now = call.now
             before = await tx.members.get_many(cid, [m.user_id for m in update_members])
-            records = await self._upsert_members(tx, cid, update_members, now)
+            records = await self._upsert_members(tx, cid, update_members, before, call.now)
             removed = await tx.members.remove(cid, list(dict.fromkeys(remove_members)))
             added = [r for r in records if r.user_id not in before]
             updated = [r for r in records if r.user_id in before]
             call.members_changed(added=len(added), removed=len(removed))
-            users = await tx.users.get_many(r.user_id for r in records)
             for record in records:
                 record.user = users.get(record.user_id)
             if added:
