@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, cast
 
@@ -38,7 +38,6 @@ from callplane_server.store.visibility import CallReader, calls_with_capability,
 # The hot lookups, built once with bound parameters over Core columns: executing them skips statement
 # construction, cache-key generation and ORM loading (which cost more than SQLite's own work).
 _CALL = select(CallRow.__table__).where(CallRow.__table__.c.cid == bindparam("cid"))
-_CALL_FOR_UPDATE = _CALL.with_for_update()
 _CALL_FOR_SHARE = _CALL.with_for_update(read=True)
 _CALLS = cast(Table, CallRow.__table__)
 _CALL_COLUMNS = (
@@ -301,15 +300,16 @@ class CallRepository:
         self._sink = sink
         self._open: dict[str, Call] = {}
 
-    def _aggregate(self, record: CallRecord, type_row: Any, now: datetime) -> Call:
+    def _aggregate(
+        self, record: CallRecord, settings: dict[str, Any], grants: dict[str, list[str]], now: datetime
+    ) -> Call:
+        """The aggregate of `record` with its type's settings and grants, kept for this transaction."""
         if self._sink is None:  # pragma: no cover - read transactions hand out no aggregates
             raise RuntimeError("calls are opened for change only in write transactions")
         call = Call(
             record,
-            type_settings=dict(type_row.settings) if type_row is not None else {},
-            grants={role: list(caps) for role, caps in type_row.grants.items()}
-            if type_row is not None
-            else {},
+            type_settings=dict(settings),
+            grants={role: list(capabilities) for role, capabilities in grants.items()},
             now=now,
             sink=self._sink,
         )
@@ -327,7 +327,7 @@ class CallRepository:
         row = (await self._statements.execute(_OPEN_CALL, {"cid": cid})).first()
         if row is None:
             return None
-        call = self._aggregate(_call_record(row), _TypeColumns(row.type_settings, row.type_grants), now)
+        call = self._aggregate(_call_record(row), row.type_settings, row.type_grants, now)
         group: GroupScope | None = self._session.info.get(GROUP_SCOPE)
         known = group.recall(("call", cid)) if group is not None else None
         if known is not None and known[0] == call.record:
@@ -350,7 +350,7 @@ class CallRepository:
         values = {"cid": record.cid, "type": record.type, "id": record.id, **_call_columns(record)}
         inserted = await self._statements.execute(_CREATE_CALL, {f"new_{k}": v for k, v in values.items()})
         record.last_seq = max(int(inserted.scalar_one()), self._unwritten_seq(record.cid))
-        call = self._aggregate(record, call_type, now)
+        call = self._aggregate(record, call_type.settings, call_type.grants, now)
         call.created = True
         return call
 
@@ -373,16 +373,15 @@ class CallRepository:
             call.changed = False
         return frozenset(call.cid for call in changed)
 
-    async def get(self, cid: str, *, for_update: bool = False, for_share: bool = False) -> CallRecord | None:
-        """The call (soft-deleted too). `for_update` locks the row for the rest of the transaction,
-        which serializes writers of one call (and so its event seq) on PostgreSQL. `for_share` waits for
-        in-flight writers of the call and keeps new ones out, so several reads see one consistent state
-        (every change of a call's state locks its row to take an event seq). A call this transaction
-        opened is its aggregate's record, pending changes included."""
+    async def get(self, cid: str, *, for_share: bool = False) -> CallRecord | None:
+        """The call (soft-deleted too), to read (changes open it: `open`). `for_share` waits for in-flight
+        writers of the call and keeps new ones out, so several reads see one consistent state (every
+        change of a call's state locks its row). A call this transaction opened is its aggregate's record,
+        pending changes included."""
         opened = self._open.get(cid)
         if opened is not None:
             return None if opened.gone else opened.record
-        statement = _CALL_FOR_UPDATE if for_update else _CALL_FOR_SHARE if for_share else _CALL
+        statement = _CALL_FOR_SHARE if for_share else _CALL
         row = (await self._statements.execute(statement, {"cid": cid})).first()
         return _call_record(row) if row else None
 
@@ -402,12 +401,6 @@ class CallRepository:
             self._session, base, CALLS, page, self._signer, whole_rows=True
         )
         return Page([_call_record(row) for row in rows], next_cursor, prev_cursor)
-
-
-@dataclass(frozen=True)
-class _TypeColumns:
-    settings: Any
-    grants: Any
 
 
 def _call_columns(record: CallRecord) -> dict[str, Any]:
