@@ -126,7 +126,7 @@ class CallplaneServer:
         self.moderation = ModerationService(self.store, self.clock, self.sessions)
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
         self.api_secret = self.config.api_secret or load_or_create_secret(self.config.data_dir)
-        grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *self._keepalive_options()])
         # Typed as the server it stands in for: the add_*_to_server functions below only call the two
         # registration methods WrappingRegistrar provides.
         registrar = WrappingRegistrar(
@@ -195,6 +195,21 @@ class CallplaneServer:
             runtime.loop_name(),
         )
         return self.port
+
+    def _keepalive_options(self) -> list[tuple[str, int]]:
+        """HTTP/2 keepalive: a client that vanished without closing its connection (its network gone)
+        is found by unanswered pings within 2/3 of a lease, which ends its streams and so the presence
+        they hold. Pings go only to connections with open calls, also when those send no data (idle
+        streams); clients may ping every 5 s."""
+        interval_ms = max(int(self.config.lease_ttl_seconds * 1000 / 3), 1000)
+        return [
+            ("grpc.keepalive_time_ms", interval_ms),
+            ("grpc.keepalive_timeout_ms", interval_ms),
+            # grpc-core times keepalive pings out by this one (keepalive_timeout_ms alone closed nothing).
+            ("grpc.http2.ping_timeout_ms", interval_ms),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ]
 
     async def compact_events(self) -> int:
         """Drops events older than the retention period (by the injected clock); returns how many."""

@@ -144,9 +144,12 @@ async def test_session_with_participants(session: AsyncSession) -> None:
     await session.rollback()
 
 
-async def test_renewing_held_leases_costs_two_statements_a_batch(session: AsyncSession) -> None:
-    """Stream-held participants' leases are renewed together: their rows and their lease timers, in two
-    statements whatever their number; a participant that left is not renewed (nor reported live)."""
+async def test_taking_hold_costs_two_statements_a_batch_and_release_gives_leases_back(
+    session: AsyncSession,
+) -> None:
+    """Streams of one replica take hold of their participants together: the rows and the lease timers, in
+    two statements whatever their number; a participant that left is not held (nor reported live). When
+    the replica's lease runs out, one statement gives everyone it held a lease of their own again."""
     repository = SessionRepository(session)
     timers = TimerRepository(session)
     await repository.insert(SessionRecord(id="s-r", call_cid="default:w", started_at=NOW))
@@ -157,7 +160,6 @@ async def test_renewing_held_leases_costs_two_statements_a_batch(session: AsyncS
         await timers.schedule("participant_lease", "default:w", NOW, key=psid, payload={"session_id": "s-r"})
         held.append(("default:w", psid))
     await timers.schedule("participant_lease", "default:other", NOW, key="r1")  # another call's: untouched
-    until = NOW + timedelta(minutes=5)
 
     executed = 0
     execute = session.execute
@@ -169,17 +171,34 @@ async def test_renewing_held_leases_costs_two_statements_a_batch(session: AsyncS
 
     session.execute = counting  # type: ignore[method-assign]
     try:
-        live = await repository.renew_leases([*held, ("default:w", "nobody")], until)
+        live = await repository.take_hold([*held, ("default:w", "nobody")], "replica-a")
     finally:
         session.execute = execute  # type: ignore[method-assign]
     assert executed == 2
     assert live == {key for key in held if key[1] != "r7"}
-    renewed = await repository.get_participant("s-r", "r3")
-    assert renewed is not None and renewed.lease_expires_at == until
+    taken = await repository.get_participant("s-r", "r3")
+    assert taken is not None and (taken.held_by, taken.lease_expires_at) == ("replica-a", None)
+    assert await timers.get("participant_lease", "default:w", "r3") is None
     left = await repository.get_participant("s-r", "r7")
-    assert left is not None and left.lease_expires_at is None
-    timer = await timers.get("participant_lease", "default:w", "r3")
-    assert timer is not None and timer.due_at == until
+    assert left is not None and left.held_by is None
     other = await timers.get("participant_lease", "default:other", "r1")
     assert other is not None and other.due_at == NOW
+
+    # A save of a participant read before the hold does not undo it.
+    assert taken is not None
+    taken.held_by = None
+    await repository.save_participant(taken)
+    reread = await repository.get_participant("s-r", "r3")
+    assert reread is not None and reread.held_by == "replica-a"
+
+    await repository.take_hold([("default:w", "r5")], "replica-b")  # moved to another replica
+    expired = NOW + timedelta(seconds=30)
+    released = await repository.release_held("replica-a", expired)
+    assert sorted(p.participant_session_id for p in released) == sorted(
+        psid for _, psid in live if psid != "r5"
+    )
+    assert all(p.held_by is None and p.lease_expires_at == expired for p in released)
+    moved = await repository.get_participant("s-r", "r5")
+    assert moved is not None and moved.held_by == "replica-b"
+    assert await repository.release_held("replica-a", expired) == []
     await session.rollback()

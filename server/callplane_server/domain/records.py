@@ -144,6 +144,8 @@ class ParticipantRecord:
     left_at: datetime | None = None
     left_reason: str = ""
     lease_expires_at: datetime | None = None
+    # The replica whose WatchCall stream holds the presence (then there is no lease of its own).
+    held_by: str | None = None
 
     @property
     def custom_etag(self) -> str:

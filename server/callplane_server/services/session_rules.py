@@ -23,6 +23,8 @@ LEASE_TIMER = "participant_lease"
 INACTIVITY_TIMER = "session_inactivity"
 MAX_DURATION_TIMER = "max_duration"
 SESSION_TIMERS = (LEASE_TIMER, INACTIVITY_TIMER, MAX_DURATION_TIMER)
+#: A replica's lease on the participants its streams hold (keyed by replica id, of no call).
+REPLICA_TIMER = "replica_lease"
 
 # ParticipantEvent.reason values for call.session_participant_left.
 LEFT = "left"

@@ -1,9 +1,12 @@
-"""Sessions and participants: joins, leaves, leases, inactivity and max-duration timers, backstage.
+"""Sessions and participants: joins, leases, leaves, inactivity and max-duration timers, backstage.
 
-Presence never leaks: every live participant holds a lease with a durable `participant_lease` timer.
-KeepAlive, or a WatchCall stream opened with the participant's id, renews it; when that stream ends the
-participant leaves at once; if its process dies instead, the lease runs out and the timer (fired by any
-replica) removes it."""
+Presence never leaks. A joined participant holds a lease with a durable `participant_lease` timer, which
+KeepAlive renews. A WatchCall stream opened with the participant's id takes hold of it for its replica
+(server process): the participant's own lease and timer go, and the replica's one lease (a
+`replica_lease` timer it renews every ttl/3, one statement whatever the number of participants) covers
+every participant its streams hold. When the stream ends the participant leaves at once. If the replica
+dies instead, its lease runs out and whichever replica fires the timer gives its participants leases of
+their own that have already run out, which the lease timers then remove."""
 
 from __future__ import annotations
 
@@ -72,6 +75,7 @@ from callplane_server.services.session_rules import (
     LEFT,
     MAX_DURATION,
     MAX_DURATION_TIMER,
+    REPLICA_TIMER,
     end_session,
     inactivity_timeout_seconds,
     mark_left,
@@ -198,12 +202,6 @@ def _call_ended(cid: str) -> FailedPrecondition:
     return FailedPrecondition(f"call {cid!r} has ended", reason="CALL_ENDED", metadata={"cid": cid})
 
 
-async def _renew_leases(
-    tx: Transaction, *, held: list[tuple[str, str]], until: datetime
-) -> set[tuple[str, str]]:
-    return await tx.sessions.renew_leases(held, until)
-
-
 class SessionService:
     """Also the Presence of WatchCall streams opened with a participant_session_id."""
 
@@ -216,14 +214,18 @@ class SessionService:
         self._timers = timers
         self._lease_ttl = lease_ttl
         self._calls = CallService(store, clock, limits)
+        #: This process's id as a holder of presence (a new one each start: a restarted process does not
+        #: hold what its predecessor held; the predecessor's lease runs out instead).
+        self.replica_id = uuid.uuid4().hex
         # Participants whose presence a WatchCall stream of this process holds: (cid, id) → open streams.
         self._held: dict[tuple[str, str], int] = {}
-        self._renewer: asyncio.Task[None] | None = None
-        # Streams opened since the last renewal, renewed together soon (see stream_opened).
+        self._keeper: asyncio.Task[None] | None = None
+        # Streams opened since the last write of the keeper, whose hold it writes soon (see stream_opened).
         self._opened: set[tuple[str, str]] = set()
-        self._renew_soon = asyncio.Event()
+        self._hold_soon = asyncio.Event()
         self._closing = False
         timers.register(LEASE_TIMER, self._on_lease_expired)
+        timers.register(REPLICA_TIMER, self._on_replica_lease_expired)
         timers.register(INACTIVITY_TIMER, self._on_inactivity)
         timers.register(MAX_DURATION_TIMER, self._on_max_duration)
 
@@ -234,9 +236,18 @@ class SessionService:
     # -- helpers -----------------------------------------------------------------------------------
 
     async def _renew_lease(self, tx: Transaction, participant: ParticipantRecord, now: datetime) -> None:
+        """Renews the participant's own lease. One held by a stream of this process needs none; one held
+        by another replica (a client moving from its stream to KeepAlive) gets its own lease back."""
+        if participant.held_by is not None:
+            if participant.held_by == self.replica_id and self._holds(participant):
+                return
+            await tx.sessions.unhold(participant)
         participant.lease_expires_at = now + self._lease_ttl
         await tx.sessions.save_participant(participant)
         await self._schedule_lease(tx, participant)
+
+    def _holds(self, participant: ParticipantRecord) -> bool:
+        return (participant.call_cid, participant.participant_session_id) in self._held and not self._closing
 
     @staticmethod
     async def _schedule_lease(tx: Transaction, participant: ParticipantRecord) -> None:
@@ -506,6 +517,8 @@ class SessionService:
                 if authorize and departed is not None:
                     require_own_participant(await caller_of(tx, call), departed)
                 return  # already left: leaving is idempotent
+            if reason == DISCONNECTED and participant.held_by not in (None, self.replica_id):
+                return  # the client reconnected to another replica, whose stream holds it now
             if authorize:
                 require_own_participant(await caller_of(tx, call), participant)
             await self._leave(tx, call, participant, reason, live)
@@ -628,9 +641,11 @@ class SessionService:
         participant = await tx.sessions.get_participant(session_id, timer.key)
         if participant is None or participant.left_at is not None:
             return
-        if (call.cid, participant.participant_session_id) in self._held and not self._closing:
-            # A stream of this process holds the presence: the lease runs on.
-            await self._renew_lease(tx, participant, now)
+        if participant.held_by not in (None, self.replica_id):
+            return  # another replica's stream holds it: that replica's lease covers it
+        if self._holds(participant):
+            # A stream of this process holds the presence (its hold not written yet): written now.
+            await self._hold(tx, [(call.cid, participant.participant_session_id)], now)
             return
         if participant.lease_expires_at is not None and participant.lease_expires_at > now:
             # Renewed meanwhile (renewals move the timer, so this is only a safety net).
@@ -643,6 +658,31 @@ class SessionService:
             )
             return
         await self._leave(tx, call, participant, LEASE_EXPIRED)
+
+    async def _on_replica_lease_expired(self, tx: Transaction, timer: TimerRecord, now: datetime) -> None:
+        """A replica stopped renewing its lease (it died, or shut down and nobody reconnected): each
+        participant it held gets a lease of its own that ran out when the replica's did, and its lease
+        timer (due at once, fired in the participant's call's transaction) removes it unless a stream of
+        another replica or a KeepAlive takes it over first."""
+        if timer.key == self.replica_id and not self._closing:
+            # This process is alive: it was only late renewing (a stall longer than the lease).
+            await self._beat(tx, now)
+            return
+        released = await tx.sessions.release_held(timer.key, timer.due_at)
+        await tx.timers.schedule_many(
+            LEASE_TIMER,
+            [
+                (p.call_cid, p.participant_session_id, timer.due_at, {"session_id": p.session_id})
+                for p in released
+            ],
+        )
+        if released:
+            log.info(
+                "replica %s stopped renewing its lease; %d participants it held expire",
+                timer.key,
+                len(released),
+            )
+        self._timers.wake()
 
     async def _on_inactivity(self, tx: Transaction, timer: TimerRecord, now: datetime) -> None:
         call = await tx.calls.open(timer.call_cid, now)
@@ -671,10 +711,10 @@ class SessionService:
     # -- presence (WatchCall streams) --------------------------------------------------------------
 
     async def stream_opened(self, call_type: str, call_id: str, participant_session_id: str) -> None:
-        """A WatchCall stream now holds this participant (the caller's own, live): its lease is renewed
-        while the stream stays open. A lease with more than half of its time left (a participant that
-        has just joined) is renewed with the next batch, shared by the streams opened meanwhile, instead
-        of by a write of its own; one closer to its end is renewed at once."""
+        """A WatchCall stream now holds this participant (the caller's own, live) for this replica. The
+        hold is written by the keeper a moment later, shared by the streams opened meanwhile, when the
+        participant's own lease has more than half of its time left (a participant that has just joined);
+        one closer to its end is held at once."""
         self._key_problems(call_type, call_id, participant_session_id).raise_if_any()
         cid = f"{call_type}:{call_id}"
 
@@ -686,31 +726,34 @@ class SessionService:
             return participant
 
         participant = await self._store.read(own_participant)
-        expires = participant.lease_expires_at
-        if expires is None or expires - self._clock() < self._lease_ttl / 2:
-            await self.keep_alive(call_type, call_id, participant_session_id)
-        else:
-            self._opened.add((cid, participant_session_id))
-            self._renew_soon.set()
         key = (cid, participant_session_id)
         self._held[key] = self._held.get(key, 0) + 1
-        if self._renewer is None and not self._closing:
+        if self._keeper is None and not self._closing:
             # Started by the first stream that holds a participant, so inside that RPC: it gets a fresh
             # context with the server's authority, not the opening stream's caller.
-            self._renewer = asyncio.create_task(
-                self._renew_held(), name="participant-leases", context=authority_context(SERVER)
+            self._keeper = asyncio.create_task(
+                self._keep_held(), name="presence-keeper", context=authority_context(SERVER)
             )
+        expires = participant.lease_expires_at
+        if participant.held_by == self.replica_id:
+            return
+        if expires is None or expires - self._clock() < self._lease_ttl / 2:
+            await self._store.write(lambda tx: self._hold(tx, [key], self._clock()))
+        else:
+            self._opened.add(key)
+            self._hold_soon.set()
 
     async def stream_closed(self, call_type: str, call_id: str, participant_session_id: str) -> None:
         """The holding stream ended: the participant leaves ("disconnected"), unless another stream of
-        this process still holds it or the server is shutting down (then the lease decides, so that a
-        client reconnecting to another replica keeps its place)."""
+        this process still holds it or the server is shutting down (then the replica's lease decides, so
+        that a client reconnecting to another replica keeps its place)."""
         key = (f"{call_type}:{call_id}", participant_session_id)
         remaining = self._held.get(key, 0) - 1
         if remaining > 0:
             self._held[key] = remaining
             return
         self._held.pop(key, None)
+        self._opened.discard(key)
         if self._closing:
             return
         try:
@@ -720,48 +763,57 @@ class SessionService:
         except Exception:
             log.exception("could not record that %s left %s:%s", participant_session_id, call_type, call_id)
 
-    async def _renew_held(self) -> None:
-        """Keeps the leases of stream-held participants fresh in the database, so that the lease timer
-        does not fire on another replica while the stream is open here: all of them in one write every
-        ttl/3 (a couple of statements per 500 participants), and the streams opened since the last
-        renewal together, a moment after they open."""
+    async def _hold(self, tx: Transaction, held: list[tuple[str, str]], now: datetime) -> None:
+        """Writes this replica's hold on `held`, with its lease renewed (so it covers them from now)."""
+        await self._beat(tx, now)
+        await tx.sessions.take_hold(held, self.replica_id)
+
+    async def _beat(self, tx: Transaction, now: datetime) -> None:
+        """Renews this replica's lease: one statement, whatever the number of participants it holds."""
+        await tx.timers.schedule(REPLICA_TIMER, "", now + self._lease_ttl, key=self.replica_id)
+
+    async def _keep_held(self) -> None:
+        """Renews this replica's lease every ttl/3 and writes the holds of the streams opened since the
+        last write, together, a moment after they open: O(1) statements per tick."""
+        loop = asyncio.get_running_loop()
         interval = max(self._lease_ttl.total_seconds() / 3, 0.05)
-        next_full = asyncio.get_running_loop().time() + interval
+        next_beat = loop.time()
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._renew_soon.wait(), max(next_full - asyncio.get_running_loop().time(), 0)
-                )
-            if self._renew_soon.is_set():
+                await asyncio.wait_for(self._hold_soon.wait(), max(next_beat - loop.time(), 0))
+            if self._hold_soon.is_set():
                 await asyncio.sleep(_GATHER_OPENINGS)  # streams opening in a burst share one write
-            self._renew_soon.clear()
-            if asyncio.get_running_loop().time() >= next_full:
-                next_full = asyncio.get_running_loop().time() + interval
-                due = list(self._held)
-            else:
-                due = [key for key in self._opened if key in self._held]
+            self._hold_soon.clear()
+            opened = [key for key in self._opened if key in self._held]
             self._opened.clear()
-            if due:
-                await self._renew(due)
+            beat = loop.time() >= next_beat
+            if not opened and not beat:
+                continue
+            if beat:
+                next_beat = loop.time() + interval
+            try:
+                await self._store.write(partial(self._keep, opened=opened, beat=beat))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The holds are retried with the next write; meanwhile their own leases still run.
+                log.exception("could not renew the replica lease or hold %d participants", len(opened))
+                self._opened.update(opened)
+                next_beat = loop.time() + min(interval, 1.0)
 
-    async def _renew(self, held: list[tuple[str, str]]) -> None:
-        until = self._clock() + self._lease_ttl
-        try:
-            live = await self._store.write(partial(_renew_leases, held=held, until=until))
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("lease renewal failed for %d stream-held participants", len(held))
-            return
-        for key in held:
-            if key not in live:  # left (or its call is gone) meanwhile: nothing to hold
-                self._held.pop(key, None)
+    async def _keep(self, tx: Transaction, *, opened: list[tuple[str, str]], beat: bool) -> None:
+        now = self._clock()
+        if opened:
+            await self._hold(tx, opened, now)
+        elif beat:
+            await self._beat(tx, now)
 
     async def close(self) -> None:
-        """Server shutdown: stop renewing; open streams end without leaving (leases decide)."""
+        """Server shutdown: stop renewing; open streams end without leaving (the replica's lease decides:
+        clients that reconnect elsewhere within it keep their place)."""
         self._closing = True
-        if self._renewer is not None:
-            self._renewer.cancel()
+        if self._keeper is not None:
+            self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-            self._renewer = None
+                await self._keeper
+            self._keeper = None

@@ -85,8 +85,10 @@ class TimerRunner:
             return False
 
         async def work(tx: Transaction) -> bool:
-            # Lock order as every writer of a call: the call row first, then the timer row.
-            await tx.calls.open(timer.call_cid, now)
+            # Lock order as every writer of a call: the call row first, then the timer row (a timer of no
+            # call, such as a replica's lease, has none).
+            if timer.call_cid:
+                await tx.calls.open(timer.call_cid, now)
             claimed = await tx.timers.claim(timer.id, now)
             if claimed is None:
                 return False

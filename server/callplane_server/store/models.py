@@ -192,6 +192,13 @@ class ParticipantRow(Base):
     __table_args__ = (
         Index(None, "call_cid", "left_at"),
         Index(None, "session_id", "joined_at"),
+        # The live participants a replica holds, found when its lease runs out (see held_by).
+        Index(
+            None,
+            "held_by",
+            sqlite_where=text("left_at IS NULL"),
+            postgresql_where=text("left_at IS NULL"),
+        ),
     )
 
     session_id: Mapped[str] = mapped_column(
@@ -208,6 +215,10 @@ class ParticipantRow(Base):
     left_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     left_reason: Mapped[str] = mapped_column(String(32), nullable=False, default="")
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The replica (server process) whose WatchCall stream holds this participant's presence: while set,
+    # the participant has no lease of its own (lease_expires_at NULL, no lease timer) and lives as long
+    # as that replica's lease (a `replica_lease` timer it renews) or until the stream ends.
+    held_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class RingRow(Base):

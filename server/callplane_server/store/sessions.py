@@ -60,8 +60,8 @@ _SESSIONS = cast(Table, CallSessionRow.__table__)
 _TIMERS = cast(Table, TimerRow.__table__)
 #: The timer kind of participant leases (services/session_rules.LEASE_TIMER).
 LEASE_TIMER_KIND = "participant_lease"
-#: Pairs per renewal statement (well under SQLite's 32,766 bound parameters).
-_RENEW_BATCH = 500
+#: Pairs per hold statement (well under SQLite's 32,766 bound parameters).
+_HOLD_BATCH = 500
 _PEOPLE = cast(Table, ParticipantRow.__table__)
 _SESSION = select(_SESSIONS).where(_SESSIONS.c.id == bindparam("id"))
 _INSERT_SESSION = _SESSIONS.insert()
@@ -118,6 +118,16 @@ _SAVE_PARTICIPANT = (
         _PEOPLE.c.participant_session_id == bindparam("key_participant_session_id"),
     )
     .values({name: bindparam(f"new_{name}") for name in _PARTICIPANT_FIELDS})
+)
+# held_by is not among _PARTICIPANT_FIELDS: saving a participant read before a replica took hold of it
+# must not undo the hold (replicas take hold without the call's lock); only these statements change it.
+_UNHOLD = (
+    update(_PEOPLE)
+    .where(
+        _PEOPLE.c.session_id == bindparam("key_session_id"),
+        _PEOPLE.c.participant_session_id == bindparam("key_participant_session_id"),
+    )
+    .values(held_by=None)
 )
 
 
@@ -195,6 +205,7 @@ def participant_record(row: Any) -> ParticipantRecord:
         left_at=row.left_at,
         left_reason=row.left_reason,
         lease_expires_at=row.lease_expires_at,
+        held_by=row.held_by,
     )
 
 
@@ -291,31 +302,50 @@ class SessionRepository:
         ).first()
         return participant_record(row) if row else None
 
-    async def renew_leases(self, held: Sequence[tuple[str, str]], until: datetime) -> set[tuple[str, str]]:
-        """Moves the leases (and lease timers) of the live participants among `held` ((call cid,
-        participant_session_id) pairs) to `until`, in two statements per batch whatever their number;
-        returns the pairs that were live (the others have left)."""
-        renewed: set[tuple[str, str]] = set()
-        for start in range(0, len(held), _RENEW_BATCH):
-            batch = held[start : start + _RENEW_BATCH]
+    async def take_hold(self, held: Sequence[tuple[str, str]], holder: str) -> set[tuple[str, str]]:
+        """Marks the live participants among `held` ((call cid, participant_session_id) pairs) as held by
+        the replica `holder`: their own leases and lease timers go (the replica's lease covers them), in
+        two statements per batch whatever their number. Returns the pairs that were live."""
+        taken: set[tuple[str, str]] = set()
+        for start in range(0, len(held), _HOLD_BATCH):
+            batch = held[start : start + _HOLD_BATCH]
+            # Timers first, the order of the timer runner (claim the timer, then change the participant),
+            # so that a lease expiring meanwhile on another replica waits for this rather than deadlocks.
+            await self._session.execute(
+                delete(_TIMERS).where(
+                    _TIMERS.c.kind == LEASE_TIMER_KIND, tuple_(_TIMERS.c.call_cid, _TIMERS.c.key).in_(batch)
+                )
+            )
             rows = await self._session.execute(
                 update(_PEOPLE)
                 .where(_LIVE, tuple_(_PEOPLE.c.call_cid, _PEOPLE.c.participant_session_id).in_(batch))
-                .values(lease_expires_at=until)
+                .values(held_by=holder, lease_expires_at=None)
                 .returning(_PEOPLE.c.call_cid, _PEOPLE.c.participant_session_id)
             )
-            live = [(row.call_cid, row.participant_session_id) for row in rows]
-            if live:
-                await self._session.execute(
-                    update(_TIMERS)
-                    .where(
-                        _TIMERS.c.kind == LEASE_TIMER_KIND,
-                        tuple_(_TIMERS.c.call_cid, _TIMERS.c.key).in_(live),
-                    )
-                    .values(due_at=until)
-                )
-            renewed.update(live)
-        return renewed
+            taken.update((row.call_cid, row.participant_session_id) for row in rows)
+        return taken
+
+    async def release_held(self, holder: str, lease_expires_at: datetime) -> list[ParticipantRecord]:
+        """The live participants the replica `holder` held get a lease of their own again, ending at
+        `lease_expires_at` (their lease timers are the caller's to set); returns them."""
+        rows = await self._session.execute(
+            update(_PEOPLE)
+            .where(_LIVE, _PEOPLE.c.held_by == holder)
+            .values(held_by=None, lease_expires_at=lease_expires_at)
+            .returning(*_PEOPLE.columns)
+        )
+        return [participant_record(row) for row in rows]
+
+    async def unhold(self, participant: ParticipantRecord) -> None:
+        """The participant is no longer held by a replica (its lease is its own again)."""
+        await self._session.execute(
+            _UNHOLD,
+            {
+                "key_session_id": participant.session_id,
+                "key_participant_session_id": participant.participant_session_id,
+            },
+        )
+        participant.held_by = None
 
     async def insert_participant(self, record: ParticipantRecord) -> None:
         await self._session.execute(

@@ -60,6 +60,20 @@ class TimerRepository:
             {"kind": kind, "call_cid": call_cid, "key": key, "due_at": due_at, "payload": payload or {}},
         )
 
+    async def schedule_many(self, kind: str, timers: list[tuple[str, str, datetime, dict[str, Any]]]) -> None:
+        """Sets (or moves) many timers of one kind: (call_cid, key, due_at, payload) each."""
+        if not timers:
+            return
+        if self._schedule is None:
+            self._schedule = _SCHEDULE[self._session.get_bind().dialect.name]
+        await self._session.execute(
+            self._schedule,
+            [
+                {"kind": kind, "call_cid": call_cid, "key": key, "due_at": due_at, "payload": payload}
+                for call_cid, key, due_at, payload in timers
+            ],
+        )
+
     async def cancel(self, kind: str, call_cid: str, *, key: str | None = None) -> None:
         """Removes the timer (every key of the kind for the call when key is None)."""
         if key is None:

@@ -44,7 +44,10 @@ class WatchCallRequest(_message.Message):
     Unset and no snapshot: only events from now on.
     """
     participant_session_id: _builtins.str
-    """When set, this stream holds the participant's presence: when the stream ends, the participant leaves."""
+    """When set, this stream holds the participant's presence: when the stream ends, the participant leaves.
+    The server pings the connection (HTTP/2 keepalive, every lease ttl / 3) and ends the stream of a
+    client that stopped answering.
+    """
     def __init__(
         self,
         *,

@@ -121,7 +121,9 @@ class Participant(_message.Message):
 
     @_builtins.property
     def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
-        """When the participant's lease runs out unless renewed (live participants only)."""
+        """When the participant's lease runs out unless renewed (live participants only; unset while a
+        WatchCall stream holds the presence).
+        """
 
     def __init__(
         self,

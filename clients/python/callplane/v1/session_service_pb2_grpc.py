@@ -86,9 +86,11 @@ class SessionServiceServicer:
     """
 
     def JoinCall(self, request, context):
-        """Joins the call's current session (starting one if none runs). The participant holds a lease: it is
-        renewed by KeepAlive or by a WatchCall stream opened with its participant_session_id, and the
-        participant is removed when the lease expires or that stream ends.
+        """Joins the call's current session (starting one if none runs). The participant holds a lease, renewed
+        by KeepAlive, and is removed when it expires. A WatchCall stream opened with its
+        participant_session_id holds the presence instead (the participant then has no lease of its own):
+        the participant leaves when that stream ends, or, should the server holding the stream die, within
+        one lease of its death.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,7 +104,8 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def KeepAlive(self, request, context):
-        """Renews a participant's lease.
+        """Renews a participant's lease (one held by a WatchCall stream of a server that died gets a lease of
+        its own again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

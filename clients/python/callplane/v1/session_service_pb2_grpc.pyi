@@ -37,14 +37,18 @@ class SessionServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SessionServiceAsyncStub: ...
     JoinCall: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.JoinCallRequest, _session_service_pb2.JoinCallResponse]
-    """Joins the call's current session (starting one if none runs). The participant holds a lease: it is
-    renewed by KeepAlive or by a WatchCall stream opened with its participant_session_id, and the
-    participant is removed when the lease expires or that stream ends.
+    """Joins the call's current session (starting one if none runs). The participant holds a lease, renewed
+    by KeepAlive, and is removed when it expires. A WatchCall stream opened with its
+    participant_session_id holds the presence instead (the participant then has no lease of its own):
+    the participant leaves when that stream ends, or, should the server holding the stream die, within
+    one lease of its death.
     """
     LeaveCall: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.LeaveCallRequest, _session_service_pb2.LeaveCallResponse]
     """Leaves the session."""
     KeepAlive: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.KeepAliveRequest, _session_service_pb2.KeepAliveResponse]
-    """Renews a participant's lease."""
+    """Renews a participant's lease (one held by a WatchCall stream of a server that died gets a lease of
+    its own again).
+    """
     UpdateParticipant: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.UpdateParticipantRequest, _session_service_pb2.UpdateParticipantResponse]
     """Reports the tracks a participant publishes (from whatever runs the media)."""
     QueryCallParticipants: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.QueryCallParticipantsRequest, _session_service_pb2.QueryCallParticipantsResponse]
@@ -67,14 +71,18 @@ class SessionServiceAsyncStub(SessionServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     JoinCall: _aio.UnaryUnaryMultiCallable[_session_service_pb2.JoinCallRequest, _session_service_pb2.JoinCallResponse]  # type: ignore[assignment]
-    """Joins the call's current session (starting one if none runs). The participant holds a lease: it is
-    renewed by KeepAlive or by a WatchCall stream opened with its participant_session_id, and the
-    participant is removed when the lease expires or that stream ends.
+    """Joins the call's current session (starting one if none runs). The participant holds a lease, renewed
+    by KeepAlive, and is removed when it expires. A WatchCall stream opened with its
+    participant_session_id holds the presence instead (the participant then has no lease of its own):
+    the participant leaves when that stream ends, or, should the server holding the stream die, within
+    one lease of its death.
     """
     LeaveCall: _aio.UnaryUnaryMultiCallable[_session_service_pb2.LeaveCallRequest, _session_service_pb2.LeaveCallResponse]  # type: ignore[assignment]
     """Leaves the session."""
     KeepAlive: _aio.UnaryUnaryMultiCallable[_session_service_pb2.KeepAliveRequest, _session_service_pb2.KeepAliveResponse]  # type: ignore[assignment]
-    """Renews a participant's lease."""
+    """Renews a participant's lease (one held by a WatchCall stream of a server that died gets a lease of
+    its own again).
+    """
     UpdateParticipant: _aio.UnaryUnaryMultiCallable[_session_service_pb2.UpdateParticipantRequest, _session_service_pb2.UpdateParticipantResponse]  # type: ignore[assignment]
     """Reports the tracks a participant publishes (from whatever runs the media)."""
     QueryCallParticipants: _aio.UnaryUnaryMultiCallable[_session_service_pb2.QueryCallParticipantsRequest, _session_service_pb2.QueryCallParticipantsResponse]  # type: ignore[assignment]
@@ -100,9 +108,11 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_service_pb2.JoinCallRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.JoinCallResponse, _abc.Awaitable[_session_service_pb2.JoinCallResponse]]:
-        """Joins the call's current session (starting one if none runs). The participant holds a lease: it is
-        renewed by KeepAlive or by a WatchCall stream opened with its participant_session_id, and the
-        participant is removed when the lease expires or that stream ends.
+        """Joins the call's current session (starting one if none runs). The participant holds a lease, renewed
+        by KeepAlive, and is removed when it expires. A WatchCall stream opened with its
+        participant_session_id holds the presence instead (the participant then has no lease of its own):
+        the participant leaves when that stream ends, or, should the server holding the stream die, within
+        one lease of its death.
         """
 
     @_abc_1.abstractmethod
@@ -119,7 +129,9 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_service_pb2.KeepAliveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.KeepAliveResponse, _abc.Awaitable[_session_service_pb2.KeepAliveResponse]]:
-        """Renews a participant's lease."""
+        """Renews a participant's lease (one held by a WatchCall stream of a server that died gets a lease of
+        its own again).
+        """
 
     @_abc_1.abstractmethod
     def UpdateParticipant(
