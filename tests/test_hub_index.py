@@ -50,6 +50,7 @@ class _Log:
     def __init__(self) -> None:
         self.asked: list[str] = []
         self.events = self
+        self.committing: set[int] = set()
 
     async def read(self, work: Any) -> Any:
         return await work(self)
@@ -74,3 +75,22 @@ async def test_with_nobody_subscribed_the_tailer_reads_no_events() -> None:
     log.asked.clear()
     await hub.poll()
     assert log.asked == ["events_after_position(42)"]
+
+
+def test_a_notification_of_a_commit_already_dispatched_reads_nothing() -> None:
+    """On PostgreSQL each commit NOTIFYs its last position; this process's own commits were dispatched
+    from what they wrote, so their notifications must not make the tailer read them back."""
+    log = _Log()
+    hub = EventHub(cast(Store, log))
+    hub.last_position = 10
+    hub._notified("9")
+    hub._notified("10")
+    assert not hub._doorbell.is_set()
+    log.committing.add(12)  # a commit of this process, about to hand its events over
+    hub._notified("12")
+    assert not hub._doorbell.is_set()
+    hub._notified("11")  # another replica's commit
+    assert hub._doorbell.is_set()
+    hub._doorbell.clear()
+    hub._notified("")  # (re)connected: something may have been missed
+    assert hub._doorbell.is_set()

@@ -153,13 +153,22 @@ class EventHub:
         self._store.commit_listeners.append(self._ring)
         self._store.event_listeners.append(self._committed)
         # Commits by other processes (PostgreSQL replicas) ring through LISTEN/NOTIFY; polling backs it up.
-        self._stop_listening = await self._store.database.listen(NOTIFY_CHANNEL, self.ring)
+        self._stop_listening = await self._store.database.listen(NOTIFY_CHANNEL, self._notified)
         # No authority at all: the tailer decides nothing for anyone. Each subscription's matcher is bound
         # to its own subscriber when the stream subscribes; a matcher that asked "who is acting?" here
         # is refused (NO_PRINCIPAL) rather than answered "the server", which would see every event.
         self._task = asyncio.create_task(self._run(), name="event-tailer", context=authority_context(None))
 
     def _ring(self, _position: int) -> None:
+        self._doorbell.set()
+
+    def _notified(self, payload: str) -> None:
+        """A NOTIFY (its payload: the last position of a commit). This process's own commits need no
+        read: dispatched already, or about to be handed over by the commit that wrote them."""
+        if payload.isdigit():
+            position = int(payload)
+            if position <= self.last_position or position in self._store.committing:
+                return
         self._doorbell.set()
 
     def _committed(self, written: Written) -> None:

@@ -452,9 +452,10 @@ class Database:
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def listen(self, channel: str, on_notify: Callable[[], None]) -> Callable[[], Awaitable[None]]:
-        """PostgreSQL only: calls `on_notify` for every NOTIFY on `channel` (a doorbell: it may miss
-        notifications while reconnecting, so callers also poll). Returns an async stop function."""
+    async def listen(self, channel: str, on_notify: Callable[[str], None]) -> Callable[[], Awaitable[None]]:
+        """PostgreSQL only: calls `on_notify` with the payload of every NOTIFY on `channel`, and with ""
+        after each (re)connection (a doorbell: it may miss notifications while reconnecting, so callers
+        also poll). Returns an async stop function."""
         if self.dialect != "postgresql":
 
             async def nothing() -> None:
@@ -472,8 +473,8 @@ class Database:
                     try:
                         lost = asyncio.Event()
                         connection.add_termination_listener(lambda _connection, lost=lost: lost.set())
-                        await connection.add_listener(channel, lambda *_args: on_notify())
-                        on_notify()  # anything missed while disconnected is picked up by a poll
+                        await connection.add_listener(channel, lambda *args: on_notify(args[-1]))
+                        on_notify("")  # anything missed while disconnected is picked up by a poll
                         await lost.wait()
                     finally:
                         await connection.close()

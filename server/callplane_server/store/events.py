@@ -194,19 +194,19 @@ class EventRepository:
         """The calls this transaction changed so far (each change to a call emits an event)."""
         return frozenset(item.call_cid for item in self._pending)
 
-    async def flush(self) -> int:
+    async def flush(self) -> Written | None:
         """Numbers and writes the pending events; called last, right before commit, so the counter row
-        is locked for as short a time as possible. Returns the last position written (0 if none). In a
+        is locked for as short a time as possible. Returns what was written (None if nothing). In a
         group commit (SQLite) the events are handed to the group instead, which writes those of every
-        write that succeeded in one go before it commits (`write_events`): 0 then."""
+        write that succeeded in one go before it commits (`write_events`): None then."""
         if not self._pending:
-            return 0
+            return None
         pending, self._pending = self._pending, []
         group: GroupScope | None = self._session.info.get(GROUP_SCOPE)
         if group is not None:
             group.defer(pending)
-            return 0
-        return (await write_events(self._session, pending)).last_position
+            return None
+        return await write_events(self._session, pending)
 
     # -- reading ---------------------------------------------------------------------------------
 

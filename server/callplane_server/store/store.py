@@ -60,9 +60,9 @@ class Transaction:
     ) -> None:
         self.events.append(call, event, at, recipients)
 
-    async def flush(self) -> tuple[frozenset[str], int]:
+    async def flush(self) -> tuple[frozenset[str], Written | None]:
         """Writes back the calls this transaction changed, then its events (last, so the position
-        counter is locked as briefly as possible). Returns the changed calls and the last position."""
+        counter is locked as briefly as possible). Returns the changed calls and the events written."""
         changed = await self.calls.flush() | self.events.pending_cids()
         return changed, await self.events.flush()
 
@@ -71,11 +71,15 @@ class Store:
     def __init__(self, database: Database) -> None:
         self.database = database
         self._signer: CursorSigner | None = None
-        # Called with the last event position after each commit that wrote events (the local doorbell).
+        # Called with the last event position after each commit that wrote events (the local doorbell),
+        # when there are no event listeners.
         self.commit_listeners: list[Callable[[int], None]] = []
-        # Called with the events a group commit (SQLite) wrote, right after it committed, instead of the
-        # commit listeners: they need not read them back.
+        # Called with the events a commit of this process wrote, right after it, instead of the commit
+        # listeners: they need not read them back.
         self.event_listeners: list[Callable[[Written], None]] = []
+        # Last positions of this process's commits in progress: their NOTIFY (PostgreSQL) may come back
+        # before the commit returns, and needs no read, since the commit hands its events over.
+        self.committing: set[int] = set()
         # Called after each committed write, before it is acknowledged, with the cids of the calls it
         # changed, or None when it may have changed anything (it wrote no call events: users, call types).
         self.change_listeners: list[Callable[[frozenset[str] | None], None]] = []
@@ -84,8 +88,8 @@ class Store:
         database.defer_to_group(write_events, self._events_committed)
 
     def _events_committed(self, written: Written) -> None:
-        """A group commit wrote these events: handed to the event listeners as they are (this process is
-        the only writer: no reader needs to read them back), else the commit listeners are rung."""
+        """A commit (a group commit on SQLite) wrote these events: handed to the event listeners as they
+        are (they need not read them back), else the commit listeners are rung."""
         if self.event_listeners:
             for deliver in self.event_listeners:
                 deliver(written)
@@ -132,14 +136,19 @@ class Store:
     async def write(self, work: Callable[[Transaction], Awaitable[T]]) -> T:
         """Runs `work` in a write transaction; it may be retried whole on a transient conflict. Events
         emitted by `work` are numbered and written last, in the same transaction."""
-        last_position = 0
+        written: Written | None = None
         changed: frozenset[str] | None = None
+        # Every attempt's (a retried one's positions were rolled back, and will be handed out again).
+        attempted: list[int] = []
 
         async def attempt(session: AsyncSession) -> T:
-            nonlocal last_position, changed
+            nonlocal written, changed
             tx = Transaction(session, self.signer, write=True)
             result = await work(tx)
-            cids, last_position = await tx.flush()
+            cids, written = await tx.flush()
+            if written is not None:
+                self.committing.add(written.last_position)
+                attempted.append(written.last_position)
             # A transaction that opened calls changed only what belongs to them (members, sessions,
             # participants, permissions...); one that did not may have changed anything (users, types).
             changed = cids if tx.calls.opened_any else cids or None
@@ -154,17 +163,19 @@ class Store:
         try:
             result = await self.database.run(attempt, write=True)
         except CallplaneError as error:
-            # A refusal rolled back; an outage leaves the outcome unknown (the commit may have landed).
+            # A refusal rolled back; an outage leaves the outcome unknown (the commit may have landed:
+            # then the tailer's poll finds its events).
             if isinstance(error, Unavailable):
                 self._changed(None)
             raise
         except BaseException:
             self._changed(None)
             raise
+        finally:
+            self.committing.difference_update(attempted)
         self._changed(changed)
-        if last_position:
-            for listener in self.commit_listeners:
-                listener(last_position)
+        if written is not None:
+            self._events_committed(written)
         return result
 
     def _changed(self, cids: frozenset[str] | None) -> None:
