@@ -164,7 +164,7 @@ async def test_iterators_resume_across_a_server_restart(backend: str, tmp_path: 
                 database_url=url,
                 data_dir=tmp_path,
                 run_timers=False,
-                progress_interval_seconds=0.2,
+                min_progress_interval_seconds=0.05,
                 shutdown_grace_seconds=5,
             )
 
