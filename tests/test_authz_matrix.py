@@ -170,10 +170,8 @@ class World:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningServer]:
-    # Quick progress messages: a stream that has nothing to say yet still answers within the read timeout.
-    async with running_server(
-        backend, tmp_path_factory.mktemp(backend), progress_interval_seconds=0.2, lease_ttl_seconds=600.0
-    ) as running:
+    # Every stream row starts with a message (a snapshot, or the start progress of a stream from now).
+    async with running_server(backend, tmp_path_factory.mktemp(backend), lease_ttl_seconds=600.0) as running:
         yield running
 
 

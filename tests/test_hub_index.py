@@ -4,9 +4,13 @@ holding thousands of idle watch streams on other calls must not run thousands of
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
+import pytest
+
 from callplane.v1 import event_pb2
+from callplane_server.events import hub as hub_module
 from callplane_server.events.hub import EventHub, Recipients
 from callplane_server.store import Store
 from callplane_server.store.events import StoredEvent
@@ -42,6 +46,34 @@ def test_an_event_reaches_only_its_calls_watchers_its_recipients_and_the_firehos
         hub.unsubscribe(subscription)
     assert "default:other-0" not in hub._by_call  # emptied per-call sets do not linger
     assert hub.subscriber_count == 4
+
+
+async def test_an_idle_subscription_waits_without_a_timer_unless_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream that asked for no progress waits on its future alone (no timer per idle stream); one that
+    asked gets a timer per wait, and None when it runs out."""
+    hub = EventHub(cast(Store, object()))
+    subscription = hub.subscribe(lambda stored, recipients: stored, call_cid="default:a")
+    loop = asyncio.get_running_loop()
+    timers: list[float] = []
+    call_later = loop.call_later
+
+    def recording(delay: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        if callback is hub_module._resolve:
+            timers.append(delay)
+        return call_later(delay, callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_later", recording)
+    waiting = asyncio.ensure_future(subscription.next())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    assert timers == []
+    subscription.offer(_event(1, "default:a"))
+    item = await waiting
+    assert isinstance(item, StoredEvent) and item.position == 1
+    assert await subscription.next(0.001) is None
+    assert timers == [0.001]
 
 
 class _Log:

@@ -327,6 +327,8 @@ async def test_a_client_that_vanishes_leaves_through_keepalive(tmp_path: Path) -
             stream = _watch(event_service_pb2_grpc.EventServiceStub(channel), "vanish", "faraway")
             await asyncio.wait_for(stream.read(), 10)
             await _eventually(lambda: _held(sessions, "vanish", {"faraway"}))
+            # Idle for a few ping intervals first: pings go on while the stream sends nothing.
+            await asyncio.sleep(2.5)
             relay.silent.set()
 
             async def gone() -> bool:

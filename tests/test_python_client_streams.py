@@ -164,7 +164,7 @@ async def test_iterators_resume_across_a_server_restart(backend: str, tmp_path: 
                 database_url=url,
                 data_dir=tmp_path,
                 run_timers=False,
-                progress_interval_seconds=0.2,
+                min_progress_interval_seconds=0.05,
                 shutdown_grace_seconds=5,
             )
 
@@ -184,8 +184,11 @@ async def test_iterators_resume_across_a_server_restart(backend: str, tmp_path: 
                 await call.get_or_create(created_by_id="rs-alice", members=["rs-alice", "rs-bob"])
                 await call.update(set_custom={"n": 1})
 
+                # The firehose asks for progress; the others do not (they resume all the same).
                 watch = Collector(call.watch(snapshot=True))
-                firehose = Collector(client.subscribe_events(call_cids=[call.cid], after_position=0))
+                firehose = Collector(
+                    client.subscribe_events(call_cids=[call.cid], after_position=0, progress_interval=0.2)
+                )
                 bob = Collector(client.watch_user("rs-bob", after_seq=0))
                 collectors.extend((watch, firehose, bob))
                 await watch.wait_for(lambda c: c.messages)
@@ -293,6 +296,80 @@ async def test_a_stream_gives_up_after_the_configured_time(backend: str, tmp_pat
                         await anext(stream)
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE
             assert stream.reconnects >= 1
+
+
+async def test_an_idle_resumed_stream_outlives_give_up_after(backend: str, tmp_path: Path) -> None:
+    """A resumed stream with nothing to send, asking for no progress, receives no message for longer than
+    `give_up_after`; when its server then goes away it still reconnects (idle time is not failing time:
+    the stream counts as connected once the server sent its headers) and resumes exactly."""
+    async with fresh_database(backend, tmp_path) as url:
+        clock = TestClock()
+
+        def config(listen: str) -> Config:
+            return Config(
+                api_secret=TEST_SECRET, listen=listen, database_url=url, data_dir=tmp_path, run_timers=False
+            )
+
+        first = CallplaneServer(config("127.0.0.1:0"), clock=clock)
+        port = await first.start()
+        servers = [first]
+        try:
+            give_up_after = 2.0
+            async with CallplaneClient(
+                f"127.0.0.1:{port}",
+                token=SERVER_TOKEN,
+                options=FAST_RECONNECT,
+                reconnect=Reconnect(initial_backoff=0.05, max_backoff=0.2, give_up_after=give_up_after),
+            ) as client:
+                call = client.call("default", new_id())
+                await call.get_or_create()
+                collector = Collector(call.watch(after_seq=1))
+                hub = first.hub
+                assert hub is not None
+                async with asyncio.timeout(10):
+                    while hub.subscriber_count < 1:  # noqa: ASYNC110 (the hub has no event for this)
+                        await asyncio.sleep(0.01)
+                await asyncio.sleep(give_up_after + 0.5)  # idle for longer than give_up_after
+                assert collector.messages == []
+                await first.stop(grace=None)
+                second = CallplaneServer(config(f"127.0.0.1:{port}"), clock=clock)
+                await second.start()
+                servers.append(second)
+                async with CallplaneClient(f"127.0.0.1:{port}", token=SERVER_TOKEN) as writer:
+                    await writer.call(call.type, call.id).update(set_custom={"n": 1})
+                await collector.wait_for(lambda c: c.events)
+                assert [e.seq for e in collector.events] == [2]
+                assert collector.stream.reconnects >= 1
+                await collector.close()
+        finally:
+            for server in servers:
+                await server.stop(grace=0)
+
+
+async def test_progress_comes_only_when_asked_for(backend: str, tmp_path: Path) -> None:
+    async with (
+        running_server(backend, tmp_path, min_progress_interval_seconds=0.01) as running,
+        CallplaneClient(running.target, token=SERVER_TOKEN) as client,
+    ):
+        call = client.call("default", new_id())
+        await call.get_or_create()
+        asked = call.watch(after_seq=1, progress_interval=0.02)
+        silent = call.watch(after_seq=1)
+        progress = await anext(asked)
+        assert isinstance(progress, ProgressMessage) and progress.seq == 1
+        assert asked.cursor == 1
+        next_silent = asyncio.ensure_future(anext(silent))
+        await asyncio.sleep(0.3)  # room for many progress messages, were any due
+        assert not next_silent.done()
+        await call.update(set_custom={"n": 1})
+        event = await next_silent
+        assert isinstance(event, EventMessage) and event.seq == 2
+        async for message in asked:
+            if isinstance(message, ProgressMessage) and message.seq == 2:
+                break  # progress after the event carries its seq
+            assert isinstance(message, EventMessage | ProgressMessage)
+        await asked.close()
+        await silent.close()
 
 
 # -- the live-call methods end to end ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
+from google.protobuf import duration_pb2
 
 from callplane.v1 import (
     call_pb2,
@@ -44,13 +45,16 @@ CANCEL = ring_service_pb2.REJECT_REASON_CANCEL
 #: Distinct timeouts so each timer's effect can be observed on its own.
 INCOMING_MS, MISSED_MS, AUTO_CANCEL_MS = 10_000, 20_000, 30_000
 STREAM_TIMEOUT = 20.0
+#: The streams read here ask for progress after 0.2 s of quiet (the servers here allow it: MIN_PROGRESS).
+PROGRESS = duration_pb2.Duration(nanos=200_000_000)
+MIN_PROGRESS = 0.05
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningServer]:
-    # Short progress interval: a stream read "until the first progress message" has seen everything.
+    # Short progress intervals allowed: a stream read "until the first progress message" has seen everything.
     async with running_server(
-        backend, tmp_path_factory.mktemp(backend), progress_interval_seconds=0.2
+        backend, tmp_path_factory.mktemp(backend), min_progress_interval_seconds=MIN_PROGRESS
     ) as running:
         yield running
 
@@ -59,7 +63,8 @@ async def server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Asyn
 
 
 async def _drain(stream: Any, pick: Callable[[Any], event_pb2.Event | None]) -> list[event_pb2.Event]:
-    """Reads a watch stream until its first progress message (everything committed was delivered)."""
+    """Reads a watch stream that asked for progress until its first progress message (everything
+    committed was delivered)."""
     events: list[event_pb2.Event] = []
 
     async def read() -> None:
@@ -79,7 +84,9 @@ async def _drain(stream: Any, pick: Callable[[Any], event_pb2.Event | None]) -> 
 async def user_events(channel: grpc.aio.Channel, user_id: str) -> list[event_pb2.Event]:
     """Every event on the user's WatchUser stream from the start (after_seq=0)."""
     stub = event_service_pb2_grpc.EventServiceStub(channel)
-    stream = stub.WatchUser(event_service_pb2.WatchUserRequest(user_id=user_id, after_seq=0))
+    stream = stub.WatchUser(
+        event_service_pb2.WatchUserRequest(user_id=user_id, after_seq=0, progress_interval=PROGRESS)
+    )
     events = await _drain(stream, lambda m: m.event if m.HasField("event") else None)
     seqs = [e.user_seq for e in events]
     assert seqs == list(range(1, len(seqs) + 1)), f"user_seq not gap-free from 1: {seqs}"
@@ -90,7 +97,9 @@ async def call_events(channel: grpc.aio.Channel, call_id: str, after_seq: int = 
     """Every event of the call's log after `after_seq` (WatchCall)."""
     stub = event_service_pb2_grpc.EventServiceStub(channel)
     stream = stub.WatchCall(
-        event_service_pb2.WatchCallRequest(type="default", id=call_id, after_seq=after_seq)
+        event_service_pb2.WatchCallRequest(
+            type="default", id=call_id, after_seq=after_seq, progress_interval=PROGRESS
+        )
     )
     events = await _drain(stream, lambda m: m.event if m.HasField("event") else None)
     seqs = [e.seq for e in events]
@@ -486,7 +495,7 @@ async def test_a_ring_timer_pending_across_a_restart_fires_once(backend: str, tm
                 database_url=url,
                 data_dir=tmp_path,
                 run_timers=False,
-                progress_interval_seconds=0.2,
+                min_progress_interval_seconds=MIN_PROGRESS,
             ),
             clock=clock,
         )

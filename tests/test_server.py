@@ -185,6 +185,7 @@ def test_config_defaults():
     assert config.limits == Limits(16_384, 5_120, 5_120)
     assert config.database_url == ""
     assert config.resolved_database_url == f"sqlite:///{(Path('data') / 'callplane.db').resolve()}"
+    assert config.min_progress_interval_seconds == 1.0
 
 
 def test_config_from_environment():
@@ -198,6 +199,7 @@ def test_config_from_environment():
         "CALLPLANE_MAX_CALL_CUSTOM_BYTES": "1000",
         "CALLPLANE_MAX_MEMBER_CUSTOM_BYTES": "200",
         "CALLPLANE_MAX_USER_CUSTOM_BYTES": "300",
+        "CALLPLANE_MIN_PROGRESS_INTERVAL_SECONDS": "0.5",
     }
     config = config_module.load(parse(), environ=environ)
     assert config.listen == "0.0.0.0:7000"
@@ -207,6 +209,7 @@ def test_config_from_environment():
     assert config.shutdown_grace_seconds == 3.5
     assert config.log_level == "DEBUG"
     assert config.limits == Limits(1000, 200, 300)
+    assert config.min_progress_interval_seconds == 0.5
     assert config_module.load(None, environ={"CALLPLANE_DATA_DIR": "/d"}).resolved_database_url == (
         "sqlite:////d/callplane.db"
     )
@@ -218,6 +221,7 @@ def test_flags_win_over_environment():
         "CALLPLANE_REFLECTION": "1",
         "CALLPLANE_MAX_USER_CUSTOM_BYTES": "300",
         "CALLPLANE_LOG_LEVEL": "debug",
+        "CALLPLANE_MIN_PROGRESS_INTERVAL_SECONDS": "0.5",
     }
     args = parse(
         "--listen",
@@ -231,6 +235,8 @@ def test_flags_win_over_environment():
         "warning",
         "--database-url",
         "sqlite:///x.db",
+        "--min-progress-interval",
+        "2.5",
     )
     config = config_module.load(args, environ=environ)
     assert config.listen == "127.0.0.1:9000"
@@ -240,6 +246,7 @@ def test_flags_win_over_environment():
     assert config.shutdown_grace_seconds == 1.0
     assert config.log_level == "WARNING"
     assert config.database_url == "sqlite:///x.db"
+    assert config.min_progress_interval_seconds == 2.5
 
 
 async def test_configured_limits_apply(backend, tmp_path):

@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from google.protobuf import json_format
+from google.protobuf import duration_pb2, json_format
 
 from callplane.v1 import (
     call_pb2,
@@ -53,6 +53,9 @@ USERS = 6
 WRITERS = 4
 OPS_PER_WRITER = 25
 CATCH_UP_TIMEOUT = 60.0
+#: Every watcher asks for progress (50 ms), so progress messages are checked too, and a watcher that has
+#: everything learns it is done without waiting for an event.
+PROGRESS = duration_pb2.Duration(nanos=50_000_000)
 
 
 def tokens_of(event: event_pb2.Event) -> list[str]:
@@ -132,14 +135,16 @@ class Watcher:
         h = self.history
         if h.kind == "call":
             call_type, call_id = h.cid.split(":", 1)
-            request = event_service_pb2.WatchCallRequest(type=call_type, id=call_id)
+            request = event_service_pb2.WatchCallRequest(
+                type=call_type, id=call_id, progress_interval=PROGRESS
+            )
             if mode == "snapshot":
                 request.snapshot = True
             elif resume is not None:
                 request.after_seq = resume
             return self.stub.WatchCall(request)
         request = event_service_pb2.SubscribeEventsRequest(
-            call_cids=list(h.call_cids), event_types=list(h.event_types)
+            call_cids=list(h.call_cids), event_types=list(h.event_types), progress_interval=PROGRESS
         )
         if resume is not None:
             request.after_position = resume
@@ -378,9 +383,9 @@ async def test_watchers_that_disconnect_resume_and_lag_see_exactly_the_log(
 
     monkeypatch.setattr(hub_module.Subscription, "offer", counting_offer)
 
-    # A tiny queue so bursts overflow it and streams catch up from the log; fast progress.
+    # A tiny queue so bursts overflow it and streams catch up from the log; fast progress allowed.
     async with running_server(
-        backend, tmp_path, event_queue_size=2, progress_interval_seconds=0.05
+        backend, tmp_path, event_queue_size=2, min_progress_interval_seconds=0.01
     ) as running:
         calls = call_service_pb2_grpc.CallServiceStub(running.channel)
         users = user_pb2_grpc.UserServiceStub(running.channel)

@@ -1,7 +1,7 @@
 """Event streams end to end, on both backends: WatchCall (snapshot then changes, resume exactness, from
-the start, from now, OUT_OF_RANGE, EVENTS_COMPACTED, progress), WatchUser, SubscribeEvents (filters and
-resume by position), events of hard-deleted calls, and shutdown (UNAVAILABLE SHUTTING_DOWN, then an exact
-resume on a new server over the same database)."""
+the start, from now, OUT_OF_RANGE, EVENTS_COMPACTED, progress only when asked for), WatchUser,
+SubscribeEvents (filters and resume by position), events of hard-deleted calls, and shutdown (UNAVAILABLE
+SHUTTING_DOWN, then an exact resume on a new server over the same database)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import grpc
 import grpc.aio
 import pytest
 import pytest_asyncio
-from google.protobuf import json_format
+from google.protobuf import duration_pb2, json_format
 
 from callplane.v1 import (
     call_service_pb2,
@@ -38,19 +38,24 @@ from callplane_server.app import CallplaneServer
 from callplane_server.config import Config
 from callplane_server.domain.events import CustomEventSent
 from callplane_server.services.limits import Limits
+from callplane_server.services.streams import progress_every
 from callplane_server.store import Transaction
 from tests.errors import decode, expect_error
 from tests.support import TEST_SECRET, RunningServer, TestClock, fresh_database, running_server, struct
 from tests.support import channel as authed_channel
 
 READ_TIMEOUT = 15.0
+#: What tests that wait for progress ask for (this module's servers allow it: MIN_PROGRESS).
+PROGRESS = 0.05
+MIN_PROGRESS = 0.01
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningServer]:
-    """This module's server sends progress every 50 ms, so a test can tell when a stream is set up."""
+    """This module's server lets streams ask for progress as often as every 10 ms, so a test can tell
+    when a stream is set up, and a stream that asks for none shows it gets none."""
     async with running_server(
-        backend, tmp_path_factory.mktemp(f"streams-{backend}"), progress_interval_seconds=0.05
+        backend, tmp_path_factory.mktemp(f"streams-{backend}"), min_progress_interval_seconds=MIN_PROGRESS
     ) as running:
         yield running
 
@@ -152,18 +157,21 @@ class Calls:
             user_pb2.UpsertUsersRequest(users=[user_pb2.UserRequest(id=u) for u in user_ids])
         )
 
-    def watch(self, call_id: str, call_type: str = "default", **request: Any) -> StreamReader:
-        return StreamReader(
-            self.events.WatchCall(event_service_pb2.WatchCallRequest(type=call_type, id=call_id, **request))
-        )
+    # `progress`: the progress_interval to ask for, in seconds (None: none, as clients do by default).
 
-    def watch_user(self, user_id: str, **request: Any) -> StreamReader:
-        return StreamReader(
-            self.events.WatchUser(event_service_pb2.WatchUserRequest(user_id=user_id, **request))
-        )
+    def watch(
+        self, call_id: str, call_type: str = "default", progress: float | None = None, **request: Any
+    ) -> StreamReader:
+        message = event_service_pb2.WatchCallRequest(type=call_type, id=call_id, **request)
+        return StreamReader(self.events.WatchCall(asking(message, progress)))
 
-    def subscribe(self, **request: Any) -> StreamReader:
-        return StreamReader(self.events.SubscribeEvents(event_service_pb2.SubscribeEventsRequest(**request)))
+    def watch_user(self, user_id: str, progress: float | None = None, **request: Any) -> StreamReader:
+        message = event_service_pb2.WatchUserRequest(user_id=user_id, **request)
+        return StreamReader(self.events.WatchUser(asking(message, progress)))
+
+    def subscribe(self, progress: float | None = None, **request: Any) -> StreamReader:
+        message = event_service_pb2.SubscribeEventsRequest(**request)
+        return StreamReader(self.events.SubscribeEvents(asking(message, progress)))
 
     async def emit_to_users(self, cid: str, recipients: list[str], **custom: Any) -> int:
         """A custom event addressed to `recipients`, written straight through the store (as the ringing
@@ -186,6 +194,13 @@ class Calls:
         assert store is not None
         stored = await store.read(lambda tx: tx.events.call_events_after(cid, 0, 100_000))
         return [s.event for s in stored]
+
+
+def asking(request: Any, seconds: float | None) -> Any:
+    """`request` with progress_interval = `seconds` (None: left unset)."""
+    if seconds is not None:
+        request.progress_interval.FromNanoseconds(round(seconds * 1e9))
+    return request
 
 
 @pytest.fixture
@@ -290,10 +305,10 @@ async def test_unset_after_seq_follows_from_now(api: Calls) -> None:
     stream.cancel()
 
 
-async def test_progress_on_an_idle_stream(api: Calls) -> None:
+async def test_progress_on_an_idle_stream_that_asks(api: Calls) -> None:
     call_id = new_id()
     await api.create(call_id)
-    stream = api.watch(call_id, after_seq=0)
+    stream = api.watch(call_id, after_seq=0, progress=PROGRESS)
     assert (await stream.event()).seq == 1
     progress = await stream.progress()
     assert progress.seq == 1
@@ -313,7 +328,7 @@ async def test_future_after_seq_is_out_of_range(api: Calls) -> None:
     assert details.metadata["cid"] == cid
     assert details.metadata["last"] == "1"
     # the last seq itself is a valid resume point
-    stream = api.watch(call_id, after_seq=1)
+    stream = api.watch(call_id, after_seq=1, progress=PROGRESS)
     await stream.progress()
     stream.cancel()
 
@@ -338,9 +353,7 @@ async def test_snapshot_with_after_seq_is_invalid(api: Calls) -> None:
 
 
 async def test_compacted_resume_point_is_failed_precondition(backend: str, tmp_path: Path) -> None:
-    async with running_server(
-        backend, tmp_path, event_retention_seconds=60, progress_interval_seconds=0.05
-    ) as running:
+    async with running_server(backend, tmp_path, event_retention_seconds=60) as running:
         api = Calls(running)
         call_id = new_id()
         cid = await api.create(call_id)
@@ -400,7 +413,7 @@ async def test_watch_user_gets_only_its_events_in_user_seq_order(api: Calls) -> 
     await api.upsert_users(alice, bob)
     call_id = new_id()
     cid = await api.create(call_id)
-    live = api.watch_user(alice, after_seq=0)
+    live = api.watch_user(alice, after_seq=0, progress=PROGRESS)
     await live.progress()
     await api.emit_to_users(cid, [alice], k=1)
     await api.emit_to_users(cid, [bob], k=2)
@@ -432,11 +445,13 @@ async def test_watch_user_from_now_and_progress(api: Calls) -> None:
     await api.upsert_users(carol)
     cid = await api.create(new_id())
     await api.emit_to_users(cid, [carol], k=1)
-    stream = api.watch_user(carol)
-    assert (await stream.progress()).seq == 1  # progress carries the user_seq
+    stream = api.watch_user(carol, progress=PROGRESS)
+    assert (await stream.progress()).seq == 1  # the start ("now"); progress carries the user_seq
+    assert (await stream.progress()).seq == 1  # then, as asked, while idle
     await api.emit_to_users(cid, [carol], k=2)
     event = await stream.event()
     assert event.user_seq == 2
+    assert (await stream.progress()).seq == 2
     stream.cancel()
 
 
@@ -463,7 +478,7 @@ async def test_watch_user_through_send_call_event(api: Calls) -> None:
     call_id = new_id()
     cid = await api.create(call_id, created_by_id=erin)
     stub = call_data_service_pb2_grpc.CallDataServiceStub(api.server.channel)
-    stream = api.watch_user(frank, after_seq=0)
+    stream = api.watch_user(frank, after_seq=0, progress=PROGRESS)
     await stream.progress()
     sent = await stub.SendCallEvent(
         call_data_service_pb2.SendCallEventRequest(
@@ -521,7 +536,7 @@ async def test_subscribe_events_resumes_by_position(api: Calls) -> None:
     for n in range(3):
         await api.create(f"c{n}", kind)
         await api.update(f"c{n}", kind, n=n)
-    everything = api.subscribe(call_types=[kind], after_position=0)
+    everything = api.subscribe(call_types=[kind], after_position=0, progress=PROGRESS)
     log = await everything.events(6)
     positions = [e.position for e in log]
     assert positions == sorted(positions) and len(set(positions)) == 6
@@ -546,6 +561,81 @@ async def test_subscribe_events_resumes_by_position(api: Calls) -> None:
     )
 
 
+# -- progress is opt-in -----------------------------------------------------------------------------------
+
+
+async def test_a_stream_that_does_not_ask_gets_no_progress(api: Calls) -> None:
+    """Only the start message ("now"): then an idle stream that asked for no progress_interval gets
+    nothing, even from a server that would allow one every 10 ms, until there is something to send."""
+    carol = new_id("carol")
+    await api.upsert_users(carol)
+    call_id = new_id()
+    cid = await api.create(call_id)
+    streams = {
+        "WatchCall": api.watch(call_id),
+        "WatchUser": api.watch_user(carol),
+        "SubscribeEvents": api.subscribe(call_cids=[cid]),
+    }
+    for stream in streams.values():
+        await stream.progress()
+    await asyncio.sleep(30 * MIN_PROGRESS)  # room for many progress messages, were any due
+    await api.emit_to_users(cid, [carol], k=1)
+    for name, stream in streams.items():
+        message = await stream.message()
+        assert message.WhichOneof("message") == "event", f"{name}: expected the event, got {message}"
+        stream.cancel()
+
+
+async def test_a_resumed_stream_with_nothing_to_send_still_starts(api: Calls) -> None:
+    """A resumed stream with nothing new sends no message, but its response headers come at once: the
+    client knows the stream is up (the Python client's reconnect loop waits for exactly that)."""
+    dora = new_id("dora")
+    await api.upsert_users(dora)
+    call_id = new_id()
+    cid = await api.create(call_id)
+    await api.emit_to_users(cid, [dora], k=1)
+    position = (await api.log(cid))[-1].position
+    streams = {
+        "WatchCall": api.watch(call_id, after_seq=2),
+        "WatchUser": api.watch_user(dora, after_seq=1),
+        "SubscribeEvents": api.subscribe(call_cids=[cid], after_position=position),
+    }
+    for name, stream in streams.items():
+        await asyncio.wait_for(stream.call.initial_metadata(), READ_TIMEOUT)
+        assert not stream.call.done(), name
+    await api.emit_to_users(cid, [dora], k=2)
+    assert (await streams["WatchCall"].message()).event.seq == 3
+    assert (await streams["WatchUser"].message()).event.user_seq == 2
+    assert (await streams["SubscribeEvents"].message()).event.position > position
+    for stream in streams.values():
+        stream.cancel()
+
+
+def test_the_progress_interval_asked_for_is_raised_to_the_server_minimum() -> None:
+    assert progress_every(None, 1.0) is None  # not asked: no periodic progress
+    assert progress_every(timedelta(0), 1.0) is None  # zero: the same
+    assert progress_every(timedelta(milliseconds=10), 1.0) == 1.0
+    assert progress_every(timedelta(seconds=1), 1.0) == 1.0
+    assert progress_every(timedelta(seconds=30, milliseconds=500), 1.0) == 30.5
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos"),
+    [(-1, 0), (0, -1), (1, -1), (-1, 1), (0, 1_000_000_000), (315_576_000_001, 0)],
+    ids=["negative", "negative-nanos", "mixed-signs", "mixed-signs-negative", "nanos-overflow", "too-long"],
+)
+async def test_a_bad_progress_interval_is_invalid_argument(api: Calls, seconds: int, nanos: int) -> None:
+    call_id = new_id()
+    await api.create(call_id)
+    bad = duration_pb2.Duration(seconds=seconds, nanos=nanos)
+    for stream in (
+        api.watch(call_id, progress_interval=bad),
+        api.watch_user("anyone", progress_interval=bad),
+        api.subscribe(progress_interval=bad),
+    ):
+        await expect_error(stream.message(), grpc.StatusCode.INVALID_ARGUMENT, fields=["progress_interval"])
+
+
 # -- hard delete -----------------------------------------------------------------------------------------
 
 
@@ -553,7 +643,7 @@ async def test_events_of_a_hard_deleted_call_still_stream(api: Calls) -> None:
     call_id = new_id()
     cid = await api.create(call_id)
     await api.update(call_id, n=1)
-    open_watch = api.watch(call_id, after_seq=2)
+    open_watch = api.watch(call_id, after_seq=2, progress=PROGRESS)
     await open_watch.progress()
     firehose = api.subscribe(call_cids=[cid], after_position=0)
     await api.calls.DeleteCall(call_service_pb2.DeleteCallRequest(type="default", id=call_id, hard=True))
@@ -592,7 +682,6 @@ async def test_shutdown_ends_streams_with_unavailable_then_resume_is_exact(
             database_url=url,
             data_dir=tmp_path,
             run_timers=False,
-            progress_interval_seconds=0.05,
             shutdown_grace_seconds=30,
         )
         clock = TestClock()
@@ -720,7 +809,7 @@ async def test_a_watcher_that_never_reads_cannot_grow_server_memory(backend: str
         backend,
         tmp_path,
         event_queue_size=MEMORY_QUEUE_SIZE,
-        progress_interval_seconds=0.05,
+        min_progress_interval_seconds=MIN_PROGRESS,
         limits=Limits(max_call_custom_bytes=128_000),
     ) as running:
         hub = running.server.hub
@@ -748,7 +837,10 @@ async def test_a_watcher_that_never_reads_cannot_grow_server_memory(backend: str
         try:
             fast = StreamReader(
                 event_service_pb2_grpc.EventServiceStub(fast_channel).WatchCall(
-                    event_service_pb2.WatchCallRequest(type="default", id=call_id, after_seq=start_seq)
+                    asking(
+                        event_service_pb2.WatchCallRequest(type="default", id=call_id, after_seq=start_seq),
+                        PROGRESS,
+                    )
                 )
             )
             slow_call = event_service_pb2_grpc.EventServiceStub(slow_channel).WatchCall(

@@ -108,7 +108,7 @@ class CallplaneServer:
         )
         await self.hub.start()
         self.streams = EventStreamService(
-            self.store, self.hub, self.clock, progress_interval=self.config.progress_interval_seconds
+            self.store, self.hub, self.clock, min_progress_interval=self.config.min_progress_interval_seconds
         )
         self.timers = TimerRunner(
             self.store, self.clock, poll_interval=self.config.timer_poll_interval_seconds

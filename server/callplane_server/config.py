@@ -24,8 +24,9 @@ class Config:
     # Log every successful unary RPC at INFO (default: at DEBUG; failures, refusals and streams always INFO).
     log_requests: bool = False
     limits: Limits = field(default_factory=Limits)
-    # Idle watch streams get a progress message this often.
-    progress_interval_seconds: float = 10.0
+    # The shortest progress_interval a watch stream may ask for (shorter requests are raised to it). Streams
+    # that ask for none get no periodic progress: an idle stream costs nothing.
+    min_progress_interval_seconds: float = 1.0
     # Events older than this are compacted away; resuming before them is EVENTS_COMPACTED.
     event_retention_seconds: float = 86_400.0
     # Per-subscriber queue bound; a subscriber that falls further behind reads from the log instead.
@@ -94,7 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "logged at DEBUG, and refusals, errors and streams at INFO)",
     )
     parser.add_argument(
-        "--progress-interval", type=float, help="seconds between progress messages (default 10)"
+        "--min-progress-interval",
+        type=float,
+        help="the shortest progress_interval a watch stream may ask for, in seconds; shorter requests are "
+        "raised to it (CALLPLANE_MIN_PROGRESS_INTERVAL_SECONDS; default 1)",
     )
     parser.add_argument("--event-retention", type=float, help="seconds events are kept (default 86400)")
     for name, default in (
@@ -137,9 +141,9 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         log_level=(pick("log_level", "CALLPLANE_LOG_LEVEL") or defaults.log_level).upper(),
         log_requests=_bool(pick("log_requests", "CALLPLANE_LOG_REQUESTS") or "false"),
         limits=limits,
-        progress_interval_seconds=float(
-            pick("progress_interval", "CALLPLANE_PROGRESS_INTERVAL_SECONDS")
-            or defaults.progress_interval_seconds
+        min_progress_interval_seconds=float(
+            pick("min_progress_interval", "CALLPLANE_MIN_PROGRESS_INTERVAL_SECONDS")
+            or defaults.min_progress_interval_seconds
         ),
         event_retention_seconds=float(
             pick("event_retention", "CALLPLANE_EVENT_RETENTION_SECONDS") or defaults.event_retention_seconds

@@ -1,13 +1,13 @@
 """Proto ↔ domain conversion shared by the API and the event log: Struct ↔ dict, Timestamp ↔ aware
-datetime, CallSettings ↔ dict, records → messages."""
+datetime, Duration → timedelta, CallSettings ↔ dict, records → messages."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from callplane.v1 import (
@@ -152,6 +152,31 @@ def timestamp_to_datetime(message: Message, field: str, path: str) -> datetime |
             path, f"seconds {stamp.seconds} is outside 0001-01-01T00:00:00Z..9999-12-31T23:59:59Z"
         )
     return stamp.ToDatetime(tzinfo=UTC)
+
+
+# Duration's valid range: ±10,000 years (in seconds), as the Duration type's comment defines it.
+_MAX_DURATION_SECONDS = 315_576_000_000
+
+
+def duration_to_timedelta(message: Message, field: str, path: str) -> timedelta | None:
+    """The Duration `field` of `message` (request field `path`), None when unset; outside Duration's range
+    (seconds beyond ±315,576,000,000, nanos beyond ±999,999,999 or of the other sign) it is
+    INVALID_ARGUMENT naming `path`. Nanoseconds are rounded away from zero to microseconds, so a duration
+    keeps its sign (whether a negative one is allowed is the caller's rule)."""
+    if not message.HasField(field):
+        return None
+    duration: duration_pb2.Duration = getattr(message, field)
+    seconds, nanos = duration.seconds, duration.nanos
+    if not -999_999_999 <= nanos <= 999_999_999 or (seconds > 0 > nanos) or (seconds < 0 < nanos):
+        raise InvalidArgument.for_field(
+            path, f"nanos must be within ±999999999 and of the sign of seconds, got {seconds} s {nanos} ns"
+        )
+    if not -_MAX_DURATION_SECONDS <= seconds <= _MAX_DURATION_SECONDS:
+        raise InvalidArgument.for_field(
+            path, f"seconds {seconds} is outside ±{_MAX_DURATION_SECONDS} (10,000 years)"
+        )
+    micros = -(-nanos // 1_000) if nanos >= 0 else nanos // 1_000
+    return timedelta(seconds=seconds, microseconds=micros)
 
 
 def set_timestamp(target: timestamp_pb2.Timestamp, value: datetime | None) -> None:

@@ -10,12 +10,19 @@ from google.protobuf.message import Message
 from callplane.v1 import event_service_pb2, event_service_pb2_grpc
 from callplane_server.messages import (
     call_message,
+    duration_to_timedelta,
     member_message,
     pin_messages,
     session_message,
     set_timestamp,
 )
-from callplane_server.services.streams import EventFilter, EventStreamService, ProgressMark, Snapshot
+from callplane_server.services.streams import (
+    EventFilter,
+    EventStreamService,
+    Live,
+    ProgressMark,
+    Snapshot,
+)
 from callplane_server.store.events import StoredEvent
 
 # Servicers never look at their context's message types (the generated base leaves them open too).
@@ -55,6 +62,12 @@ def _progress(mark: ProgressMark) -> event_service_pb2.Progress:
     return message
 
 
+async def _send_headers(context: Context) -> None:
+    """For `Live`: the stream is up with nothing to send yet. The response headers go now (otherwise they
+    go with the first message), so a client waiting for the stream to start need not wait for an event."""
+    await context.send_initial_metadata(())
+
+
 def _snapshot(state: Snapshot) -> event_service_pb2.CallSnapshot:
     message = event_service_pb2.CallSnapshot(
         seq=state.seq,
@@ -81,27 +94,34 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
             snapshot=request.snapshot,
             after_seq=request.after_seq if request.HasField("after_seq") else None,
             participant_session_id=request.participant_session_id,
+            progress_interval=duration_to_timedelta(request, "progress_interval", "progress_interval"),
         )
         async for item in items:
             if isinstance(item, StoredEvent):
                 yield _event_frame(item, _WATCH_CALL_EVENT)
             elif isinstance(item, Snapshot):
                 yield event_service_pb2.WatchCallResponse(snapshot=_snapshot(item))
-            else:
+            elif isinstance(item, ProgressMark):
                 yield event_service_pb2.WatchCallResponse(progress=_progress(item))
+            else:
+                await _send_headers(context)
 
     # Also yields pre-serialized frames (bytes), which errors._passing_bytes sends as they are.
     async def WatchUser(  # type: ignore[override]
         self, request: event_service_pb2.WatchUserRequest, context: Context
     ) -> AsyncIterator[event_service_pb2.WatchUserResponse | bytes]:
         items = self._service.watch_user(
-            request.user_id, after_seq=request.after_seq if request.HasField("after_seq") else None
+            request.user_id,
+            after_seq=request.after_seq if request.HasField("after_seq") else None,
+            progress_interval=duration_to_timedelta(request, "progress_interval", "progress_interval"),
         )
         async for item in items:
             if isinstance(item, StoredEvent):
                 yield _event_frame(item, _EVENT_1)
             elif isinstance(item, ProgressMark):
                 yield event_service_pb2.WatchUserResponse(progress=_progress(item))
+            elif isinstance(item, Live):
+                await _send_headers(context)
 
     # Also yields pre-serialized frames (bytes), which errors._passing_bytes sends as they are.
     async def SubscribeEvents(  # type: ignore[override]
@@ -109,10 +129,14 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
     ) -> AsyncIterator[event_service_pb2.SubscribeEventsResponse | bytes]:
         filters = EventFilter(tuple(request.call_types), tuple(request.call_cids), tuple(request.event_types))
         items = self._service.subscribe(
-            filters, after_position=request.after_position if request.HasField("after_position") else None
+            filters,
+            after_position=request.after_position if request.HasField("after_position") else None,
+            progress_interval=duration_to_timedelta(request, "progress_interval", "progress_interval"),
         )
         async for item in items:
             if isinstance(item, StoredEvent):
                 yield _event_frame(item, _EVENT_1)
             elif isinstance(item, ProgressMark):
                 yield event_service_pb2.SubscribeEventsResponse(progress=_progress(item))
+            elif isinstance(item, Live):
+                await _send_headers(context)

@@ -64,9 +64,10 @@ CLOSED = Closed()
 
 
 class Subscription:
-    """One subscriber's bounded queue. A plain deque and, only while the stream waits, one future and
-    one timer: no asyncio.Queue and no task per wait, because a server holds many thousands of these
-    mostly idle, and waking one is on the path of every delivered event."""
+    """One subscriber's bounded queue. A plain deque and, only while the stream waits, one future (and a
+    timer only for a stream that asked for progress): no asyncio.Queue and no task per wait, because a
+    server holds many thousands of these mostly idle, and waking one is on the path of every delivered
+    event."""
 
     __slots__ = ("_items", "_waiter", "closed", "index_key", "matcher", "maxsize", "overflowed", "recipients")
 
@@ -100,16 +101,20 @@ class Subscription:
         self.closed = True
         self._replace_contents(CLOSED)
 
-    async def next(self, idle_seconds: float) -> StoredEvent | Withheld | Overflow | Closed | None:
-        """The next item, or None when nothing came within `idle_seconds`."""
+    async def next(
+        self, idle_seconds: float | None = None
+    ) -> StoredEvent | Withheld | Overflow | Closed | None:
+        """The next item, or None when nothing came within `idle_seconds` (None: no time limit, and no
+        timer: the wait ends only when an item comes)."""
         if not self._items:
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(idle_seconds, _resolve, waiter)
+            timer = None if idle_seconds is None else loop.call_later(idle_seconds, _resolve, waiter)
             try:
                 await waiter
             finally:
-                timer.cancel()
+                if timer is not None:
+                    timer.cancel()
                 self._waiter = None
         return self._items.popleft() if self._items else None
 

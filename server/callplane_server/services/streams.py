@@ -1,13 +1,14 @@
 """Watch streams with etcd-style guarantees: ordered, unique, reliable, resumable, snapshot-then-changes,
-with progress on idle streams. Each stream first catches up from the log, then follows its bounded queue;
-any doubt (overflow, a gap) sends it back to the log."""
+with progress on idle streams that ask for it (etcd's progress_notify). Each stream first catches up from
+the log, then follows its bounded queue; any doubt (overflow, a gap) sends it back to the log. An idle
+stream that asked for no progress costs no timer and sends nothing."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Protocol
 
@@ -61,6 +62,29 @@ class Snapshot:
 class ProgressMark:
     seq: int
     at: datetime
+
+
+class Live:
+    """Stream item: the stream is set up and caught up but has nothing to send yet (a resumed stream with
+    no new events). The servicer sends the response headers, so the client knows the stream started
+    without waiting for a message that may be long in coming."""
+
+
+LIVE = Live()
+
+
+def progress_every(requested: timedelta | None, minimum: float) -> float | None:
+    """Seconds between progress messages on an idle stream that asked for `requested` (None or zero: it
+    did not ask, and gets none); a request below the server's `minimum` is raised to it, so no client
+    can make the server send faster than that."""
+    if requested is None or requested <= timedelta(0):
+        return None
+    return max(requested.total_seconds(), minimum)
+
+
+def _check_progress_interval(requested: timedelta | None, problems: ViolationCollector) -> None:
+    if requested is not None and requested < timedelta(0):
+        problems.add("progress_interval", f"must not be negative, got {requested.total_seconds()} s")
 
 
 @dataclass(frozen=True)
@@ -123,7 +147,7 @@ class Presence(Protocol):
     async def stream_closed(self, call_type: str, call_id: str, participant_session_id: str) -> None: ...
 
 
-StreamItem = Snapshot | StoredEvent | ProgressMark
+StreamItem = Snapshot | StoredEvent | ProgressMark | Live
 
 
 @dataclass
@@ -144,13 +168,14 @@ class EventStreamService:
         hub: EventHub,
         clock: Clock,
         *,
-        progress_interval: float = 10.0,
+        min_progress_interval: float = 1.0,
         presence: Presence | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
         self._clock = clock
-        self._progress_interval = progress_interval
+        # The shortest progress interval a stream may ask for (shorter requests are raised to it).
+        self._min_progress_interval = min_progress_interval
         self.presence = presence
 
     # -- WatchCall ---------------------------------------------------------------------------------
@@ -163,11 +188,13 @@ class EventStreamService:
         snapshot: bool,
         after_seq: int | None,
         participant_session_id: str = "",
+        progress_interval: timedelta | None = None,
     ) -> AsyncIterator[StreamItem]:
         problems = ViolationCollector()
         check_call_key(call_type, call_id, problems)
         if snapshot and after_seq is not None:
             problems.add("after_seq", "give snapshot or after_seq, not both")
+        _check_progress_interval(progress_interval, problems)
         problems.raise_if_any()
         cid = f"{call_type}:{call_id}"
         audience = EVERYONE
@@ -212,7 +239,14 @@ class EventStreamService:
 
             follow = _Follow(read_after=read_after, key=lambda stored: stored.seq, contiguous=True)
             from_now = not snapshot and after_seq is None
-            async for item in self._follow(subscription, cursor, follow, announce_start=from_now):
+            async for item in self._follow(
+                subscription,
+                cursor,
+                follow,
+                announce_start=from_now,
+                started=snapshot,
+                progress_every=progress_every(progress_interval, self._min_progress_interval),
+            ):
                 yield item
         finally:
             self._hub.unsubscribe(subscription)
@@ -248,9 +282,12 @@ class EventStreamService:
 
     # -- WatchUser ---------------------------------------------------------------------------------
 
-    async def watch_user(self, user_id: str, *, after_seq: int | None) -> AsyncIterator[StreamItem]:
+    async def watch_user(
+        self, user_id: str, *, after_seq: int | None, progress_interval: timedelta | None = None
+    ) -> AsyncIterator[StreamItem]:
         problems = ViolationCollector()
         check_pattern(user_id, USER_ID, "user_id", "user id", problems)
+        _check_progress_interval(progress_interval, problems)
         problems.raise_if_any()
         require_self(Caller(current_principal(), None), user_id)
 
@@ -295,7 +332,13 @@ class EventStreamService:
 
             # For user streams, StoredEvent.seq carries the user_seq (see matcher and read_after).
             follow = _Follow(read_after=read_after, key=lambda stored: stored.seq, contiguous=True)
-            async for item in self._follow(subscription, cursor, follow, announce_start=after_seq is None):
+            async for item in self._follow(
+                subscription,
+                cursor,
+                follow,
+                announce_start=after_seq is None,
+                progress_every=progress_every(progress_interval, self._min_progress_interval),
+            ):
                 yield item
         finally:
             self._hub.unsubscribe(subscription)
@@ -303,8 +346,15 @@ class EventStreamService:
     # -- SubscribeEvents ---------------------------------------------------------------------------
 
     async def subscribe(
-        self, filters: EventFilter, *, after_position: int | None
+        self,
+        filters: EventFilter,
+        *,
+        after_position: int | None,
+        progress_interval: timedelta | None = None,
     ) -> AsyncIterator[StreamItem]:
+        problems = ViolationCollector()
+        _check_progress_interval(progress_interval, problems)
+        problems.raise_if_any()
         audience = EVERYONE
         if not current_principal().is_server:
             audience = await self._store.read(lambda tx: self._authorize_subscription(tx, filters))
@@ -344,7 +394,11 @@ class EventStreamService:
                 progress=lambda cursor: max(cursor, self._hub.last_position),
             )
             async for item in self._follow(
-                subscription, cursor, follow, announce_start=after_position is None
+                subscription,
+                cursor,
+                follow,
+                announce_start=after_position is None,
+                progress_every=progress_every(progress_interval, self._min_progress_interval),
             ):
                 yield item
         finally:
@@ -375,13 +429,24 @@ class EventStreamService:
     # -- the one follow loop -----------------------------------------------------------------------
 
     async def _follow(
-        self, subscription: Subscription, cursor: int, follow: _Follow, *, announce_start: bool = False
+        self,
+        subscription: Subscription,
+        cursor: int,
+        follow: _Follow,
+        *,
+        announce_start: bool = False,
+        started: bool = False,
+        progress_every: float | None = None,
     ) -> AsyncIterator[StreamItem]:
+        """Catches up from the log, then follows the subscription. `announce_start`: the stream starts
+        from now and says where that is; `started`: the client already got a message (a snapshot);
+        `progress_every`: seconds of quiet after which a progress message is sent (None: never)."""
         catching_up = True
         if announce_start:
             # A stream that starts "from now" tells the client where that is at once, so a connection
-            # lost before the first event can still resume exactly.
+            # lost before the first event can still resume exactly (and the client knows it is live).
             yield ProgressMark(follow.progress(cursor), self._clock())
+            started = True
         while True:
             if catching_up:
                 # Reset first: anything dispatched from now on is queued, and duplicates of what the
@@ -391,11 +456,16 @@ class EventStreamService:
                 for stored in batch:
                     if not isinstance(stored, Withheld):
                         yield stored
+                        started = True
                     cursor = follow.key(stored)
                 if len(batch) == CATCH_UP_BATCH or sum(stored.size for stored in batch) >= CATCH_UP_BYTES:
                     continue  # maybe more in the log
                 catching_up = False
-            item = await subscription.next(self._progress_interval)
+            if not started:
+                # About to wait with nothing sent yet: let the client know the stream is up.
+                yield LIVE
+                started = True
+            item = await subscription.next(progress_every)
             if item is None:
                 yield ProgressMark(follow.progress(cursor), self._clock())
                 continue

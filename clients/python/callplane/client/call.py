@@ -31,7 +31,7 @@ from callplane.client.models import (
     SessionInfo,
     to_track,
 )
-from callplane.client.streams import EventStream, Reconnect
+from callplane.client.streams import EventStream, Reconnect, set_progress_interval
 from callplane.v1 import (
     call_data_service_pb2,
     call_pb2,
@@ -519,13 +519,19 @@ class Call:
         snapshot: bool = False,
         after_seq: int | None = None,
         participant_session_id: str | None = None,
+        progress_interval: float | None = None,
         include_progress: bool = True,
         reconnect: Reconnect | None = None,
     ) -> EventStream:
         """Follow this call: ``async for message in call.watch(snapshot=True)`` yields a
-        `CallSnapshotMessage` first (with `snapshot`), then an `EventMessage` per event and a
-        `ProgressMessage` on idle streams (unless `include_progress=False`). With `after_seq` it starts
-        exactly after that seq (0: from the first retained event); with neither, from now on.
+        `CallSnapshotMessage` first (with `snapshot`), then an `EventMessage` per event. With `after_seq`
+        it starts exactly after that seq (0: from the first retained event); with neither, from now on,
+        and its first message is a `ProgressMessage` saying where "now" is.
+
+        With `progress_interval` (seconds; the server raises it to its minimum, 1 s by default) an idle
+        stream also gets a `ProgressMessage` after each interval without a message, which advances the
+        resume point; without, an idle stream receives nothing. `include_progress=False` keeps progress
+        messages out of the iteration (they still advance the resume point).
 
         A dropped connection is resumed transparently after the last seq seen (no gap, no duplicate);
         see `Reconnect`. With `participant_session_id` the stream holds that participant's presence.
@@ -542,6 +548,7 @@ class Call:
                 request.after_seq = cursor
             elif snapshot:
                 request.snapshot = True
+            set_progress_interval(request, progress_interval)
             return request
 
         return EventStream(

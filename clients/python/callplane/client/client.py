@@ -22,7 +22,7 @@ from callplane.client.convert import (
 )
 from callplane.client.errors import CallplaneError
 from callplane.client.models import CallState, CallTypeInfo, QueryPage, UserInfo
-from callplane.client.streams import EventStream, Reconnect
+from callplane.client.streams import EventStream, Reconnect, set_progress_interval
 from callplane.v1 import (
     call_data_service_pb2_grpc,
     call_service_pb2,
@@ -280,18 +280,22 @@ class CallplaneClient:
         user_id: str,
         *,
         after_seq: int | None = None,
+        progress_interval: float | None = None,
         include_progress: bool = True,
         reconnect: Reconnect | None = None,
     ) -> EventStream:
         """Follow the events addressed to `user_id` (incoming ring, notification, missed, accepted and
         rejected) in `user_seq` order: ``async for message in client.watch_user("alice")``. With
         `after_seq` it starts exactly after that user_seq (0: from the first retained); without, from
-        now on. Dropped connections are resumed transparently after the last user_seq seen."""
+        now on (first a `ProgressMessage` saying where that is). With `progress_interval` (seconds) an
+        idle stream also gets a `ProgressMessage` after each interval without a message; without, it
+        receives nothing. Dropped connections are resumed transparently after the last user_seq seen."""
 
         def make_request(cursor: int | None) -> event_service_pb2.WatchUserRequest:
             request = event_service_pb2.WatchUserRequest(user_id=user_id)
             if cursor is not None:
                 request.after_seq = cursor
+            set_progress_interval(request, progress_interval)
             return request
 
         return EventStream(
@@ -311,13 +315,16 @@ class CallplaneClient:
         call_cids: Iterable[str] | None = None,
         event_types: Iterable[str] | None = None,
         after_position: int | None = None,
+        progress_interval: float | None = None,
         include_progress: bool = True,
         reconnect: Reconnect | None = None,
     ) -> EventStream:
         """The backend firehose over all calls, filtered by call type, cid and event type (each an
         AND-ed list; empty matches all), in global `position` order. With `after_position` it starts
-        exactly after it (0: from the first retained); without, from now on. Progress messages advance
-        the resume point past filtered-out events; dropped connections resume transparently."""
+        exactly after it (0: from the first retained); without, from now on. With `progress_interval`
+        (seconds) a quiet stream gets a `ProgressMessage` after each interval without a message, which
+        advances the resume point past filtered-out events (so a resume need not scan them again);
+        dropped connections resume transparently."""
         types, cids, kinds = _as_list(call_types), _as_list(call_cids), _as_list(event_types)
 
         def make_request(cursor: int | None) -> event_service_pb2.SubscribeEventsRequest:
@@ -326,6 +333,7 @@ class CallplaneClient:
             )
             if cursor is not None:
                 request.after_position = cursor
+            set_progress_interval(request, progress_interval)
             return request
 
         return EventStream(

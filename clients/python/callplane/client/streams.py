@@ -3,9 +3,12 @@ after a dropped connection and resume exactly after the last seq (or user_seq, o
 
 The server's guarantees (ordered, unique, gap-free, resumable) make this simple: remember the last number
 seen (events and progress messages both advance it) and reconnect with `after_seq` / `after_position` set
-to it. Reconnection backs off exponentially with jitter (tenacity) and gives up after `give_up_after`
-seconds of continuous failure. A resume point the server no longer retains raises `CallplaneError`
-(FAILED_PRECONDITION `EVENTS_COMPACTED`): the caller must re-read state (e.g. `watch(snapshot=True)`).
+to it. Progress messages come once when a stream starts from now and, only when asked for with
+`progress_interval`, on an idle stream; an idle stream that did not ask receives nothing (HTTP/2 keepalive,
+set on the channel, is what notices a dead connection). Reconnection backs off exponentially with jitter
+(tenacity) and gives up after `give_up_after` seconds of continuous failure. A resume point the server
+no longer retains raises `CallplaneError` (FAILED_PRECONDITION `EVENTS_COMPACTED`): the caller must re-read
+state (e.g. `watch(snapshot=True)`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ class Reconnect:
     initial_backoff: float = 0.1
     max_backoff: float = 5.0
     give_up_after: float | None = 60.0
+
+
+def set_progress_interval(request: Any, seconds: float | None) -> None:
+    """Sets a stream request's `progress_interval` (None or 0: no periodic progress; the server raises a
+    value below its minimum to it, and refuses a negative one)."""
+    if seconds:
+        request.progress_interval.FromNanoseconds(round(seconds * 1_000_000_000))
 
 
 class _StreamEnded(Exception):
@@ -112,22 +122,26 @@ class EventStream(AsyncIterator[StreamMessage]):
         if iterator is not None and not iterator.ag_running:
             await iterator.aclose()
 
-    async def _open(self) -> tuple[grpc.aio.UnaryStreamCall[Any, Any], Any]:
-        """Start a call at the current resume point and wait for its first message (so a server that is
-        still down fails here, inside the retry loop)."""
+    async def _open(self) -> grpc.aio.UnaryStreamCall[Any, Any]:
+        """Start a call at the current resume point and wait until the server has set it up: its response
+        headers, which come with the first message or, from a stream with nothing to send yet (resumed,
+        idle, no progress asked for), alone. A server that is still down, or refuses the stream, fails
+        here, inside the retry loop; waiting for a first message instead could wait for as long as the
+        call stays idle, which would count as failing time."""
         if self._closed:
             raise _Closed()
         metadata = await self._client._call_metadata()
         call = self._method(self._make_request(self.cursor), metadata=metadata or None)
         self._call = call
         try:
-            first = await call.read()
+            await call.initial_metadata()
+            # Ended before it started: read() raises its error (EOF: it ended without one).
+            if call.done() and await call.read() is grpc.aio.EOF:
+                raise _StreamEnded()
         except BaseException:
             call.cancel()
             raise
-        if first is grpc.aio.EOF:
-            raise _StreamEnded()
-        return call, first
+        return call
 
     def _retrying(self) -> AsyncRetrying:
         policy = self._reconnect
@@ -151,7 +165,7 @@ class EventStream(AsyncIterator[StreamMessage]):
             try:
                 if dropped:
                     self.reconnects += 1
-                call, message = await self._retrying()(self._open)
+                call = await self._retrying()(self._open)
             except _Closed:
                 return
             except asyncio.CancelledError:
@@ -161,16 +175,14 @@ class EventStream(AsyncIterator[StreamMessage]):
             except grpc.aio.AioRpcError as error:
                 raise CallplaneError.from_rpc_error(error) from error
             except _StreamEnded as error:
-                message = "the server kept ending the stream"
-                raise CallplaneError(grpc.StatusCode.UNAVAILABLE, message) from error
+                raise CallplaneError(
+                    grpc.StatusCode.UNAVAILABLE, "the server kept ending the stream"
+                ) from error
             try:
-                while True:
+                while (message := await call.read()) is not grpc.aio.EOF:  # EOF is not expected: reconnect
                     converted = self._convert(message)
                     if converted is not None:
                         yield converted
-                    message = await call.read()
-                    if message is grpc.aio.EOF:
-                        break  # not expected: reconnect
             except grpc.aio.AioRpcError as error:
                 if not _resumable(error):
                     raise CallplaneError.from_rpc_error(error) from error

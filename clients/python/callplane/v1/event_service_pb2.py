@@ -25,32 +25,33 @@ _sym_db = _symbol_database.Default()
 from callplane.v1 import call_pb2 as callplane_dot_v1_dot_call__pb2
 from callplane.v1 import event_pb2 as callplane_dot_v1_dot_event__pb2
 from callplane.v1 import session_pb2 as callplane_dot_v1_dot_session__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n callplane/v1/event_service.proto\x12\x0c\x63\x61llplane.v1\x1a\x17\x63\x61llplane/v1/call.proto\x1a\x18\x63\x61llplane/v1/event.proto\x1a\x1a\x63\x61llplane/v1/session.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x01\n\x10WatchCallRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\x12\x16\n\tafter_seq\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x1e\n\x16participant_session_id\x18\x05 \x01(\tB\x0c\n\n_after_seq\"\xa0\x01\n\x11WatchCallResponse\x12.\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1a.callplane.v1.CallSnapshotH\x00\x12$\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x13.callplane.v1.EventH\x00\x12*\n\x08progress\x18\x03 \x01(\x0b\x32\x16.callplane.v1.ProgressH\x00\x42\t\n\x07message\"\xb1\x01\n\x0c\x43\x61llSnapshot\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12 \n\x04\x63\x61ll\x18\x02 \x01(\x0b\x32\x12.callplane.v1.Call\x12%\n\x07members\x18\x03 \x03(\x0b\x32\x14.callplane.v1.Member\x12*\n\x07session\x18\x04 \x01(\x0b\x32\x19.callplane.v1.CallSession\x12\x1f\n\x04pins\x18\x05 \x03(\x0b\x32\x11.callplane.v1.Pin\"?\n\x08Progress\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"I\n\x10WatchUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\tafter_seq\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x0c\n\n_after_seq\"p\n\x11WatchUserResponse\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.callplane.v1.EventH\x00\x12*\n\x08progress\x18\x02 \x01(\x0b\x32\x16.callplane.v1.ProgressH\x00\x42\t\n\x07message\"\x84\x01\n\x16SubscribeEventsRequest\x12\x12\n\ncall_types\x18\x01 \x03(\t\x12\x11\n\tcall_cids\x18\x02 \x03(\t\x12\x13\n\x0b\x65vent_types\x18\x03 \x03(\t\x12\x1b\n\x0e\x61\x66ter_position\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x11\n\x0f_after_position\"v\n\x17SubscribeEventsResponse\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.callplane.v1.EventH\x00\x12*\n\x08progress\x18\x02 \x01(\x0b\x32\x16.callplane.v1.ProgressH\x00\x42\t\n\x07message2\x90\x02\n\x0c\x45ventService\x12N\n\tWatchCall\x12\x1e.callplane.v1.WatchCallRequest\x1a\x1f.callplane.v1.WatchCallResponse0\x01\x12N\n\tWatchUser\x12\x1e.callplane.v1.WatchUserRequest\x1a\x1f.callplane.v1.WatchUserResponse0\x01\x12`\n\x0fSubscribeEvents\x12$.callplane.v1.SubscribeEventsRequest\x1a%.callplane.v1.SubscribeEventsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n callplane/v1/event_service.proto\x12\x0c\x63\x61llplane.v1\x1a\x17\x63\x61llplane/v1/call.proto\x1a\x18\x63\x61llplane/v1/event.proto\x1a\x1a\x63\x61llplane/v1/session.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x01\n\x10WatchCallRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\x12\x16\n\tafter_seq\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x1e\n\x16participant_session_id\x18\x05 \x01(\t\x12\x34\n\x11progress_interval\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\n\n_after_seq\"\xa0\x01\n\x11WatchCallResponse\x12.\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1a.callplane.v1.CallSnapshotH\x00\x12$\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x13.callplane.v1.EventH\x00\x12*\n\x08progress\x18\x03 \x01(\x0b\x32\x16.callplane.v1.ProgressH\x00\x42\t\n\x07message\"\xb1\x01\n\x0c\x43\x61llSnapshot\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12 \n\x04\x63\x61ll\x18\x02 \x01(\x0b\x32\x12.callplane.v1.Call\x12%\n\x07members\x18\x03 \x03(\x0b\x32\x14.callplane.v1.Member\x12*\n\x07session\x18\x04 \x01(\x0b\x32\x19.callplane.v1.CallSession\x12\x1f\n\x04pins\x18\x05 \x03(\x0b\x32\x11.callplane.v1.Pin\"?\n\x08Progress\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x7f\n\x10WatchUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\tafter_seq\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x34\n\x11progress_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\n\n_after_seq\"p\n\x11WatchUserResponse\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.callplane.v1.EventH\x00\x12*\n\x08progress\x18\x02 \x01(\x0b\x32\x16.callplane.v1.ProgressH\x00\x42\t\n\x07message\"\xba\x01\n\x16SubscribeEventsRequest\x12\x12\n\ncall_types\x18\x01 \x03(\t\x12\x11\n\tcall_cids\x18\x02 \x03(\t\x12\x13\n\x0b\x65vent_types\x18\x03 \x03(\t\x12\x1b\n\x0e\x61\x66ter_position\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x34\n\x11progress_interval\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationB\x11\n\x0f_after_position\"v\n\x17SubscribeEventsResponse\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.callplane.v1.EventH\x00\x12*\n\x08progress\x18\x02 \x01(\x0b\x32\x16.callplane.v1.ProgressH\x00\x42\t\n\x07message2\x90\x02\n\x0c\x45ventService\x12N\n\tWatchCall\x12\x1e.callplane.v1.WatchCallRequest\x1a\x1f.callplane.v1.WatchCallResponse0\x01\x12N\n\tWatchUser\x12\x1e.callplane.v1.WatchUserRequest\x1a\x1f.callplane.v1.WatchUserResponse0\x01\x12`\n\x0fSubscribeEvents\x12$.callplane.v1.SubscribeEventsRequest\x1a%.callplane.v1.SubscribeEventsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'callplane.v1.event_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WATCHCALLREQUEST']._serialized_start=163
-  _globals['_WATCHCALLREQUEST']._serialized_end=295
-  _globals['_WATCHCALLRESPONSE']._serialized_start=298
-  _globals['_WATCHCALLRESPONSE']._serialized_end=458
-  _globals['_CALLSNAPSHOT']._serialized_start=461
-  _globals['_CALLSNAPSHOT']._serialized_end=638
-  _globals['_PROGRESS']._serialized_start=640
-  _globals['_PROGRESS']._serialized_end=703
-  _globals['_WATCHUSERREQUEST']._serialized_start=705
-  _globals['_WATCHUSERREQUEST']._serialized_end=778
-  _globals['_WATCHUSERRESPONSE']._serialized_start=780
-  _globals['_WATCHUSERRESPONSE']._serialized_end=892
-  _globals['_SUBSCRIBEEVENTSREQUEST']._serialized_start=895
-  _globals['_SUBSCRIBEEVENTSREQUEST']._serialized_end=1027
-  _globals['_SUBSCRIBEEVENTSRESPONSE']._serialized_start=1029
-  _globals['_SUBSCRIBEEVENTSRESPONSE']._serialized_end=1147
-  _globals['_EVENTSERVICE']._serialized_start=1150
-  _globals['_EVENTSERVICE']._serialized_end=1422
+  _globals['_WATCHCALLREQUEST']._serialized_start=195
+  _globals['_WATCHCALLREQUEST']._serialized_end=381
+  _globals['_WATCHCALLRESPONSE']._serialized_start=384
+  _globals['_WATCHCALLRESPONSE']._serialized_end=544
+  _globals['_CALLSNAPSHOT']._serialized_start=547
+  _globals['_CALLSNAPSHOT']._serialized_end=724
+  _globals['_PROGRESS']._serialized_start=726
+  _globals['_PROGRESS']._serialized_end=789
+  _globals['_WATCHUSERREQUEST']._serialized_start=791
+  _globals['_WATCHUSERREQUEST']._serialized_end=918
+  _globals['_WATCHUSERRESPONSE']._serialized_start=920
+  _globals['_WATCHUSERRESPONSE']._serialized_end=1032
+  _globals['_SUBSCRIBEEVENTSREQUEST']._serialized_start=1035
+  _globals['_SUBSCRIBEEVENTSREQUEST']._serialized_end=1221
+  _globals['_SUBSCRIBEEVENTSRESPONSE']._serialized_start=1223
+  _globals['_SUBSCRIBEEVENTSRESPONSE']._serialized_end=1341
+  _globals['_EVENTSERVICE']._serialized_start=1344
+  _globals['_EVENTSERVICE']._serialized_end=1616
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ from callplane.v1 import event_pb2 as _event_pb2
 from callplane.v1 import session_pb2 as _session_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -33,6 +34,7 @@ class WatchCallRequest(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     AFTER_SEQ_FIELD_NUMBER: _builtins.int
     PARTICIPANT_SESSION_ID_FIELD_NUMBER: _builtins.int
+    PROGRESS_INTERVAL_FIELD_NUMBER: _builtins.int
     type: _builtins.str
     """Call type name."""
     id: _builtins.str
@@ -48,6 +50,15 @@ class WatchCallRequest(_message.Message):
     The server pings the connection (HTTP/2 keepalive, every lease ttl / 3) and ends the stream of a
     client that stopped answering.
     """
+    @_builtins.property
+    def progress_interval(self) -> _duration_pb2.Duration:
+        """When set, the stream gets a Progress message (the current seq) after each `progress_interval` in
+        which it sent nothing, so an idle client can advance its resume point (etcd's progress_notify).
+        Unset or zero: no periodic progress (a stream that starts from now still gets its one start
+        message). Values below the server's minimum (`--min-progress-interval`, 1 s by default) are raised
+        to it; a negative or out-of-range Duration is INVALID_ARGUMENT naming `progress_interval`.
+        """
+
     def __init__(
         self,
         *,
@@ -56,10 +67,11 @@ class WatchCallRequest(_message.Message):
         snapshot: _builtins.bool = ...,
         after_seq: _builtins.int | None = ...,
         participant_session_id: _builtins.str = ...,
+        progress_interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq", "progress_interval", b"progress_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq", "id", b"id", "participant_session_id", b"participant_session_id", "snapshot", b"snapshot", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq", "id", b"id", "participant_session_id", b"participant_session_id", "progress_interval", b"progress_interval", "snapshot", b"snapshot", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__after_seq: _TypeAlias = _typing.Literal["after_seq"]  # noqa: Y015
     _WhichOneofArgType__after_seq: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq"]  # noqa: Y015
@@ -86,7 +98,7 @@ class WatchCallResponse(_message.Message):
 
     @_builtins.property
     def progress(self) -> Global___Progress:
-        """Progress on an idle stream."""
+        """Where the stream starts (from now), or progress on an idle stream that asked for it."""
 
     def __init__(
         self,
@@ -153,7 +165,7 @@ Global___CallSnapshot: _TypeAlias = CallSnapshot  # noqa: Y015
 
 @_typing.final
 class Progress(_message.Message):
-    """Progress: nothing happened up to this point."""
+    """Progress: nothing this stream would send happened up to this point (a safe resume point)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -187,19 +199,30 @@ class WatchUserRequest(_message.Message):
 
     USER_ID_FIELD_NUMBER: _builtins.int
     AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    PROGRESS_INTERVAL_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user."""
     after_seq: _builtins.int
     """Resume: events with user_seq > after_seq (0: from the first retained). Unset: from now on."""
+    @_builtins.property
+    def progress_interval(self) -> _duration_pb2.Duration:
+        """When set, the stream gets a Progress message (the current user_seq) after each `progress_interval`
+        in which it sent nothing, so an idle client can advance its resume point (etcd's progress_notify).
+        Unset or zero: no periodic progress (a stream that starts from now still gets its one start
+        message). Values below the server's minimum (`--min-progress-interval`, 1 s by default) are raised
+        to it; a negative or out-of-range Duration is INVALID_ARGUMENT naming `progress_interval`.
+        """
+
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
         after_seq: _builtins.int | None = ...,
+        progress_interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq", "progress_interval", b"progress_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq", "progress_interval", b"progress_interval", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__after_seq: _TypeAlias = _typing.Literal["after_seq"]  # noqa: Y015
     _WhichOneofArgType__after_seq: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq"]  # noqa: Y015
@@ -221,7 +244,9 @@ class WatchUserResponse(_message.Message):
 
     @_builtins.property
     def progress(self) -> Global___Progress:
-        """Progress on an idle stream (seq = current user_seq)."""
+        """Where the stream starts (from now), or progress on an idle stream that asked for it (seq = the
+        current user_seq).
+        """
 
     def __init__(
         self,
@@ -249,6 +274,7 @@ class SubscribeEventsRequest(_message.Message):
     CALL_CIDS_FIELD_NUMBER: _builtins.int
     EVENT_TYPES_FIELD_NUMBER: _builtins.int
     AFTER_POSITION_FIELD_NUMBER: _builtins.int
+    PROGRESS_INTERVAL_FIELD_NUMBER: _builtins.int
     after_position: _builtins.int
     """Resume: events with position > after_position (0: from the first retained). Unset: from now on."""
     @_builtins.property
@@ -263,6 +289,16 @@ class SubscribeEventsRequest(_message.Message):
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only these event types (e.g. `call.ended`, `custom`)."""
 
+    @_builtins.property
+    def progress_interval(self) -> _duration_pb2.Duration:
+        """When set, the stream gets a Progress message (the global position scanned so far, past filtered-out
+        events too) after each `progress_interval` in which it sent nothing, so a client whose filters match
+        rarely can advance its resume point (etcd's progress_notify).
+        Unset or zero: no periodic progress (a stream that starts from now still gets its one start
+        message). Values below the server's minimum (`--min-progress-interval`, 1 s by default) are raised
+        to it; a negative or out-of-range Duration is INVALID_ARGUMENT naming `progress_interval`.
+        """
+
     def __init__(
         self,
         *,
@@ -270,10 +306,11 @@ class SubscribeEventsRequest(_message.Message):
         call_cids: _abc.Iterable[_builtins.str] | None = ...,
         event_types: _abc.Iterable[_builtins.str] | None = ...,
         after_position: _builtins.int | None = ...,
+        progress_interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_position", b"_after_position", "after_position", b"after_position"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_position", b"_after_position", "after_position", b"after_position", "progress_interval", b"progress_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_position", b"_after_position", "after_position", b"after_position", "call_cids", b"call_cids", "call_types", b"call_types", "event_types", b"event_types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_position", b"_after_position", "after_position", b"after_position", "call_cids", b"call_cids", "call_types", b"call_types", "event_types", b"event_types", "progress_interval", b"progress_interval"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__after_position: _TypeAlias = _typing.Literal["after_position"]  # noqa: Y015
     _WhichOneofArgType__after_position: _TypeAlias = _typing.Literal["_after_position", b"_after_position"]  # noqa: Y015
@@ -295,7 +332,9 @@ class SubscribeEventsResponse(_message.Message):
 
     @_builtins.property
     def progress(self) -> Global___Progress:
-        """Progress (seq = the global position scanned so far), also when events were filtered out."""
+        """Where the stream starts (from now), or progress on a stream that asked for it (seq = the global
+        position scanned so far, also when events were filtered out).
+        """
 
     def __init__(
         self,

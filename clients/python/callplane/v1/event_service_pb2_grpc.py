@@ -33,7 +33,11 @@ class EventServiceStub:
     - Resumable: reconnecting with `after_seq` = the last seq seen yields exactly the events after it.
     - Snapshot then changes: `snapshot` sends the current state tagged with the seq it reflects, then every
     later event, with no race between the two.
-    - Progress: idle streams get periodic progress messages carrying the current seq.
+    - Progress: a stream that starts from now (no resume point, no snapshot) first gets one Progress
+    message: where "now" is (the resume point to use if it drops before any event) and that the stream
+    is live. Periodic progress on an idle stream is opt-in (`progress_interval`, after etcd's
+    progress_notify): an idle stream that did not ask gets no messages at all, and HTTP/2 keepalive
+    pings, not messages, tell whether its connection is alive.
     - Addressed events: a custom event sent to chosen users or roles is withheld from the streams of
     user tokens it is not addressed to; their seqs skip it, and their progress and resume points move
     past it. Server tokens and global admins see every event.
@@ -73,7 +77,11 @@ class EventServiceServicer:
     - Resumable: reconnecting with `after_seq` = the last seq seen yields exactly the events after it.
     - Snapshot then changes: `snapshot` sends the current state tagged with the seq it reflects, then every
     later event, with no race between the two.
-    - Progress: idle streams get periodic progress messages carrying the current seq.
+    - Progress: a stream that starts from now (no resume point, no snapshot) first gets one Progress
+    message: where "now" is (the resume point to use if it drops before any event) and that the stream
+    is live. Periodic progress on an idle stream is opt-in (`progress_interval`, after etcd's
+    progress_notify): an idle stream that did not ask gets no messages at all, and HTTP/2 keepalive
+    pings, not messages, tell whether its connection is alive.
     - Addressed events: a custom event sent to chosen users or roles is withheld from the streams of
     user tokens it is not addressed to; their seqs skip it, and their progress and resume points move
     past it. Server tokens and global admins see every event.
@@ -138,7 +146,11 @@ class EventService:
     - Resumable: reconnecting with `after_seq` = the last seq seen yields exactly the events after it.
     - Snapshot then changes: `snapshot` sends the current state tagged with the seq it reflects, then every
     later event, with no race between the two.
-    - Progress: idle streams get periodic progress messages carrying the current seq.
+    - Progress: a stream that starts from now (no resume point, no snapshot) first gets one Progress
+    message: where "now" is (the resume point to use if it drops before any event) and that the stream
+    is live. Periodic progress on an idle stream is opt-in (`progress_interval`, after etcd's
+    progress_notify): an idle stream that did not ask gets no messages at all, and HTTP/2 keepalive
+    pings, not messages, tell whether its connection is alive.
     - Addressed events: a custom event sent to chosen users or roles is withheld from the streams of
     user tokens it is not addressed to; their seqs skip it, and their progress and resume points move
     past it. Server tokens and global admins see every event.
