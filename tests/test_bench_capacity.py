@@ -188,11 +188,14 @@ def test_activity_holds_only_with_low_p99_nothing_lost_or_failed_and_everyone_pr
     assert good["writes_ok"] == 20 and good["delivered"] == 100 and good["lost"] == 0
     assert good["writes_per_second"] == 2.0
     assert good["p99_ms"] == 5.0
-    good.update(checks_passed=True)
-    slow = capacity.combine_activity([_part(latencies_ms=[150.0] * 50)]) | {"checks_passed": True}
-    lost = capacity.combine_activity([_part(delivered=49)]) | {"checks_passed": True}
-    failed = capacity.combine_activity([_part(failed={"DEADLINE_EXCEEDED": 1})]) | {"checks_passed": True}
-    unverified = capacity.combine_activity([_part()]) | {"checks_passed": False}
+    offered = {"checks_passed": True, "offered_writes_per_second": 2.0}
+    good.update(offered)
+    slow = capacity.combine_activity([_part(latencies_ms=[150.0] * 50)]) | offered
+    lost = capacity.combine_activity([_part(delivered=49)]) | offered
+    failed = capacity.combine_activity([_part(failed={"DEADLINE_EXCEEDED": 1})]) | offered
+    unverified = capacity.combine_activity([_part()]) | {**offered, "checks_passed": False}
+    # The last ack came 5 s late (the writes queued): 20 writes in 15 s instead of 10.
+    behind = capacity.combine_activity([_part(), _part(last_ack=115.0)]) | offered
     assert lost["lost"] == 1 and failed["writes_failed"] == 1
     levels = [
         _level(1000, good),
@@ -201,8 +204,9 @@ def test_activity_holds_only_with_low_p99_nothing_lost_or_failed_and_everyone_pr
         _level(4000, lost),
         _level(5000, failed),
         _level(6000, unverified),
+        _level(7000, behind),
     ]
-    assert [level["held"] for level in levels] == [True, False, False, False, False, False]
+    assert [level["held"] for level in levels] == [True, False, False, False, False, False, False]
     assert capacity.capacity_figure(levels) == 1000
     assert capacity.capacity_figure([{"population": 10, "not_run": "x"}]) == 0
 
@@ -271,7 +275,21 @@ def test_report_renders_reached_unreached_and_skipped_populations() -> None:
         "stopped": skipped["not_run"],
         "levels": [held, unreached, skipped],
     }
+    sqlite["big_join"] = {
+        "participants": 1000,
+        "joined": 900,
+        "failed": {},
+        "not_started": 100,
+        "seconds": 110.0,
+        "joins_per_second": 8.2,
+        "join_p50_ms": 900.0,
+        "join_p99_ms": 3000.0,
+        "joined_events_expected": 400_000,
+        "joined_events_missing": 0,
+        "all_joined_events_seconds": 111.0,
+    }
     text = report.markdown(_results({"sqlite": sqlite}))
+    assert "**110.0 s** (900 joined, 8/s; **100 not started** within the time limit)" in text
     assert "| 1,000 | SQLite | 12.5 | 300 | 80 | 1 (100) |" in text
     assert "**not reached**: 400 of 1,000 joined in 12 s" in text
     assert "| 5,000 | SQLite | not run (2,000 not reached within 110 s) |" in text
