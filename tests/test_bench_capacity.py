@@ -301,8 +301,10 @@ def test_merge_keeps_what_this_run_did_not_measure() -> None:
     previous = _results({"sqlite": {"capacity": 1}, "postgres": {"capacity": 2}}, date="2026-01-01")
     previous["backends"] = {"sqlite": {"rpcs": {"GetCall": {}}}}
     only_capacity = _results({"sqlite": {"capacity": 3}}, date="2026-01-05")
+    previous["machine"] = {**previous["machine"], "cpu": "the one the RPC part ran on"}
     merged = report.merge(only_capacity, previous, ["capacity"])
     assert merged["backends"] == previous["backends"] and merged["date"] == "2026-01-01"
+    assert merged["machine"] == previous["machine"]
     assert merged["capacity"]["backends"] == {"sqlite": {"capacity": 3}, "postgres": {"capacity": 2}}
     assert list(merged["capacity"]["backends"]) == ["sqlite", "postgres"]
     only_rpcs = {**_results({}, date="2026-01-05"), "backends": {"sqlite": {"rpcs": {}}}}

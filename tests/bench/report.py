@@ -106,7 +106,7 @@ def merge(results: dict[str, Any], previous: dict[str, Any] | None, parts: list[
         return results
     merged = dict(results)
     if "rpcs" not in parts:
-        for key in ("date", "settings", "backends"):
+        for key in ("date", "machine", "settings", "backends"):
             if key in previous:
                 merged[key] = previous[key]
     before = previous.get("capacity")
@@ -123,8 +123,7 @@ def merge(results: dict[str, Any], previous: dict[str, Any] | None, parts: list[
     return merged
 
 
-def _machine_line(results: dict[str, Any]) -> str:
-    machine = results["machine"]
+def _machine_line(machine: dict[str, Any]) -> str:
     return (
         f"{machine['cores']} cores ({machine['cpu']}), {machine['memory_gb']} GiB, {machine['os']}, "
         f"Python {machine['python']}, grpcio {machine['grpcio']}, SQLite {machine['sqlite']}, "
@@ -136,7 +135,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = _rpc_markdown(results) if _rows(results) else []
     live = results.get("capacity")
     if live and live.get("backends"):
-        lines += capacity_markdown(live, _machine_line(results))
+        lines += capacity_markdown(live, _machine_line(live.get("machine", results["machine"])))
     return "\n".join(lines)
 
 

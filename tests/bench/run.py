@@ -584,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     server_cpu, load_cpu = _cpus(args)
     live: dict[str, Any] = {
         "date": results["date"],
+        "machine": results["machine"],
         "settings": capacity.settings_record(capacity_settings),
         "pinned": server_cpu is not None,
         "backends": {},
