@@ -329,7 +329,8 @@ def _level_row(level: dict[str, Any], label: str) -> list[str]:
         f"{activity['p50_ms']:.1f} / **{activity['p99_ms']:.1f}** ({activity.get('send_p99_ms', 0):.0f})",
         lost,
         f"{activity['writes_failed']:,}",
-        "yes" if level.get("held") else "**no**",
+        ("yes" if level.get("held") else "**no**")
+        + (" (generator at its core's limit: a lower bound)" if activity.get("generator_bound") else ""),
         f"{idle['generator_cpu_percent']:.0f} / {activity['generator_cpu_percent']:.0f}",
     ]
 
