@@ -34,6 +34,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -342,13 +343,23 @@ class _Child:
         self.name = name
 
     @classmethod
-    async def start(cls, name: str, argv: list[str], token: str) -> _Child:
+    async def start(
+        cls,
+        name: str,
+        argv: list[str],
+        token: str,
+        *,
+        module: str = "tests.bench.fanout",
+        prefix: Sequence[str] = (),
+    ) -> _Child:
+        """`python -m module *argv`, after `prefix` (e.g. taskset's) when given."""
         stderr = tempfile.TemporaryFile()  # noqa: SIM115 - kept open for the child's life, closed by kill()
         try:
             proc = await asyncio.create_subprocess_exec(
+                *prefix,
                 sys.executable,
                 "-m",
-                "tests.bench.fanout",
+                module,
                 *argv,
                 cwd=REPO_ROOT,
                 env={

@@ -1,5 +1,6 @@
-"""Benchmark output: a Markdown table, the JSON behind it, a PNG chart of the ratios, and the README's
-results section (between the bench markers)."""
+"""Benchmark output: Markdown tables, the JSON behind them, a PNG chart (the ratios, and the live
+capacity's idle CPU and activity latency by population), and the README's results section (between the
+bench markers)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,13 @@ TARGETS: dict[str, dict[str, float]] = {
 }
 FANOUT_P99_TARGET_MS = 50.0
 IDLE_RSS_TARGET_MB = 300.0
+# Issue 12's goals (SQLite, one server process).
+CAPACITY_POPULATION_TARGET = 10_000
+CAPACITY_IDLE_CPU_TARGET = 5.0  # % of one core, at 10,000 participants
+CAPACITY_RSS_TARGET_MB = 1024.0  # at 10,000 participants
+CAPACITY_JOIN_RATE_TARGET = 500.0  # JoinCall + WatchCall pairs per second
+CAPACITY_P99_TARGET_MS = 100.0
+BIG_JOIN_SECONDS_TARGET = 5.0
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
 LABELS = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
@@ -81,12 +89,58 @@ def _target_cell(name: str) -> str:
 
 def _rows(results: dict[str, Any]) -> list[str]:
     """The measured rows in table order (rows of an older or partial run only where present)."""
-    present = {name for b in results["backends"].values() for name in b["rpcs"]}
+    present = {name for b in results.get("backends", {}).values() for name in b.get("rpcs", {})}
     return [name for name in RPCS if name in present]
 
 
+def _backend_order(name: str) -> tuple[int, str]:
+    order = list(LABELS)
+    return (order.index(name) if name in order else len(order), name)
+
+
+def merge(results: dict[str, Any], previous: dict[str, Any] | None, parts: list[str]) -> dict[str, Any]:
+    """This run's results, with the last results (`previous`) of what it did not measure: the RPC part
+    when it ran only the capacity scenario, the capacity scenario when it did not run it, and the
+    capacity of backends it did not run."""
+    if not previous:
+        return results
+    merged = dict(results)
+    if "rpcs" not in parts:
+        for key in ("date", "machine", "settings", "backends"):
+            if key in previous:
+                merged[key] = previous[key]
+    before = previous.get("capacity")
+    if before:
+        if "capacity" not in parts:
+            merged["capacity"] = before
+        else:
+            now = results["capacity"]
+            backends = {**before.get("backends", {}), **now["backends"]}
+            merged["capacity"] = {
+                **now,
+                "backends": {name: backends[name] for name in sorted(backends, key=_backend_order)},
+            }
+    return merged
+
+
+def _machine_line(machine: dict[str, Any]) -> str:
+    return (
+        f"{machine['cores']} cores ({machine['cpu']}), {machine['memory_gb']} GiB, {machine['os']}, "
+        f"Python {machine['python']}, grpcio {machine['grpcio']}, SQLite {machine['sqlite']}, "
+        f"{machine['event_loop']}"
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
-    backends = list(results["backends"])
+    lines = _rpc_markdown(results) if _rows(results) else []
+    live = results.get("capacity")
+    if live and live.get("backends"):
+        lines += capacity_markdown(live, _machine_line(live.get("machine", results["machine"])))
+    return "\n".join(lines)
+
+
+def _rpc_markdown(results: dict[str, Any]) -> list[str]:
+    backends = [b for b in results["backends"] if "rpcs" in results["backends"][b]]
     machine = results["machine"]
     settings = results["settings"]
     load = settings["h2load"]
@@ -235,19 +289,199 @@ def markdown(results: dict[str, Any]) -> str:
             + " |"
         )
         lines.append("")
-    return "\n".join(lines)
+    return lines
+
+
+def _level_row(level: dict[str, Any], label: str) -> list[str]:
+    population = f"{level['population']:,}"
+    if "not_run" in level:
+        return [population, label, f"not run ({level['not_run']})", *["–"] * 9]
+    join = level["join"]
+    joins = f"{join['per_second']:,.0f}"
+    if not level["reached"]:
+        joins = (
+            f"**not reached**: {join['joined']:,} of {join['added']:,} joined in {join['seconds']:.0f} s"
+            + (f" (failed: {join['failed']})" if join["failed"] else "")
+        )
+        return [population, label, "–", "–", joins, *["–"] * 7]
+    idle = level["idle"]
+    idle_cells = [f"{idle['cpu_percent']:.1f}", f"{idle['rss_mb']:,.0f}"]
+    if not level.get("intact_after_idle"):
+        check = idle["check"]
+        idle_cells[0] += (
+            f" (**participants lost while idle**: {check['present']:,} present, "
+            f"{check['streams_ended']:,} streams ended)"
+        )
+    activity = level.get("activity")
+    if not activity:
+        return [population, label, *idle_cells, joins, *["–"] * 6, f"{idle['generator_cpu_percent']:.0f} / –"]
+    lost = f"{activity['lost']:,}"
+    if not level.get("intact_after_activity"):
+        after = level["check_after_activity"]
+        lost += f" ({after['streams_ended']:,} streams ended, {after['present']:,} present after)"
+    return [
+        population,
+        label,
+        *idle_cells,
+        joins,
+        f"{activity['writes_per_second']:,.0f} ({activity['offered_writes_per_second']:,.0f})",
+        f"{activity['deliveries_per_second']:,.0f}",
+        f"{activity['p50_ms']:.1f} / **{activity['p99_ms']:.1f}** ({activity.get('send_p99_ms', 0):.0f})",
+        lost,
+        f"{activity['writes_failed']:,}",
+        ("yes" if level.get("held") else "**no**")
+        + (" (generator at its core's limit: a lower bound)" if activity.get("generator_bound") else ""),
+        f"{idle['generator_cpu_percent']:.0f} / {activity['generator_cpu_percent']:.0f}",
+    ]
+
+
+def _capacity_label(backend: str, measured: dict[str, Any]) -> str:
+    label = LABELS.get(backend, backend)
+    replicas = measured.get("replicas", 1)
+    return f"{label} ({replicas} servers)" if replicas > 1 else label
+
+
+def _big_join_cell(big: dict[str, Any]) -> str:
+    cell = f"**{big['seconds']:.1f} s** ({big['joined']:,} joined, {big['joins_per_second']:,.0f}/s"
+    if big["not_started"]:
+        cell += f"; **{big['not_started']:,} not started** within the time limit"
+    if big["failed"]:
+        cell += f"; **failed**: {big['failed']}"
+    return cell + ")"
+
+
+def capacity_markdown(live: dict[str, Any], machine: str) -> list[str]:
+    backends = list(live["backends"])
+    first = live["backends"][backends[0]]
+    settings = first.get("settings", live["settings"])
+    dates = sorted({live["backends"][b].get("date", live.get("date", "?")) for b in backends})
+    pinned = (
+        "server processes pinned to CPU 0, the load generator to CPU 1 (`taskset`; PostgreSQL itself "
+        "is not pinned)"
+        if live.get("pinned")
+        else "nothing pinned"
+    )
+    lines = [
+        "**Live capacity** (issue 12): how many connected participants one server holds. "
+        f"Measured {' and '.join(dates)} on {machine}; {pinned}. A participant = JoinCall (server token, "
+        "its own user) then a WatchCall opened with its `participant_session_id` (the stream holds its "
+        f"presence), kept open; {settings['per_call']} per call, users and calls created through the API "
+        "beforehand; a fresh database and server per backend (PostgreSQL: "
+        f"{settings['replicas']} server processes on one database, participants alternating between them; "
+        "CPU and RSS are their sums, PostgreSQL's own processes not counted). Load generator: "
+        f"{settings['processes']} processes (grpc.aio, raw-bytes streams parsed after each phase, at most "
+        f"{settings['per_channel']} per connection). **Joins**: {settings['joiners']} at a time, rate of "
+        "JoinCall + WatchCall pairs (JoinCall sent → the stream's first message) while growing to the "
+        f"population. **Idle**: after {settings['settle_seconds']:g} s, server CPU (% of one core) over "
+        f"{settings['idle_seconds']:g} s with nothing happening, and RSS; every participant is then checked "
+        "present (QueryCallParticipants on every call) with no stream ended. **Activity**: every participant "
+        f"acts once per {settings['period_seconds']:g} s on an open-loop schedule spread evenly (50 % "
+        "SendCallEvent, 20 % UpdateParticipant tracks, 20 % UpdateParticipantCustom, 10 % "
+        f"UpdateSessionCustom) for {settings['activity_seconds']:g} s; each write's event must reach its "
+        "call's 5 streams; latency from the write's acknowledgement to each receipt (0 when the event came "
+        "first), and from its sending; lost = deliveries owed "
+        "- received after a drain; failed = non-OK writes; every OK write checked against the server's own "
+        "count (/metrics) and the `events` rows appended. The profile **holds** when the server kept up "
+        "(OK writes/s from the first sent to the last acknowledged ≥ 90 % of the offered rate: an event is "
+        "published at its write's commit, before the reply, so ack → delivery stays near 0 even when writes "
+        f"queue), p99 ≤ {settings['p99_target_ms']:g} ms, nothing lost or failed and every participant "
+        "still present afterwards. "
+        f"Targets (SQLite): ≤ {CAPACITY_IDLE_CPU_TARGET:g} % of a core and ≤ 1 GB idle at "
+        f"{CAPACITY_POPULATION_TARGET:,}; ≥ {CAPACITY_JOIN_RATE_TARGET:,.0f} joins/s; the profile held at "
+        f"{CAPACITY_POPULATION_TARGET:,} (1,000 writes/s, 5,000 deliveries/s).",
+        "",
+    ]
+    header = [
+        "participants",
+        "backend",
+        "idle server CPU %",
+        "RSS MB",
+        "joins/s",
+        "writes/s (offered)",
+        "deliveries/s",
+        "ack → delivery p50 / p99 ms (send → delivery p99)",
+        "lost",
+        "failed",
+        "held",
+        "generator CPU % (idle / activity)",
+    ]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    populations = sorted(
+        {level["population"] for b in backends for level in live["backends"][b].get("levels", [])}
+    )
+    for population in populations:
+        for backend in backends:
+            measured = live["backends"][backend]
+            for level in measured.get("levels", []):
+                if level["population"] == population:
+                    row = _level_row(level, _capacity_label(backend, measured))
+                    lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    figures = []
+    for backend in backends:
+        measured = live["backends"][backend]
+        figure = f"{_capacity_label(backend, measured)} **{measured.get('capacity', 0):,}**"
+        if measured.get("stopped"):
+            figure += f" (stopped: {measured['stopped']})"
+        figures.append(figure)
+    lines.append(
+        "**Capacity** (the largest population at which the activity profile held): "
+        + "; ".join(figures)
+        + "."
+    )
+    lines.append("")
+    big = [live["backends"][b].get("big_join") for b in backends]
+    if any(big):
+        count = next(b["participants"] for b in big if b)
+        lines.append(
+            f"| big join: {count:,} participants join one call, {settings['joiners']} at a time | target | "
+            + " | ".join(_capacity_label(b, live["backends"][b]) for b in backends)
+            + " |"
+        )
+        lines.append("|---|---|" + "---|" * len(backends))
+        lines.append(
+            "| every stream live (first JoinCall → last stream's first message) | "
+            f"≤ {BIG_JOIN_SECONDS_TARGET:g} s | "
+            + " | ".join(_big_join_cell(b) if b else "–" for b in big)
+            + " |"
+        )
+        lines.append(
+            "| JoinCall sent → the stream's first message: p50 / p99 | – | "
+            + " | ".join(f"{b['join_p50_ms']:.0f} / {b['join_p99_ms']:.0f} ms" if b else "–" for b in big)
+            + " |"
+        )
+        lines.append(
+            "| joined events owed to streams live before the join: delivered of owed, missing | all | "
+            + " | ".join(
+                f"{b['joined_events_expected'] - b['joined_events_missing']:,} of "
+                f"{b['joined_events_expected']:,}, **{b['joined_events_missing']:,}**"
+                if b
+                else "–"
+                for b in big
+            )
+            + " |"
+        )
+        lines.append(
+            "| last joined event received (from the first JoinCall) | – | "
+            + " | ".join(f"{b['all_joined_events_seconds']:.1f} s" if b else "–" for b in big)
+            + " |"
+        )
+        lines.append("")
+    return lines
 
 
 def missed_targets(results: dict[str, Any]) -> list[str]:
     missed = []
-    for backend, measured in results["backends"].items():
+    for backend, measured in results.get("backends", {}).items():
         for name, goals in TARGETS.items():
-            entry = measured["rpcs"].get(name)
+            entry = measured.get("rpcs", {}).get(name)
             if entry is not None and backend in goals and entry["ratio"] < goals[backend]:
                 missed.append(
                     f"{LABELS.get(backend, backend)} {name} {entry['ratio']:.3f} < {goals[backend]}"
                 )
-    sqlite = results["backends"].get("sqlite")
+    missed += _missed_capacity(results)
+    sqlite = results.get("backends", {}).get("sqlite")
     if sqlite is None:
         return missed
     fan = sqlite.get("fanout")
@@ -262,16 +496,100 @@ def missed_targets(results: dict[str, Any]) -> list[str]:
     return missed
 
 
+def _missed_capacity(results: dict[str, Any]) -> list[str]:
+    sqlite = (results.get("capacity") or {}).get("backends", {}).get("sqlite")
+    if not sqlite:
+        return []
+    missed = []
+    if sqlite.get("capacity", 0) < CAPACITY_POPULATION_TARGET:
+        missed.append(f"capacity {sqlite.get('capacity', 0):,} < {CAPACITY_POPULATION_TARGET:,}")
+    for level in sqlite.get("levels", []):
+        if level.get("reached") and level["join"]["per_second"] < CAPACITY_JOIN_RATE_TARGET:
+            missed.append(f"joins {level['join']['per_second']:,.0f}/s growing to {level['population']:,}")
+        idle = level.get("idle")
+        if idle and level["population"] == CAPACITY_POPULATION_TARGET:
+            if idle["cpu_percent"] > CAPACITY_IDLE_CPU_TARGET:
+                missed.append(f"idle CPU {idle['cpu_percent']:.1f} % at {level['population']:,}")
+            if idle["rss_mb"] > CAPACITY_RSS_TARGET_MB:
+                missed.append(f"idle RSS {idle['rss_mb']:,.0f} MB at {level['population']:,}")
+    big = sqlite.get("big_join")
+    if big and (big["seconds"] > BIG_JOIN_SECONDS_TARGET or big["joined_events_missing"]):
+        missed.append(
+            f"big join {big['seconds']:.1f} s, {big['joined_events_missing']:,} joined events missing"
+        )
+    return missed
+
+
 def chart(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    backends = list(results["backends"])
+    live = results.get("capacity") or {}
+    has_live = any(b.get("levels") for b in live.get("backends", {}).values())
+    if _rows(results) and has_live:
+        figure = plt.figure(figsize=(13, 9), dpi=120)
+        grid = figure.add_gridspec(2, 2, height_ratios=[5, 4])
+        _ratio_panel(figure.add_subplot(grid[0, :]), results)
+        _capacity_panels(figure.add_subplot(grid[1, 0]), figure.add_subplot(grid[1, 1]), live)
+    elif has_live:
+        figure, (idle_axes, p99_axes) = plt.subplots(1, 2, figsize=(13, 4.5), dpi=120)
+        _capacity_panels(idle_axes, p99_axes, live)
+    else:
+        figure, axes = plt.subplots(figsize=(13, 5), dpi=120)
+        _ratio_panel(axes, results)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _capacity_panels(idle_axes: Any, p99_axes: Any, live: dict[str, Any]) -> None:
+    """Idle server CPU and activity p99 by population, one line per backend."""
+    for backend, measured in live["backends"].items():
+        label = _capacity_label(backend, measured)
+        idle = [
+            (lv["population"], lv["idle"]["cpu_percent"]) for lv in measured.get("levels", []) if "idle" in lv
+        ]
+        busy = [
+            (lv["population"], max(lv["activity"]["p99_ms"], 0.1))
+            for lv in measured.get("levels", [])
+            if "activity" in lv
+        ]
+        if idle:
+            idle_axes.plot(*zip(*idle, strict=True), marker="o", label=label)
+        if busy:
+            (line,) = p99_axes.plot(*zip(*busy, strict=True), marker="o", label=f"{label}: ack → delivery")
+            sent = [
+                (lv["population"], max(lv["activity"].get("send_p99_ms", 0.0), 0.1))
+                for lv in measured.get("levels", [])
+                if "activity" in lv
+            ]
+            p99_axes.plot(
+                *zip(*sent, strict=True),
+                marker=".",
+                linestyle="dotted",
+                color=line.get_color(),
+                label=f"{label}: send → delivery",
+            )
+    idle_axes.axhline(CAPACITY_IDLE_CPU_TARGET, color="black", linestyle="dashed", linewidth=0.8)
+    idle_axes.set_xlabel("connected participants")
+    idle_axes.set_ylabel("idle server CPU, % of one core")
+    idle_axes.set_title("Live capacity: idle cost (dashed: target at 10,000)")
+    idle_axes.set_ylim(bottom=0)
+    idle_axes.legend(loc="upper left")
+    p99_axes.axhline(CAPACITY_P99_TARGET_MS, color="black", linestyle="dashed", linewidth=0.8)
+    p99_axes.set_yscale("log")
+    p99_axes.set_xlabel("connected participants (each acting once per 10 s)")
+    p99_axes.set_ylabel("p99 latency to each watcher, ms (0 drawn at 0.1)")
+    p99_axes.set_title("Live capacity: activity latency (dashed: 100 ms)")
+    p99_axes.legend(loc="best", fontsize=8)
+
+
+def _ratio_panel(axes: Any, results: dict[str, Any]) -> None:
+    backends = [b for b in results["backends"] if "rpcs" in results["backends"][b]]
     rows = _rows(results)
     width = 0.8 / max(len(backends), 1)
-    figure, axes = plt.subplots(figsize=(13, 5), dpi=120)
     positions = range(len(rows))
     for index, backend in enumerate(backends):
         measured = results["backends"][backend]["rpcs"]
@@ -288,9 +606,6 @@ def chart(results: dict[str, Any], path: Path) -> None:
     axes.set_title(f"Callplane vs the transport's limit ({results['date']}; dashed: each backend's target)")
     axes.axhline(1.0, color="grey", linewidth=0.8)
     axes.legend(loc="upper left")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
 
 
 def write(results: dict[str, Any], folder: Path) -> list[Path]:
@@ -308,5 +623,5 @@ def update_readme(results: dict[str, Any], readme: Path) -> None:
         return
     head, _, rest = text.partition(README_START)
     _, _, tail = rest.partition(README_END)
-    body = markdown(results) + "\n![ratios](tests/bench/results/latest.png)\n"
+    body = markdown(results) + "\n![benchmark chart](tests/bench/results/latest.png)\n"
     readme.write_text(f"{head}{README_START}\n{body}{README_END}{tail}")

@@ -11,7 +11,10 @@ generator rows also show their ratio to the reference under the same generator. 
 the server's own count (/metrics), and each write row must have appended the events its OK replies owe
 (counted in the `events` table); the no-op and the reads must append none. Then event fan-out (1,000
 WatchCall streams on one call, 100 UpdateCalls/s for 10 s) and server RSS with 10,000 idle watch
-streams. Writes Markdown, JSON and a PNG chart, and the README's results section.
+streams. Then the live-capacity scenario (tests/bench/capacity.py: connected participants holding presence
+with WatchCall, idle cost, join rate, an activity profile, one big join), on a fresh database with its own
+server (on PostgreSQL two replicas). Writes Markdown, JSON and a PNG chart, and the README's results
+section. `--only capacity` (or `--only rpcs`) runs one part and keeps the other's last results.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,7 @@ import grpc
 
 from callplane.v1 import call_service_pb2, call_service_pb2_grpc
 from callplane_server import runtime
-from tests.bench import fanout, generator, h2load, report, workloads
+from tests.bench import capacity, fanout, generator, h2load, report, workloads
 from tests.bench.servers import (
     CALL_TYPE,
     REPO,
@@ -55,6 +58,8 @@ from tests.bench.stats import proc_status
 from tests.support import new_database
 
 RESULTS_DIR = REPO / "tests" / "bench" / "results"
+#: What `--only` can choose: the RPC rows with fan-out and idle streams, and the live-capacity scenario.
+PARTS = ("rpcs", "capacity")
 #: Where --quick writes (small runs never overwrite the committed results).
 QUICK_OUTPUT = Path(tempfile.gettempdir()) / "callplane-bench-quick"
 
@@ -360,6 +365,35 @@ async def bench_backend(backend: str, args: Any, postgres_url: str) -> dict[str,
                 return result
 
 
+def _capacity_settings(args: Any) -> capacity.CapacitySettings:
+    """The capacity scenario's settings: the defaults (or --quick's), with what the options say."""
+    settings = capacity.CapacitySettings.quick_settings() if args.quick else capacity.CapacitySettings()
+    changes: dict[str, Any] = {}
+    if args.capacity_populations:
+        changes["populations"] = tuple(int(n) for n in args.capacity_populations.split(","))
+    for option, name in (
+        ("capacity_processes", "processes"),
+        ("capacity_idle_seconds", "idle_seconds"),
+        ("capacity_activity_seconds", "activity_seconds"),
+        ("capacity_big_join", "big_join"),
+        ("capacity_replicas", "replicas"),
+    ):
+        if getattr(args, option) is not None:
+            changes[name] = getattr(args, option)
+    if args.profile:
+        changes["profile_dir"] = str(args.output)
+    return replace(settings, **changes)
+
+
+def _previous(path: Path) -> dict[str, Any] | None:
+    """The results a part not run this time keeps (None when there are none)."""
+    try:
+        previous: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return previous
+
+
 def _cpus(args: Any) -> tuple[str | None, str | None]:
     """(servers' CPU, load generators' CPU) for taskset, or (None, None) when not pinning."""
     if args.no_pin or (os.cpu_count() or 1) < 2:
@@ -461,12 +495,38 @@ def main(argv: list[str] | None = None) -> int:
         help="only the RPC part (no fan-out, no idle streams); with e.g. --calls 500 --users 100 --runs 1 "
         "--seconds 3 --no-readme --output /tmp/bench-out for a quick check",
     )
-    parser.add_argument("--profile", action="store_true", help="py-spy the server during the RPC part")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the server during the RPC part, and during each idle and activity window of the "
+        "capacity scenario (profile-capacity-*.speedscope.json in the output folder)",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(PARTS),
+        help="parts to run, comma-separated: rpcs (the RPC rows, fan-out, idle streams), capacity (live "
+        "capacity); the results of a part not run are kept from the output folder's latest.json",
+    )
+    parser.add_argument(
+        "--capacity-populations",
+        help="connected participants, comma-separated, each a multiple of 5 (default 1000,2000,5000,10000; "
+        "--quick 200,500)",
+    )
+    parser.add_argument("--capacity-processes", type=int, help="load generator processes (default 4)")
+    parser.add_argument("--capacity-idle-seconds", type=float, help="idle window (default 20; --quick 10)")
+    parser.add_argument(
+        "--capacity-activity-seconds", type=float, help="activity window (default 30; --quick 10)"
+    )
+    parser.add_argument(
+        "--capacity-big-join", type=int, help="participants joining one call (default 1000; --quick 200)"
+    )
+    parser.add_argument("--capacity-replicas", type=int, help="PostgreSQL server processes (default 2)")
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"a quick check of the RPC part: --calls 500 --users 100 --runs 1 --seconds 3 --skip-streams "
-        f"--no-readme, results in {QUICK_OUTPUT} unless --output says otherwise",
+        help=f"a quick check: --calls 500 --users 100 --runs 1 --seconds 3 --skip-streams --no-readme, and "
+        f"capacity with 200 and 500 participants and shorter windows; results in {QUICK_OUTPUT} unless "
+        "--output says otherwise",
     )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR)
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README's results")
@@ -477,11 +537,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.output == RESULTS_DIR:
             args.output = QUICK_OUTPUT
 
+    parts = [part.strip() for part in args.only.split(",") if part.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        parser.error(f"--only takes {', '.join(PARTS)} (comma-separated), not {args.only!r}")
+    capacity_settings = _capacity_settings(args)
+    if any(n <= 0 or n % capacity.PER_CALL for n in capacity_settings.populations):
+        parser.error(f"--capacity-populations must be positive multiples of {capacity.PER_CALL}")
     if args.generator_processes < 1 or args.in_flight < args.generator_processes:
         parser.error("--in-flight must be at least --generator-processes, which must be at least 1")
     if args.calls < workloads.MIN_CALLS:
         parser.error(f"--calls must be at least {workloads.MIN_CALLS}")
-    h2load.ensure_h2load()
+    if "rpcs" in parts:
+        h2load.ensure_h2load()
     args.output.mkdir(parents=True, exist_ok=True)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
@@ -513,9 +581,27 @@ def main(argv: list[str] | None = None) -> int:
         },
         "backends": {},
     }
+    server_cpu, load_cpu = _cpus(args)
+    live: dict[str, Any] = {
+        "date": results["date"],
+        "machine": results["machine"],
+        "settings": capacity.settings_record(capacity_settings),
+        "pinned": server_cpu is not None,
+        "backends": {},
+    }
     for backend in args.backends.split(","):
-        print(f"[{backend}] starting", flush=True)
-        results["backends"][backend] = runtime.run(bench_backend(backend, args, args.postgres_url))
+        if "rpcs" in parts:
+            print(f"[{backend}] starting", flush=True)
+            results["backends"][backend] = runtime.run(bench_backend(backend, args, args.postgres_url))
+        if "capacity" in parts:
+            print(f"[{backend}] live capacity", flush=True)
+            measured = runtime.run(
+                capacity.measure_backend(backend, args.postgres_url, capacity_settings, server_cpu, load_cpu)
+            )
+            live["backends"][backend] = {"date": live["date"], "settings": live["settings"], **measured}
+    if "capacity" in parts:
+        results["capacity"] = live
+    results = report.merge(results, _previous(args.output / "latest.json"), parts)
     paths = report.write(results, args.output)
     if not args.no_readme:
         report.update_readme(results, REPO / "README.md")

@@ -111,7 +111,11 @@ def pin(pid: int, cpu: str) -> None:
 
 
 @contextlib.contextmanager
-def callplane(database_url: str, folder: Path, metrics_port: int) -> Iterator[Process]:
+def callplane(
+    database_url: str, folder: Path, metrics_port: int, log_name: str = "callplane.log"
+) -> Iterator[Process]:
+    """A Callplane server on a free port (several may share one PostgreSQL database: give each its own
+    `log_name`)."""
     port = free_port()
     env = {**os.environ, "CALLPLANE_API_SECRET": SECRET}
     command = [
@@ -129,7 +133,7 @@ def callplane(database_url: str, folder: Path, metrics_port: int) -> Iterator[Pr
         "--custom-index",
         QUERY_CALLS_INDEX,
     ]
-    with _process(command, f"127.0.0.1:{port}", folder / "callplane.log", env) as process:
+    with _process(command, f"127.0.0.1:{port}", folder / log_name, env) as process:
         yield process
 
 
