@@ -710,23 +710,21 @@ class SessionService:
 
     # -- presence (WatchCall streams) --------------------------------------------------------------
 
-    async def stream_opened(self, call_type: str, call_id: str, participant_session_id: str) -> None:
-        """A WatchCall stream now holds this participant (the caller's own, live) for this replica. The
+    async def holdable(self, tx: Transaction, cid: str, participant_session_id: str) -> ParticipantRecord:
+        """The participant a WatchCall stream may hold: the caller's own, live (read in the stream's
+        opening transaction)."""
+        call_type, _, call_id = cid.partition(":")
+        self._key_problems(call_type, call_id, participant_session_id).raise_if_any()
+        participant = await self._current_participant(tx, await live_call(tx, cid), participant_session_id)
+        require_own_participant(await load_caller(tx), participant)
+        return participant
+
+    async def stream_opened(self, participant: ParticipantRecord) -> None:
+        """A WatchCall stream now holds this participant (checked by holdable) for this replica. The
         hold is written by the keeper a moment later, shared by the streams opened meanwhile, when the
         participant's own lease has more than half of its time left (a participant that has just joined);
         one closer to its end is held at once."""
-        self._key_problems(call_type, call_id, participant_session_id).raise_if_any()
-        cid = f"{call_type}:{call_id}"
-
-        async def own_participant(tx: Transaction) -> ParticipantRecord:
-            participant = await self._current_participant(
-                tx, await live_call(tx, cid), participant_session_id
-            )
-            require_own_participant(await load_caller(tx), participant)
-            return participant
-
-        participant = await self._store.read(own_participant)
-        key = (cid, participant_session_id)
+        key = (participant.call_cid, participant.participant_session_id)
         self._held[key] = self._held.get(key, 0) + 1
         if self._keeper is None and not self._closing:
             # Started by the first stream that holds a participant, so inside that RPC: it gets a fresh

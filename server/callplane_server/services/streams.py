@@ -142,7 +142,12 @@ EVERYONE = Audience()
 class Presence(Protocol):
     """Implemented by the session service: a WatchCall stream can hold a participant's presence."""
 
-    async def stream_opened(self, call_type: str, call_id: str, participant_session_id: str) -> None: ...
+    async def holdable(self, tx: Transaction, cid: str, participant_session_id: str) -> ParticipantRecord:
+        """The caller's own live participant in the call, which a stream may hold (read in the stream's
+        opening transaction), or the error that refuses the stream."""
+        ...
+
+    async def stream_opened(self, participant: ParticipantRecord) -> None: ...
 
     async def stream_closed(self, call_type: str, call_id: str, participant_session_id: str) -> None: ...
 
@@ -212,16 +217,22 @@ class EventStreamService:
         subscription = self._hub.subscribe(matcher, recipients=audience.recipients_needed, call_cid=cid)
         holds_presence = False
         try:
-            # The resume point is checked before presence is taken: a stream refused at its start
-            # (OUT_OF_RANGE, EVENTS_COMPACTED) must change nothing, and ending a stream that held
-            # presence records the participant's leave.
-            cursor = 0
-            if not snapshot:
-                cursor = await self._store.read(lambda tx: self._call_resume_point(tx, cid, after_seq))
+            # The resume point and the participant to hold are checked (in one read) before presence
+            # is taken: a stream refused at its start (OUT_OF_RANGE, EVENTS_COMPACTED, not one's own
+            # participant) must change nothing, and ending a stream that held presence records the
+            # participant's leave.
+            presence = self.presence if participant_session_id else None
+
+            async def opening(tx: Transaction) -> tuple[int, ParticipantRecord | None]:
+                cursor = 0 if snapshot else await self._call_resume_point(tx, cid, after_seq)
+                held = await presence.holdable(tx, cid, participant_session_id) if presence else None
+                return cursor, held
+
+            cursor, held = await self._store.read(opening)
             # Presence is taken before the first message, so a client that leaves right after it
             # still leaves through this stream's end rather than waiting for its lease.
-            if participant_session_id and self.presence is not None:
-                await self.presence.stream_opened(call_type, call_id, participant_session_id)
+            if presence is not None and held is not None:
+                await presence.stream_opened(held)
                 holds_presence = True
             if snapshot:
                 state = await self._store.read(lambda tx: self._snapshot(tx, cid))
@@ -245,6 +256,7 @@ class EventStreamService:
                 follow,
                 announce_start=from_now,
                 started=snapshot,
+                resumed=after_seq is not None,
                 progress_every=progress_every(progress_interval, self._min_progress_interval),
             ):
                 yield item
@@ -337,6 +349,7 @@ class EventStreamService:
                 cursor,
                 follow,
                 announce_start=after_seq is None,
+                resumed=after_seq is not None,
                 progress_every=progress_every(progress_interval, self._min_progress_interval),
             ):
                 yield item
@@ -398,6 +411,7 @@ class EventStreamService:
                 cursor,
                 follow,
                 announce_start=after_position is None,
+                resumed=after_position is not None,
                 progress_every=progress_every(progress_interval, self._min_progress_interval),
             ):
                 yield item
@@ -437,11 +451,15 @@ class EventStreamService:
         announce_start: bool = False,
         started: bool = False,
         progress_every: float | None = None,
+        resumed: bool = True,
     ) -> AsyncIterator[StreamItem]:
         """Catches up from the log, then follows the subscription. `announce_start`: the stream starts
         from now and says where that is; `started`: the client already got a message (a snapshot);
-        `progress_every`: seconds of quiet after which a progress message is sent (None: never)."""
-        catching_up = True
+        `progress_every`: seconds of quiet after which a progress message is sent (None: never);
+        `resumed`: the cursor is the client's resume point, so the log after it is read first (a stream
+        from now or from a snapshot has nothing to read: the subscription came before the read that set
+        its cursor, so every later event is in its queue)."""
+        catching_up = resumed
         if announce_start:
             # A stream that starts "from now" tells the client where that is at once, so a connection
             # lost before the first event can still resume exactly (and the client knows it is live).

@@ -107,6 +107,15 @@ _EVENTS_AFTER = (
     .limit(bindparam("limit"))
 )
 _INSERT_RECIPIENTS = _RECIPIENTS.insert()
+_CALLS = cast(Table, CallRow.__table__)
+# A call's last seq and its retained events' seq range, in one prebuilt statement (one row, also when
+# the call row is gone).
+_OF_CALL = _EVENTS.c.call_cid == bindparam("cid")
+_CALL_SEQ_BOUNDS = select(
+    select(_CALLS.c.last_seq).where(_CALLS.c.cid == bindparam("cid")).scalar_subquery().label("last"),
+    select(func.min(_EVENTS.c.seq)).where(_OF_CALL).scalar_subquery().label("earliest"),
+    select(func.max(_EVENTS.c.seq)).where(_OF_CALL).scalar_subquery().label("newest"),
+)
 
 
 @dataclass(frozen=True)
@@ -231,12 +240,8 @@ class EventRepository:
     async def call_seq_bounds(self, call_cid: str) -> tuple[int, int] | None:
         """(earliest retained seq, last seq) of a call; None if the call never existed. With nothing
         retained, earliest = last + 1."""
-        last = await self._session.scalar(select(CallRow.last_seq).where(CallRow.cid == call_cid))
-        earliest, newest = (
-            await self._session.execute(
-                select(func.min(EventRow.seq), func.max(EventRow.seq)).where(EventRow.call_cid == call_cid)
-            )
-        ).one()
+        bounds = (await self._statements.execute(_CALL_SEQ_BOUNDS, {"cid": call_cid})).one()
+        last, earliest, newest = bounds.last, bounds.earliest, bounds.newest
         if last is None:
             if newest is None:
                 return None
