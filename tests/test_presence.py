@@ -345,3 +345,34 @@ async def test_a_client_that_vanishes_leaves_through_keepalive(tmp_path: Path) -
         finally:
             await channel.close(grace=0)
             await relay.close()
+
+
+async def test_the_replica_lease_is_renewed_while_every_pooled_connection_is_busy(tmp_path: Path) -> None:
+    """PostgreSQL: an overloaded replica's RPC writes can hold every pooled connection for seconds; its
+    lease renewal has a connection of its own, so it never waits behind them (another replica would
+    otherwise take it for dead and expire everything it holds)."""
+    async with running_server("postgres", tmp_path) as running:
+        store, presence = running.server.store, running.server.sessions
+        assert store is not None and presence is not None
+        release = asyncio.Event()
+        busy = 0
+
+        async def hold_a_connection(tx) -> None:
+            nonlocal busy
+            await tx.events.last_position()  # a connection is taken at the first statement
+            busy += 1
+            await release.wait()
+
+        pool = store.database.write_engine.pool
+        size = pool.size() + pool._max_overflow  # type: ignore[attr-defined]
+        holders = [asyncio.create_task(store.write(hold_a_connection)) for _ in range(size)]
+        try:
+            await _eventually(lambda: asyncio.sleep(0, busy == size))
+            await asyncio.wait_for(
+                store.write(lambda tx: presence._keep(tx, opened=[], beat=True), upkeep=True), 10
+            )
+        finally:
+            release.set()
+            await asyncio.gather(*holders)
+        renewed = await store.read(lambda tx: tx.timers.pending(""))
+        assert [(t.kind, t.key) for t in renewed] == [(REPLICA_TIMER, presence.replica_id)]

@@ -790,7 +790,7 @@ class SessionService:
             if beat:
                 next_beat = loop.time() + interval
             try:
-                await self._store.write(partial(self._keep, opened=opened, beat=beat))
+                await self._store.write(partial(self._keep, opened=opened, beat=beat), upkeep=True)
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -352,7 +352,20 @@ class Database:
             )
             self.read_engine = self.write_engine
             self._connecting_is_an_outage(self.write_engine)
+        # Writes that keep the server's own state alive (its replica lease), on a connection of their
+        # own: they must not queue behind RPC writes for the pool when the server is overloaded, or
+        # another replica would take it for dead. SQLite has one process: nobody else judges its lease.
+        self._upkeep_engine = (
+            None
+            if self.dialect == "sqlite"
+            else create_async_engine(self.url, echo=echo, pool_size=1, max_overflow=0, pool_pre_ping=True)
+        )
         self._write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False, autoflush=False)
+        self._upkeep_sessions = (
+            async_sessionmaker(self._upkeep_engine, expire_on_commit=False, autoflush=False)
+            if self._upkeep_engine is not None
+            else self._write_sessions
+        )
         # SQLite has one writer connection: writers that queue for it share one commit.
         self._group_commit = _GroupCommit(self.write_engine) if self.dialect == "sqlite" else None
         self._read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=False)
@@ -405,20 +418,25 @@ class Database:
 
     async def dispose(self) -> None:
         await self.write_engine.dispose()
+        if self._upkeep_engine is not None:
+            await self._upkeep_engine.dispose()
         if self.read_engine is not self.write_engine:
             await self.read_engine.dispose()
         if self._process_lock is not None:
             self._process_lock.release()
 
     @asynccontextmanager
-    async def _session(self, *, write: bool) -> AsyncIterator[AsyncSession]:
-        factory = self._write_sessions if write else self._read_sessions
+    async def _session(self, *, write: bool, upkeep: bool = False) -> AsyncIterator[AsyncSession]:
+        factory = self._upkeep_sessions if upkeep else self._write_sessions if write else self._read_sessions
         async with factory() as session, session.begin():
             yield session
 
-    async def run(self, work: Callable[[AsyncSession], Awaitable[T]], *, write: bool) -> T:
+    async def run(
+        self, work: Callable[[AsyncSession], Awaitable[T]], *, write: bool, upkeep: bool = False
+    ) -> T:
         """Run `work` in one transaction, retrying it whole on transient conflicts; database
-        outages surface as Unavailable, domain errors pass through untouched."""
+        outages surface as Unavailable, domain errors pass through untouched. `upkeep`: a write of the
+        server's own upkeep, on its own connection (PostgreSQL)."""
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_is_retryable),
@@ -429,7 +447,7 @@ class Database:
                 with attempt:
                     if write and self._group_commit is not None:
                         return await self._group_commit.run(work)
-                    async with self._session(write=write) as session:
+                    async with self._session(write=write, upkeep=upkeep) as session:
                         result = await work(session)
                         if write and deadlines.passed(deadlines.current_deadline()):
                             # Nobody waits for the answer: roll back rather than commit unseen.

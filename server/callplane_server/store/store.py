@@ -133,9 +133,11 @@ class Store:
     async def read(self, work: Callable[[Transaction], Awaitable[T]]) -> T:
         return await self.database.run(lambda session: work(Transaction(session, self.signer)), write=False)
 
-    async def write(self, work: Callable[[Transaction], Awaitable[T]]) -> T:
+    async def write(self, work: Callable[[Transaction], Awaitable[T]], *, upkeep: bool = False) -> T:
         """Runs `work` in a write transaction; it may be retried whole on a transient conflict. Events
-        emitted by `work` are numbered and written last, in the same transaction."""
+        emitted by `work` are numbered and written last, in the same transaction. `upkeep`: the
+        server's own upkeep (its replica lease), which must not wait behind RPC writes for a
+        connection (PostgreSQL gives it one of its own)."""
         written: Written | None = None
         changed: frozenset[str] | None = None
         # Every attempt's (a retried one's positions were rolled back, and will be handed out again).
@@ -161,7 +163,7 @@ class Store:
             return result
 
         try:
-            result = await self.database.run(attempt, write=True)
+            result = await self.database.run(attempt, write=True, upkeep=upkeep)
         except CallplaneError as error:
             # A refusal rolled back; an outage leaves the outcome unknown (the commit may have landed:
             # then the tailer's poll finds its events).
