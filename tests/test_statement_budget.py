@@ -29,7 +29,7 @@ import asyncio
 import json
 import os
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -41,6 +41,8 @@ from callplane.v1 import (
     call_pb2,
     call_service_pb2,
     call_service_pb2_grpc,
+    event_service_pb2,
+    event_service_pb2_grpc,
     session_pb2,
     session_service_pb2,
     session_service_pb2_grpc,
@@ -77,6 +79,7 @@ BUDGETS: dict[str, dict[str, Budget]] = {
         "GetOrCreateCall (create, 5 members)": Budget(10, 6, 1),
         "UpdateParticipantCustom": Budget(7, 4, 0),
         "UpdateCallMembers (add one member)": Budget(9, 4, 0),
+        "WatchCall (holding a participant, from now)": Budget(3, 2, 1),
     },
     "postgres": {
         "UpdateCall (set_custom, new value)": Budget(8, 2, 1),
@@ -92,6 +95,7 @@ BUDGETS: dict[str, dict[str, Budget]] = {
         "GetOrCreateCall (create, 5 members)": Budget(11, 4, 2),
         "UpdateParticipantCustom": Budget(8, 2, 1),
         "UpdateCallMembers (add one member)": Budget(10, 2, 1),
+        "WatchCall (holding a participant, from now)": Budget(3, 2, 1),
     },
 }
 
@@ -163,7 +167,10 @@ class Api:
     users: user_pb2_grpc.UserServiceStub
     sessions: session_service_pb2_grpc.SessionServiceStub
     data: call_data_service_pb2_grpc.CallDataServiceStub
+    events: event_service_pb2_grpc.EventServiceStub
     serial: int = 0
+    # Streams the scenarios leave open (closed when the module's server goes).
+    streams: list[Any] = field(default_factory=list)
 
     def unique(self, prefix: str) -> str:
         self.serial += 1
@@ -285,6 +292,25 @@ def _join_call(*, session_running: bool) -> Callable[[Api], Awaitable[Rpc]]:
     return prepare
 
 
+@scenario("WatchCall (holding a participant, from now)")
+async def _watch_holding(api: Api) -> Rpc:
+    """Opening a stream that holds presence: one read (the resume point and the participant to hold);
+    the hold itself is written by the replica's keeper, batched with other openings, outside the RPC."""
+    (member,) = await api.new_users(1)
+    call_id = await api.new_call([member])
+    participant = await api.join(call_id, member)
+    request = event_service_pb2.WatchCallRequest(
+        type="default", id=call_id, participant_session_id=participant
+    )
+
+    async def open_stream(metadata: Metadata) -> None:
+        stream = api.events.WatchCall(request, metadata=metadata)
+        api.streams.append(stream)
+        await stream.read()  # the stream is live: its opening is done
+
+    return open_stream
+
+
 scenario("JoinCall (session running)")(_join_call(session_running=True))
 scenario("JoinCall (starts the session)")(_join_call(session_running=False))
 
@@ -365,6 +391,7 @@ def api(server: RunningServer) -> Api:
         user_pb2_grpc.UserServiceStub(server.channel),
         session_service_pb2_grpc.SessionServiceStub(server.channel),
         call_data_service_pb2_grpc.CallDataServiceStub(server.channel),
+        event_service_pb2_grpc.EventServiceStub(server.channel),
     )
 
 
