@@ -208,3 +208,13 @@ async def snapshot(events: Any, call_id: str, call_type: str = "default") -> eve
     finally:
         stream.cancel()
     raise AssertionError("WatchCall ended without a snapshot")
+
+
+async def eventually(check: Callable[[], Any], seconds: float = 5.0) -> None:
+    """Polls `check()` (async, truthy when done) for async work that follows a request or a client cancel
+    (stream cleanup, a background batch)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)

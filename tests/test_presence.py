@@ -30,7 +30,7 @@ from callplane.v1 import (
 from callplane_server.app import CallplaneServer
 from callplane_server.config import Config
 from callplane_server.services.session_rules import REPLICA_TIMER
-from tests.support import TEST_SECRET, TestClock, fresh_database, running_server
+from tests.support import TEST_SECRET, TestClock, eventually, fresh_database, running_server
 from tests.support import channel as authed_channel
 
 SHORT_LEASE = 0.3
@@ -64,14 +64,6 @@ async def _live(sessions, call_id: str) -> dict:
         session_service_pb2.QueryCallParticipantsRequest(type="default", id=call_id)
     )
     return {p.participant_session_id: p for p in listing.participants}
-
-
-async def _eventually(check, seconds: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 async def _held(sessions, call_id: str, psids: set[str]) -> bool:
@@ -112,7 +104,7 @@ async def test_stream_held_participants_outlive_their_leases(backend: str, tmp_p
             streams.append(stream)
             by_call[call_id].add(psid)
         for call_id, psids in by_call.items():
-            await _eventually(lambda call_id=call_id, psids=psids: _held(sessions, call_id, psids))
+            await eventually(lambda call_id=call_id, psids=psids: _held(sessions, call_id, psids), seconds=10)
             assert [kind for kind, _ in await _pending(running.server, f"default:{call_id}")] == []
         assert await _pending(running.server, "") == [(REPLICA_TIMER, running.server.sessions.replica_id)]
 
@@ -144,8 +136,8 @@ async def test_renewing_the_replica_lease_is_one_statement_whatever_the_number_h
             await asyncio.wait_for(stream.read(), 10)
         for index in range(8):
             expected = {p for i, p in enumerate(people) if i % 8 == index}
-            await _eventually(
-                lambda index=index, expected=expected: _held(sessions, f"many-{index}", expected)
+            await eventually(
+                lambda index=index, expected=expected: _held(sessions, f"many-{index}", expected), seconds=10
             )
 
         store, presence = running.server.store, running.server.sessions
@@ -214,7 +206,7 @@ async def test_a_replica_that_stops_renewing_loses_what_it_held_to_another(tmp_p
         opened = [await _hold_on(a, "split", person, join=True) for person in ("gone", "moved", "alive")]
         b_channel = authed_channel(f"127.0.0.1:{b.port}")
         _, b_sessions, _ = _stubs(b_channel)
-        await _eventually(lambda: _held(b_sessions, "split", {"gone", "moved", "alive"}))
+        await eventually(lambda: _held(b_sessions, "split", {"gone", "moved", "alive"}), seconds=10)
         await a.stop(grace=0)
         for channel, _stream in opened:
             await channel.close()
@@ -260,7 +252,7 @@ async def test_after_a_restart_the_previous_process_s_participants_expire(tmp_pa
             for person in ("gone", "back"):
                 channel, _stream = await _hold_on(first, "restart", person, join=True)
             _, sessions, _ = _stubs(channel)
-            await _eventually(lambda: _held(sessions, "restart", {"gone", "back"}))
+            await eventually(lambda: _held(sessions, "restart", {"gone", "back"}), seconds=10)
             old_replica = first.sessions.replica_id
         async with _replicas(url, 1, clock, lease_ttl_seconds=30.0, data_dir=tmp_path) as (second,):
             assert second.sessions.replica_id != old_replica
@@ -326,7 +318,7 @@ async def test_a_client_that_vanishes_leaves_through_keepalive(tmp_path: Path) -
         try:
             stream = _watch(event_service_pb2_grpc.EventServiceStub(channel), "vanish", "faraway")
             await asyncio.wait_for(stream.read(), 10)
-            await _eventually(lambda: _held(sessions, "vanish", {"faraway"}))
+            await eventually(lambda: _held(sessions, "vanish", {"faraway"}), seconds=10)
             # Idle for a few ping intervals first: pings go on while the stream sends nothing.
             await asyncio.sleep(2.5)
             relay.silent.set()
@@ -334,7 +326,7 @@ async def test_a_client_that_vanishes_leaves_through_keepalive(tmp_path: Path) -
             async def gone() -> bool:
                 return "faraway" not in await _live(sessions, "vanish")
 
-            await _eventually(gone, seconds=20)
+            await eventually(gone, seconds=20)
             assert running.server.store is not None
             log = await running.server.store.read(
                 lambda tx: tx.events.call_events_after("default:vanish", 0, 100)
@@ -367,7 +359,7 @@ async def test_the_replica_lease_is_renewed_while_every_pooled_connection_is_bus
         size = pool.size() + pool._max_overflow  # type: ignore[attr-defined]
         holders = [asyncio.create_task(store.write(hold_a_connection)) for _ in range(size)]
         try:
-            await _eventually(lambda: asyncio.sleep(0, busy == size))
+            await eventually(lambda: asyncio.sleep(0, busy == size), seconds=10)
             await asyncio.wait_for(
                 store.write(lambda tx: presence._keep(tx, opened=[], beat=True), upkeep=True), 10
             )

@@ -34,6 +34,7 @@ from tests.support import (
     TEST_SECRET,
     RunningServer,
     TestClock,
+    eventually,
     fresh_database,
     struct,
 )
@@ -137,15 +138,6 @@ async def fire(server: RunningServer, seconds: float) -> int:
     server.clock.advance(timedelta(seconds=seconds))
     assert server.server.timers is not None
     return await server.server.timers.run_due()
-
-
-async def eventually(check, seconds: float = 5.0) -> None:
-    """Polls `check()` (async, truthy when done) for async cleanup that follows a client cancel."""
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 # --- join / leave -------------------------------------------------------------------------------------

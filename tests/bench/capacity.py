@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,6 +220,20 @@ def identify(raw: bytes) -> tuple[str, Any, Any]:
     if custom is not None and "bench_n" in custom.fields:
         return "n", int(custom.fields["bench_n"].number_value), None
     return "other", event.type, None
+
+
+def _events_of(
+    messages: Iterable[tuple[float, bytes]], cache: dict[bytes, tuple[str, Any, Any]]
+) -> Iterator[tuple[float, tuple[str, Any, Any]]]:
+    """(receive time, identify()'s answer) of each event message; each distinct message is parsed once
+    (an event is the same bytes on every stream)."""
+    for at, raw in messages:
+        if not raw or raw[0] != EVENT_TAG:
+            continue
+        info = cache.get(raw)
+        if info is None:
+            info = cache[raw] = identify(raw)
+        yield at, info
 
 
 def summarize_deliveries(
@@ -787,13 +801,7 @@ class _Holder:
         other: Counter[str] = Counter()
         for member in live:
             got: list[tuple[int, float]] = []
-            for at, raw in member.messages:
-                if not raw or raw[0] != EVENT_TAG:
-                    continue
-                info = cache.get(raw)
-                if info is None:
-                    info = cache[raw] = identify(raw)
-                what, first, second = info
+            for at, (what, first, second) in _events_of(member.messages, cache):
                 if what == "n":
                     got.append((first, at))
                 elif what == "tracks":
@@ -866,12 +874,7 @@ class _Holder:
             if member.live <= 0:
                 continue
             received = []
-            for at, raw in member.messages:
-                if not raw or raw[0] != EVENT_TAG:
-                    continue
-                info = cache.get(raw)
-                if info is None:
-                    info = cache[raw] = identify(raw)
+            for at, info in _events_of(member.messages, cache):
                 if info[0] == "joined":
                     index = big_index_of(info[1])
                     if index is not None:

@@ -249,12 +249,10 @@ class EventStreamService:
                 return await self._store.read(partial(read, position))
 
             follow = _Follow(read_after=read_after, key=lambda stored: stored.seq, contiguous=True)
-            from_now = not snapshot and after_seq is None
             async for item in self._follow(
                 subscription,
                 cursor,
                 follow,
-                announce_start=from_now,
                 started=snapshot,
                 resumed=after_seq is not None,
                 progress_every=progress_every(progress_interval, self._min_progress_interval),
@@ -348,7 +346,6 @@ class EventStreamService:
                 subscription,
                 cursor,
                 follow,
-                announce_start=after_seq is None,
                 resumed=after_seq is not None,
                 progress_every=progress_every(progress_interval, self._min_progress_interval),
             ):
@@ -410,7 +407,6 @@ class EventStreamService:
                 subscription,
                 cursor,
                 follow,
-                announce_start=after_position is None,
                 resumed=after_position is not None,
                 progress_every=progress_every(progress_interval, self._min_progress_interval),
             ):
@@ -448,19 +444,18 @@ class EventStreamService:
         cursor: int,
         follow: _Follow,
         *,
-        announce_start: bool = False,
+        resumed: bool,
         started: bool = False,
         progress_every: float | None = None,
-        resumed: bool = True,
     ) -> AsyncIterator[StreamItem]:
-        """Catches up from the log, then follows the subscription. `announce_start`: the stream starts
-        from now and says where that is; `started`: the client already got a message (a snapshot);
-        `progress_every`: seconds of quiet after which a progress message is sent (None: never);
-        `resumed`: the cursor is the client's resume point, so the log after it is read first (a stream
-        from now or from a snapshot has nothing to read: the subscription came before the read that set
-        its cursor, so every later event is in its queue)."""
+        """Catches up from the log, then follows the subscription. `resumed`: the cursor is the client's
+        resume point, so the log after it is read first (a stream from now or from a snapshot has nothing
+        to read: the subscription came before the read that set its cursor, so every later event is in
+        its queue); `started`: the client already got a message (a snapshot); a stream neither resumed
+        nor started starts from now, and says where that is; `progress_every`: seconds of quiet after
+        which a progress message is sent (None: never)."""
         catching_up = resumed
-        if announce_start:
+        if not resumed and not started:
             # A stream that starts "from now" tells the client where that is at once, so a connection
             # lost before the first event can still resume exactly (and the client knows it is live).
             yield ProgressMark(follow.progress(cursor), self._clock())
