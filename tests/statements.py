@@ -147,13 +147,17 @@ class StatementRecorder:
     """
 
     def __init__(self, store: Store) -> None:
-        database = store.database
-        # Named in the traces: SQLite has a writer and a pool of readers, PostgreSQL one pool for both.
-        self._engines: dict[str, Engine] = (
-            {"db": database.write_engine.sync_engine}
-            if database.read_engine is database.write_engine
-            else {"write": database.write_engine.sync_engine, "read": database.read_engine.sync_engine}
-        )
+        # Named in the traces by role: SQLite has a writer and a pool of readers (which also run the call
+        # cache's checks), PostgreSQL one pool for both, an autocommit pool for the checks ("probe") and a
+        # connection for the server's own upkeep.
+        self._engines: dict[str, Engine] = {}
+        seen: set[int] = set()
+        for role, engine in store.database.engines.items():
+            if id(engine) not in seen:
+                seen.add(id(engine))
+                self._engines["db" if role == "write" and engine is store.database.read_engine else role] = (
+                    engine.sync_engine
+                )
         self._open: dict[int, _Transaction] = {}
         self._traces: dict[str, Trace] = {}
         self._listeners: list[tuple[Any, str, Callable[..., None]]] = []
@@ -164,11 +168,16 @@ class StatementRecorder:
 
     def __enter__(self) -> StatementRecorder:
         for name, engine in self._engines.items():
+            # PostgreSQL's autocommit pool ("probe"): SQLAlchemy still fires begin/commit events there,
+            # but asyncpg sends no BEGIN or COMMIT in autocommit mode; each statement stands alone.
+            standalone = name == "probe"
+            self._listen(engine, "before_cursor_execute", self._on_execute(name, standalone=standalone))
+            self._listen(engine, "checkout", self._on_checkout)
+            if standalone:
+                continue
             self._listen(engine, "begin", self._on_begin(name))
-            self._listen(engine, "before_cursor_execute", self._on_execute(name))
             self._listen(engine, "commit", self._on_end(name, "COMMIT"))
             self._listen(engine, "rollback", self._on_end(name, "ROLLBACK"))
-            self._listen(engine, "checkout", self._on_checkout)
         original = api_errors.Authenticator.authenticate
         self._original_authenticate = original
 
@@ -238,7 +247,7 @@ class StatementRecorder:
 
         return listener
 
-    def _on_execute(self, engine: str) -> Callable[..., None]:
+    def _on_execute(self, engine: str, *, standalone: bool = False) -> Callable[..., None]:
         def listener(
             connection: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, executemany: bool
         ) -> None:
@@ -246,6 +255,9 @@ class StatementRecorder:
             control = is_transaction_control(statement)
             text = f"{statement} [executemany × {len(parameters)}]" if executemany else statement
             entry = _Entry(text, _probe.get(), engine, control)
+            if standalone:
+                self._settle(_Transaction([entry]))
+                return
             if control and statement.lstrip().upper().startswith("BEGIN"):
                 current = self._open.get(key)
                 if current is not None and [e.synthetic for e in current.entries] == [True]:

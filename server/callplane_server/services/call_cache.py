@@ -1,9 +1,18 @@
-"""Recently read calls, so that a read of a call that has not changed since costs no queries.
+"""Recently read calls, so that a read of a call that has not changed since costs at most one statement.
 
-Trusted only when the store is the database's sole writer (an embedded SQLite file this process holds
-the lock of): then every change is a commit of this process, and the store tells the cache which calls
-it changed before the change is acknowledged, so no read after an acknowledged write sees the old call.
-A read that raced a write does not fill the cache (the generation moved on while it read)."""
+Two modes, by who else may change the database:
+
+- **Trusted** (the store is the database's sole writer: an embedded SQLite file this process holds the
+  lock of): every change is a commit of this process, and the store tells the cache which calls it
+  changed before the change is acknowledged, so an entry is used with no statement at all. A read that
+  raced a write does not fill the cache (the generation moved on while it read).
+- **Validated** (PostgreSQL, where other replicas write too): an entry is used only after one statement
+  shows it is current: the call's last_seq (every change to a call, its members or their permissions
+  bumps it) and the directory version (every change to users or call types bumps it) as committed now,
+  equal to those the entry was read at. The statement runs after the request arrived, so a change
+  acknowledged by any replica before it is seen (read-your-writes across replicas). An entry's parts are
+  read stamp first, so a part can only be newer than its stamp, never older: a race costs a miss.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +34,8 @@ class CachedCall:
     capabilities: dict[Principal, frozenset[str]] = field(default_factory=dict)
     # QueryMembers pages of this state, by request (filter, sort, limit, cursor); a few per call.
     member_pages: dict[Any, Page[MemberRecord]] = field(default_factory=dict)
+    # The directory version read before the rest of the entry (validated mode).
+    directory: int = 0
 
     MAX_MEMBER_PAGES = 16
 
@@ -33,17 +44,43 @@ class CachedCall:
             del self.member_pages[next(iter(self.member_pages))]
         self.member_pages[key] = page
 
+    @property
+    def stamp(self) -> tuple[int, int]:
+        return (self.call.last_seq, self.directory)
+
 
 class CallCache:
     def __init__(self, store: Store, capacity: int = 10_000) -> None:
-        self.enabled = store.sole_writer
+        self._store = store
+        # Entries need no check when every change to the database is this process's own.
+        self.trusted = store.sole_writer
         self._capacity = capacity
         self._entries: dict[str, CachedCall] = {}
         self.generation = 0
         store.change_listeners.append(self._changed)
 
-    def get(self, cid: str) -> CachedCall | None:
-        return self._entries.get(cid) if self.enabled else None
+    async def current(self, cid: str) -> CachedCall | None:
+        """The entry of the call if it is its current state (checked with one statement unless trusted)."""
+        entry = self._entries.get(cid)
+        if entry is None or self.trusted:
+            return entry
+        if await self._store.call_stamp(cid) == entry.stamp:
+            return entry
+        if self._entries.get(cid) is entry:
+            del self._entries[cid]
+        return None
+
+    def held(self, cid: str) -> CachedCall | None:
+        """The entry of the call without checking it: only when trusted (else None)."""
+        return self._entries.get(cid) if self.trusted else None
+
+    def matching(self, record: CallRecord, directory: int) -> CachedCall | None:
+        """The entry for exactly this state of the call, read in the caller's transaction along with the
+        directory version (so no further check is needed)."""
+        entry = self._entries.get(record.cid)
+        if entry is None or entry.call != record or (not self.trusted and entry.directory != directory):
+            return None
+        return entry
 
     def put(self, cid: str, entry: CachedCall, read_at_generation: int) -> None:
         """Keeps `entry` unless anything changed since the read that made it began."""
@@ -54,12 +91,11 @@ class CallCache:
         """Keeps the state a write of this process read under its lock and committed. Safe without the
         generation check: a write that committed in the same group and changed the call after it
         invalidates the entry before it is acknowledged, and its acknowledgement comes after this (the
-        group's writers resume in order)."""
-        self._keep(cid, entry)
+        group's writers resume in order). Trusted mode only: a write does not read the directory."""
+        if self.trusted:
+            self._keep(cid, entry)
 
     def _keep(self, cid: str, entry: CachedCall) -> None:
-        if not self.enabled:
-            return
         if cid not in self._entries and len(self._entries) >= self._capacity:
             del self._entries[next(iter(self._entries))]  # the oldest entry
         self._entries[cid] = entry

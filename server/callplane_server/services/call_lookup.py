@@ -45,7 +45,11 @@ async def caller_of(tx: Transaction, call: Call) -> Caller:
 
 async def live_call(tx: Transaction, cid: str, *, for_share: bool = False) -> CallRecord:
     """The call for reading, unless it does not exist or was soft-deleted (CALL_NOT_FOUND)."""
-    call = await tx.calls.get(cid, for_share=for_share)
+    return live_record(await tx.calls.get(cid, for_share=for_share), cid)
+
+
+def live_record(call: CallRecord | None, cid: str) -> CallRecord:
+    """The call read, unless it does not exist or was soft-deleted (CALL_NOT_FOUND)."""
     if call is None or call.deleted_at is not None:
         raise call_not_found(cid)
     return call

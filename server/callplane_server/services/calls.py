@@ -57,7 +57,13 @@ from callplane_server.services.authz import (
     require_self,
 )
 from callplane_server.services.call_cache import CachedCall, CallCache
-from callplane_server.services.call_lookup import call_not_found, live_call, open_call, unknown_users
+from callplane_server.services.call_lookup import (
+    call_not_found,
+    live_call,
+    live_record,
+    open_call,
+    unknown_users,
+)
 from callplane_server.services.call_types import call_type_not_found
 from callplane_server.services.clock import Clock
 from callplane_server.services.limits import Limits
@@ -118,7 +124,7 @@ class CallService:
         bumps last_seq, so an entry equal to the row just read under the lock is current)."""
         call = await open_call(tx, cid, *need, now=self._clock())
         if call.members is None:
-            entry = self._cache.get(cid)
+            entry = self._cache.held(cid)
             if entry is not None and entry.call == call.record:
                 call.members, call.members_limit = entry.members, MAX_MEMBERS_LIMIT
         return call
@@ -363,25 +369,32 @@ class CallService:
         """The call's current state and what the caller may do in it, after checking `read-call`: from
         the cache when the caller read this state before, else from the database (filling the cache)."""
         principal = current_principal()
-        cached = self._cache.get(cid)
+        cached = await self._cache.current(cid)
         have = cached.capabilities.get(principal) if cached is not None else None
         if cached is None or have is None:
             generation = self._cache.generation
 
-            async def read_call(tx: Transaction) -> tuple[CallView, frozenset[str]]:
-                call = await live_call(tx, cid)
+            async def read_call(tx: Transaction) -> tuple[CallView, frozenset[str], int]:
+                # The stamp first (the call with the directory version): nothing read after it is older
+                # than it (see call_cache).
+                record, directory = await tx.calls.get_stamped(cid)
+                call = live_record(record, cid)
                 call_type = await tx.call_types.get(call.type)
                 grants = call_type.grants if call_type else {}
                 have = await require(tx, await load_caller(tx), call, "read-call", grants=grants)
                 settings = merge_settings(call_type.settings if call_type else {}, call.settings_override)
                 members = (await tx.members.first([cid], MAX_MEMBERS_LIMIT))[cid]
-                return CallView(call, settings, members), have
+                return CallView(call, settings, members), have, directory
 
             # In two steps: unpacked straight from the call, mypy would keep `have` typed Optional.
             loaded = await self._store.read(read_call)
-            full, have = loaded
-            if cached is None or generation != self._cache.generation:
-                cached = CachedCall(full.call, full.settings, full.members)
+            full, have, directory = loaded
+            if (
+                cached is None
+                or cached.stamp != (full.call.last_seq, directory)
+                or generation != self._cache.generation
+            ):
+                cached = CachedCall(full.call, full.settings, full.members, directory=directory)
             # else the cached state is still current: it only lacked this principal's capabilities.
             cached.capabilities[principal] = have
             self._cache.put(cid, cached, generation)
@@ -457,12 +470,12 @@ class CallService:
 
     def _keeps(self, call: Call) -> bool:
         """Whether the call's state after this write can be kept in the cache for the caller."""
-        return self._cache.enabled and "read-call" in call.capabilities
+        return self._cache.trusted and "read-call" in call.capabilities
 
     def _keep_written(self, view: CallView) -> None:
         """Keeps the state a write left (read under its lock, now committed), so the next read or no-op
         update of the call needs no query."""
-        if self._cache.enabled and "read-call" in view.own_capabilities:
+        if self._cache.trusted and "read-call" in view.own_capabilities:
             entry = CachedCall(view.call, view.settings, view.members)
             entry.capabilities[current_principal()] = frozenset(view.own_capabilities)
             self._cache.put_committed(view.call.cid, entry)
@@ -477,7 +490,7 @@ class CallService:
     ) -> CallView | None:
         """The call's view when an update would change nothing in its current state (and the caller may
         make it); None when the write path must decide (a change, a refusal, or no readable state)."""
-        cached = self._cache.get(cid)
+        cached = await self._cache.current(cid)
         have = cached.capabilities.get(current_principal()) if cached is not None else None
         if cached is None or have is None:
             return None  # not known here: reading it first would cost every real change a read
@@ -545,6 +558,8 @@ class CallService:
         async def query_calls(
             tx: Transaction,
         ) -> tuple[Page[CallView], dict[str, CachedCall], dict[str, frozenset[str]]]:
+            # First, so that nothing read after it is older than it (see call_cache).
+            directory = 0 if self._cache.trusted else await tx.directory.version()
             caller = await load_caller(tx)
             types = {record.name: record for record in await tx.call_types.list()}
             grants = {name: record.grants for name, record in types.items()}
@@ -564,18 +579,18 @@ class CallService:
             entries: dict[str, CachedCall] = {}
             fresh: dict[str, CachedCall] = {}
             for call in calls.items:
-                entry = self._cache.get(call.cid)
-                if entry is not None and entry.call == call:
+                entry = self._cache.matching(call, directory)
+                if entry is not None:
                     entries[call.cid] = entry
             missing = [call for call in calls.items if call.cid not in entries]
-            # With the cache on, read as many members as any read may ask for, so they can fill it.
-            members = await tx.members.first(
-                [call.cid for call in missing], MAX_MEMBERS_LIMIT if self._cache.enabled else limit
-            )
+            # As many members as any read may ask for, so they can fill the cache.
+            members = await tx.members.first([call.cid for call in missing], MAX_MEMBERS_LIMIT)
             for call in missing:
                 type_settings = types[call.type].settings if call.type in types else {}
                 settings = merge_settings(type_settings, call.settings_override)
-                entries[call.cid] = fresh[call.cid] = CachedCall(call, settings, members[call.cid])
+                entries[call.cid] = fresh[call.cid] = CachedCall(
+                    call, settings, members[call.cid], directory=directory
+                )
             capabilities = await capabilities_for_calls(tx, caller, calls.items, grants)
             # The entry's record (equal to the row): replies rendered for that state are reused.
             views = [
@@ -656,8 +671,6 @@ class CallService:
             await require(tx, await load_caller(tx), call, "read-call")
             return await tx.members.query(cid, page)
 
-        if not self._cache.enabled:
-            return await self._store.read(members_page)
         # Members are part of the call's cached state: any change to them invalidates the entry.
         cached, _have = await self._readable(cid)
         key = _page_key(page)

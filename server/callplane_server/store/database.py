@@ -10,13 +10,13 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import event, exc
+from sqlalchemy import Executable, event, exc
 from sqlalchemy.dialects import registry
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import (
@@ -110,6 +110,20 @@ def _is_out_of_space(error: BaseException) -> bool:
             if cause is not None
         )
     return False
+
+
+def _raise_as_outage(error: Exception) -> None:
+    """Raises Unavailable from a database error that is an outage (or a conflict that retries did not
+    resolve); returns for anything else (the caller re-raises it as it is)."""
+    if _is_out_of_space(error):
+        log.error("database out of space: %s", error)
+        raise Unavailable(
+            "the database has no space left on device; retry once an operator has freed some",
+            reason="STORAGE_FULL",
+        ) from error
+    if _is_unavailable(error) or _is_retryable(error):
+        log.warning("database unavailable: %s", error)
+        raise Unavailable("the database is unavailable; retry", reason="DATABASE_UNAVAILABLE") from error
 
 
 class DatabaseInUse(RuntimeError):
@@ -360,6 +374,22 @@ class Database:
             if self.dialect == "sqlite"
             else create_async_engine(self.url, echo=echo, pool_size=1, max_overflow=0, pool_pre_ping=True)
         )
+        # Single statements outside any transaction (the call cache's freshness check): autocommit, so
+        # asyncpg sends no BEGIN/COMMIT, and no pre-ping, so a statement is one round trip (a connection
+        # found dead is replaced and the statement retried, in `probe`). SQLite: the pool of readers.
+        self.probe_engine = (
+            self.read_engine
+            if self.dialect == "sqlite"
+            else create_async_engine(
+                self.url,
+                echo=echo,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                isolation_level="AUTOCOMMIT",
+            )
+        )
+        if self.probe_engine is not self.read_engine:
+            self._connecting_is_an_outage(self.probe_engine)
         self._write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False, autoflush=False)
         self._upkeep_sessions = (
             async_sessionmaker(self._upkeep_engine, expire_on_commit=False, autoflush=False)
@@ -416,8 +446,18 @@ class Database:
         lock of): then every change is one this process made."""
         return self._process_lock is not None
 
+    @property
+    def engines(self) -> dict[str, AsyncEngine]:
+        """Every engine by role (several roles may share one engine)."""
+        engines = {"write": self.write_engine, "read": self.read_engine, "probe": self.probe_engine}
+        if self._upkeep_engine is not None:
+            engines["upkeep"] = self._upkeep_engine
+        return engines
+
     async def dispose(self) -> None:
         await self.write_engine.dispose()
+        if self.probe_engine is not self.read_engine:
+            await self.probe_engine.dispose()
         if self._upkeep_engine is not None:
             await self._upkeep_engine.dispose()
         if self.read_engine is not self.write_engine:
@@ -456,17 +496,27 @@ class Database:
         except CallplaneError:
             raise
         except Exception as error:
-            if _is_out_of_space(error):
-                log.error("database out of space: %s", error)
-                raise Unavailable(
-                    "the database has no space left on device; retry once an operator has freed some",
-                    reason="STORAGE_FULL",
-                ) from error
-            if _is_unavailable(error) or _is_retryable(error):
-                log.warning("database unavailable: %s", error)
-                raise Unavailable(
-                    "the database is unavailable; retry", reason="DATABASE_UNAVAILABLE"
-                ) from error
+            _raise_as_outage(error)
+            raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def probe(self, statement: Executable, parameters: Mapping[str, Any]) -> Any:
+        """The first row of one read statement, run outside any transaction (it sees everything committed
+        before it starts), or None. A pooled connection found dead is replaced and the statement run again
+        once; outages surface as Unavailable."""
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(
+                    lambda error: isinstance(error, exc.DBAPIError) and error.connection_invalidated
+                ),
+                stop=stop_after_attempt(2),
+                reraise=True,
+            ):
+                with attempt:
+                    async with self.probe_engine.connect() as connection:
+                        return (await connection.execute(statement, parameters)).first()
+        except Exception as error:
+            _raise_as_outage(error)
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -26,6 +26,7 @@ from callplane_server.store.models import (
     CallMemberRow,
     CallRow,
     CallTypeRow,
+    CounterRow,
     EventRecipientRow,
     EventRow,
     ServerSecretRow,
@@ -100,6 +101,45 @@ _TEAMS_OF_USERS = (
     .order_by(UserTeamRow.__table__.c.user_id, UserTeamRow.__table__.c.team)
 )
 
+#: The version of what a rendered call depends on besides the call itself (whose every change bumps its
+#: last_seq): users (names, images, roles, teams) and call types (settings, grants). Every change to
+#: them bumps it in the same transaction, so a cached call read at (last_seq, version) is current while
+#: both still hold.
+DIRECTORY_COUNTER = "directory"
+_COUNTERS = cast(Table, CounterRow.__table__)
+_DIRECTORY_VERSION = select(_COUNTERS.c.value).where(_COUNTERS.c.name == DIRECTORY_COUNTER)
+_BUMP_DIRECTORY = (
+    update(_COUNTERS).where(_COUNTERS.c.name == DIRECTORY_COUNTER).values(value=_COUNTERS.c.value + 1)
+)
+_FIRST_DIRECTORY_VERSION = _COUNTERS.insert().values(name=DIRECTORY_COUNTER, value=1)
+#: A cached call's freshness check, one statement: (the call's last_seq, the directory version), no row
+#: when the call does not exist.
+CALL_STAMP = select(_CALLS.c.last_seq, _DIRECTORY_VERSION.scalar_subquery()).where(
+    _CALLS.c.cid == bindparam("cid")
+)
+
+_STAMPED_CALL = select(_CALLS, _DIRECTORY_VERSION.scalar_subquery().label("directory_version")).where(
+    _CALLS.c.cid == bindparam("cid")
+)
+
+
+class Directory:
+    """The directory version (DIRECTORY_COUNTER)."""
+
+    def __init__(self, session: AsyncSession, statements: Statements) -> None:
+        self._session = session
+        self._statements = statements
+
+    async def version(self) -> int:
+        return int((await self._statements.execute(_DIRECTORY_VERSION)).scalar() or 0)
+
+    async def changed(self) -> None:
+        """A user or call type changed in this transaction."""
+        bumped = await self._session.execute(_BUMP_DIRECTORY)
+        if bumped.rowcount == 0:  # type: ignore[attr-defined]
+            # The first change ever (two at once: one loses on the key and its transaction is retried).
+            await self._session.execute(_FIRST_DIRECTORY_VERSION)
+
 
 def _call_record(row: Any) -> CallRecord:
     return CallRecord(
@@ -136,9 +176,10 @@ def _call_type_record(row: Any) -> CallTypeRecord:
 
 
 class CallTypeRepository:
-    def __init__(self, session: AsyncSession, statements: Statements) -> None:
+    def __init__(self, session: AsyncSession, statements: Statements, directory: Directory) -> None:
         self._session = session
         self._statements = statements
+        self._directory = directory
 
     async def get(self, name: str) -> CallTypeRecord | None:
         row = (await self._statements.execute(_CALL_TYPE_BY_NAME, {"name": name})).first()
@@ -158,6 +199,7 @@ class CallTypeRepository:
             )
         )
         await self._session.flush()
+        await self._directory.changed()
 
     async def update(self, record: CallTypeRecord) -> None:
         await self._session.execute(
@@ -165,9 +207,11 @@ class CallTypeRepository:
             .where(CallTypeRow.name == record.name)
             .values(settings=record.settings, grants=record.grants, updated_at=record.updated_at)
         )
+        await self._directory.changed()
 
     async def delete(self, name: str) -> None:
         await self._session.execute(delete(CallTypeRow).where(CallTypeRow.name == name))
+        await self._directory.changed()
 
     async def count_calls(self, name: str) -> int:
         """Calls of the type, soft-deleted ones included (they still reference it)."""
@@ -175,10 +219,13 @@ class CallTypeRepository:
 
 
 class UserRepository:
-    def __init__(self, session: AsyncSession, signer: CursorSigner, statements: Statements) -> None:
+    def __init__(
+        self, session: AsyncSession, signer: CursorSigner, statements: Statements, directory: Directory
+    ) -> None:
         self._session = session
         self._signer = signer
         self._statements = statements
+        self._directory = directory
 
     async def get_many(self, user_ids: Iterable[str]) -> dict[str, UserRecord]:
         ids = list(dict.fromkeys(user_ids))
@@ -248,6 +295,7 @@ class UserRepository:
         team_rows = [UserTeamRow(user_id=r.id, team=team) for r in records for team in dict.fromkeys(r.teams)]
         self._session.add_all(team_rows)
         await self._session.flush()
+        await self._directory.changed()
 
     async def delete(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
         """Deletes users and their memberships; returns cid → removed member ids for changed calls."""
@@ -265,6 +313,7 @@ class UserRepository:
         # a new one at user_seq 1 and never reads what was addressed to its predecessor.
         await self._session.execute(delete(EventRecipientRow).where(EventRecipientRow.user_id.in_(user_ids)))
         await self._session.execute(delete(UserRow).where(UserRow.id.in_(user_ids)))
+        await self._directory.changed()
         return cids
 
     async def query(
@@ -384,6 +433,12 @@ class CallRepository:
         statement = _CALL_FOR_SHARE if for_share else _CALL
         row = (await self._statements.execute(statement, {"cid": cid})).first()
         return _call_record(row) if row else None
+
+    async def get_stamped(self, cid: str) -> tuple[CallRecord | None, int]:
+        """The call (soft-deleted too) and the directory version, read in one statement (one snapshot):
+        what a cached call's stamp is made of (see CALL_STAMP)."""
+        row = (await self._statements.execute(_STAMPED_CALL, {"cid": cid})).first()
+        return (_call_record(row), int(row.directory_version or 0)) if row else (None, 0)
 
     async def hard_delete(self, cid: str) -> None:
         opened = self._open.get(cid)

@@ -19,8 +19,10 @@ from callplane_server.store.idempotency import IdempotencyRepository
 from callplane_server.store.permissions import PermissionRepository
 from callplane_server.store.query import CursorSigner
 from callplane_server.store.repositories import (
+    CALL_STAMP,
     CallRepository,
     CallTypeRepository,
+    Directory,
     MemberRepository,
     SecretRepository,
     UserRepository,
@@ -37,8 +39,9 @@ class Transaction:
 
     def __init__(self, session: AsyncSession, signer: CursorSigner, *, write: bool = False) -> None:
         statements = Statements(session)
-        self.call_types = CallTypeRepository(session, statements)
-        self.users = UserRepository(session, signer, statements)
+        self.directory = Directory(session, statements)
+        self.call_types = CallTypeRepository(session, statements, self.directory)
+        self.users = UserRepository(session, signer, statements, self.directory)
         self.events = EventRepository(session, statements)
         self.calls = CallRepository(
             session,
@@ -129,6 +132,12 @@ class Store:
         if self._signer is None:
             raise RuntimeError("store not opened")
         return self._signer
+
+    async def call_stamp(self, cid: str) -> tuple[int, int] | None:
+        """(the call's last_seq, the directory version) as committed now, in one statement outside any
+        transaction; None when the call does not exist. A cached call read at this stamp is current."""
+        row = await self.database.probe(CALL_STAMP, {"cid": cid})
+        return None if row is None else (int(row[0]), int(row[1] or 0))
 
     async def read(self, work: Callable[[Transaction], Awaitable[T]]) -> T:
         return await self.database.run(lambda session: work(Transaction(session, self.signer)), write=False)
