@@ -16,6 +16,9 @@ Two modes, by who else may change the database:
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +60,8 @@ class CallCache:
         self._capacity = capacity
         self._entries: dict[str, CachedCall] = {}
         self.generation = 0
+        # Calls whose stamps were asked for since the next check was scheduled (validated mode).
+        self._wanted: dict[str, asyncio.Future[tuple[int, int] | None]] = {}
         store.change_listeners.append(self._changed)
 
     async def current(self, cid: str) -> CachedCall | None:
@@ -64,11 +69,46 @@ class CallCache:
         entry = self._entries.get(cid)
         if entry is None or self.trusted:
             return entry
-        if await self._store.call_stamp(cid) == entry.stamp:
+        if await self._stamp(cid) == entry.stamp:
             return entry
         if self._entries.get(cid) is entry:
             del self._entries[cid]
         return None
+
+    async def _stamp(self, cid: str) -> tuple[int, int] | None:
+        """The call's stamp as committed after this request arrived. Requests that ask during the same
+        turn of the event loop share one statement for all their calls: it is sent after every one of
+        them asked, so it sees every change acknowledged before any of them arrived."""
+        wanted = self._wanted.get(cid)
+        if wanted is None:
+            loop = asyncio.get_running_loop()
+            if not self._wanted:
+                # Run in the context of the request that asked first (it pays for the statement).
+                loop.call_soon(self._check_wanted, context=contextvars.copy_context())
+            wanted = self._wanted[cid] = loop.create_future()
+        # Shielded: the check is shared; one request giving up must not cancel it for the others.
+        return await asyncio.shield(wanted)
+
+    def _check_wanted(self) -> None:
+        wanted, self._wanted = self._wanted, {}
+        for start in range(0, len(wanted), self.MAX_CHECKED):
+            batch = dict(itertools.islice(wanted.items(), start, start + self.MAX_CHECKED))
+            asyncio.get_running_loop().create_task(self._check(batch))
+
+    MAX_CHECKED = 500
+
+    async def _check(self, wanted: dict[str, asyncio.Future[tuple[int, int] | None]]) -> None:
+        try:
+            stamps = await self._store.call_stamps(list(wanted))
+        except Exception as error:
+            for future in wanted.values():
+                if not future.done():
+                    future.set_exception(error)
+                    future.exception()  # retrieved here: every waiter may have given up
+            return
+        for cid, future in wanted.items():
+            if not future.done():
+                future.set_result(stamps.get(cid))
 
     def held(self, cid: str) -> CachedCall | None:
         """The entry of the call without checking it: only when trusted (else None)."""

@@ -500,9 +500,9 @@ class Database:
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def probe(self, statement: Executable, parameters: Mapping[str, Any]) -> Any:
-        """The first row of one read statement, run outside any transaction (it sees everything committed
-        before it starts), or None. A pooled connection found dead is replaced and the statement run again
+    async def probe(self, statement: Executable, parameters: Mapping[str, Any]) -> list[Any]:
+        """The rows of one read statement, run outside any transaction (it sees everything committed
+        before it starts). A pooled connection found dead is replaced and the statement run again
         once; outages surface as Unavailable."""
         try:
             async for attempt in AsyncRetrying(
@@ -514,7 +514,7 @@ class Database:
             ):
                 with attempt:
                     async with self.probe_engine.connect() as connection:
-                        return (await connection.execute(statement, parameters)).first()
+                        return list(await connection.execute(statement, parameters))
         except Exception as error:
             _raise_as_outage(error)
             raise

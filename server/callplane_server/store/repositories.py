@@ -8,7 +8,8 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, bindparam, delete, func, select, update
+from sqlalchemy import Select, String, Table, any_, bindparam, delete, func, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from callplane_server.domain.call import Call, EventSink
@@ -112,11 +113,14 @@ _BUMP_DIRECTORY = (
     update(_COUNTERS).where(_COUNTERS.c.name == DIRECTORY_COUNTER).values(value=_COUNTERS.c.value + 1)
 )
 _FIRST_DIRECTORY_VERSION = _COUNTERS.insert().values(name=DIRECTORY_COUNTER, value=1)
-#: A cached call's freshness check, one statement: (the call's last_seq, the directory version), no row
-#: when the call does not exist.
-CALL_STAMP = select(_CALLS.c.last_seq, _DIRECTORY_VERSION.scalar_subquery()).where(
-    _CALLS.c.cid == bindparam("cid")
-)
+#: Cached calls' freshness check, one statement for many calls, by dialect: (cid, the call's last_seq,
+#: the directory version) of each call that exists. PostgreSQL takes the cids as one array parameter, so
+#: the statement's text (and asyncpg's prepared statement) is the same whatever their number.
+_STAMPS = select(_CALLS.c.cid, _CALLS.c.last_seq, _DIRECTORY_VERSION.scalar_subquery())
+CALL_STAMPS = {
+    "postgresql": _STAMPS.where(_CALLS.c.cid == any_(bindparam("cids", type_=ARRAY(String)))),
+    "sqlite": _STAMPS.where(_CALLS.c.cid.in_(bindparam("cids", expanding=True))),
+}
 
 _STAMPED_CALL = select(_CALLS, _DIRECTORY_VERSION.scalar_subquery().label("directory_version")).where(
     _CALLS.c.cid == bindparam("cid")
@@ -436,7 +440,7 @@ class CallRepository:
 
     async def get_stamped(self, cid: str) -> tuple[CallRecord | None, int]:
         """The call (soft-deleted too) and the directory version, read in one statement (one snapshot):
-        what a cached call's stamp is made of (see CALL_STAMP)."""
+        what a cached call's stamp is made of (see CALL_STAMPS)."""
         row = (await self._statements.execute(_STAMPED_CALL, {"cid": cid})).first()
         return (_call_record(row), int(row.directory_version or 0)) if row else (None, 0)
 

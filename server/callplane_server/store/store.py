@@ -19,7 +19,7 @@ from callplane_server.store.idempotency import IdempotencyRepository
 from callplane_server.store.permissions import PermissionRepository
 from callplane_server.store.query import CursorSigner
 from callplane_server.store.repositories import (
-    CALL_STAMP,
+    CALL_STAMPS,
     CallRepository,
     CallTypeRepository,
     Directory,
@@ -133,11 +133,11 @@ class Store:
             raise RuntimeError("store not opened")
         return self._signer
 
-    async def call_stamp(self, cid: str) -> tuple[int, int] | None:
-        """(the call's last_seq, the directory version) as committed now, in one statement outside any
-        transaction; None when the call does not exist. A cached call read at this stamp is current."""
-        row = await self.database.probe(CALL_STAMP, {"cid": cid})
-        return None if row is None else (int(row[0]), int(row[1] or 0))
+    async def call_stamps(self, cids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """cid → (the call's last_seq, the directory version) as committed now, for each of the calls that
+        exists, in one statement outside any transaction. A cached call read at its stamp is current."""
+        rows = await self.database.probe(CALL_STAMPS[self.database.dialect], {"cids": list(cids)})
+        return {row[0]: (int(row[1]), int(row[2] or 0)) for row in rows}
 
     async def read(self, work: Callable[[Transaction], Awaitable[T]]) -> T:
         return await self.database.run(lambda session: work(Transaction(session, self.signer)), write=False)
@@ -161,8 +161,9 @@ class Store:
                 self.committing.add(written.last_position)
                 attempted.append(written.last_position)
             # A transaction that opened calls changed only what belongs to them (members, sessions,
-            # participants, permissions...); one that did not may have changed anything (users, types).
-            changed = cids if tx.calls.opened_any else cids or None
+            # participants, permissions...); one that did not may have changed anything (users, types),
+            # unless it is the server's upkeep (its lease and holds: nothing a call's state shows).
+            changed = cids if tx.calls.opened_any or upkeep else cids or None
             group: GroupScope | None = session.info.get(GROUP_SCOPE)
             if changed is None and group is not None:
                 group.forget_all()
