@@ -6,6 +6,7 @@ with INDEX_REQUIRED when the server requires indexes."""
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,21 @@ from callplane.v1 import (
     call_type_service_pb2_grpc,
     query_pb2,
 )
+from callplane_server.app import CallplaneServer
+from callplane_server.config import Config
 from callplane_server.domain.records import PageRequest, SortInput
 from callplane_server.store import Transaction
 from callplane_server.store.custom_indexes import parse_custom_index, query_shape
 from tests.errors import expect_error
-from tests.support import RunningServer, eventually, running_server, struct
+from tests.support import (
+    TEST_SECRET,
+    RunningServer,
+    TestClock,
+    channel,
+    eventually,
+    running_server,
+    struct,
+)
 
 BUILDING = call_type_pb2.CUSTOM_INDEX_STATE_BUILDING
 READY = call_type_pb2.CUSTOM_INDEX_STATE_READY
@@ -357,3 +368,39 @@ async def test_a_build_left_unfinished_is_resumed(backend: str, tmp_path: Path) 
                     {"name": index.name},
                 )
             assert "resumed" in definition and valid is True
+
+
+async def test_a_restarted_sqlite_server_resumes_its_unfinished_build(tmp_path: Path) -> None:
+    """The one process of an SQLite database died mid-build, holding the claim: on restart the claim is
+    its previous life's, and the build resumes at once."""
+    index = parse_custom_index("restarted:number")
+    url = f"sqlite:///{tmp_path / 'restart.db'}"
+    config = Config(
+        listen="127.0.0.1:0", database_url=url, data_dir=tmp_path, run_timers=False, api_secret=TEST_SECRET
+    )
+    first = CallplaneServer(config)
+    await first.start()
+    try:
+        async with first.store.database.write_engine.begin() as connection:
+            await connection.execute(
+                text(
+                    "INSERT INTO custom_indexes (name, spec, state, claimed_by, claimed_until) "
+                    "VALUES (:name, :spec, 'BUILDING', 'the-previous-life', :until)"
+                ),
+                {"name": index.name, "spec": str(index), "until": time.time() + 3600},
+            )
+    finally:
+        await first.stop(grace=0)
+    second = CallplaneServer(config)
+    await second.start()
+    try:
+        running = RunningServer("sqlite", second, TestClock(), channel(f"127.0.0.1:{second.port}"))
+
+        async def built() -> bool:
+            return (await index_rows(running)).get(index.name) == "READY"
+
+        await eventually(built)
+        assert index.name in await catalog(running)
+        await running.channel.close()
+    finally:
+        await second.stop(grace=0)
