@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from callplane_server.domain.call_types import (
@@ -107,8 +108,8 @@ class CallTypeService:
             record = await tx.call_types.get(name)
             if record is None:
                 raise call_type_not_found(name)
-            record.custom_indexes = (await tx.custom_indexes.of_call_types([name]))[name]
-            return record
+            # A copy: the record read may be shared (cached) by other reads.
+            return replace(record, custom_indexes=(await tx.custom_indexes.of_call_types([name]))[name])
 
         return await self._store.read(work)
 
@@ -116,9 +117,7 @@ class CallTypeService:
         async def work(tx: Transaction) -> list[CallTypeRecord]:
             records = await tx.call_types.list()
             indexes = await tx.custom_indexes.of_call_types([record.name for record in records])
-            for record in records:
-                record.custom_indexes = indexes[record.name]
-            return records
+            return [replace(record, custom_indexes=indexes[record.name]) for record in records]
 
         return await self._store.read(work)
 

@@ -239,7 +239,7 @@ def query_shape(filter_conditions: dict[str, Any] | None, sort: Sequence[SortInp
     (a malformed request, or an `$or` of more than a few dozen branches)."""
     sorts: list[IndexedField] = []
     for item in sort:
-        if item.field.startswith(CUSTOM_PREFIX) and item.type in ("string", "number"):
+        if item.field.startswith(CUSTOM_PREFIX) and item.type is not None:
             path = parse_custom_path(item.field)
             if path is None:
                 return None

@@ -438,9 +438,9 @@ class IndexManager:
         if self.require:
             compile_filter(CALLS, page.filter_conditions)  # an invalid filter is INVALID_ARGUMENT first
             raise FailedPrecondition(
-                f"this query needs a custom index the server does not have: declare custom_indexes: "
-                f'["{suggestion}"] on a call type (UpdateCallType) or start the server with --custom-index '
-                f"{suggestion}",
+                f'QueryCalls needs the custom index "{suggestion}": declare it in a call type\'s '
+                "custom_indexes (UpdateCallType) or with --custom-index; this server refuses queries no "
+                "index serves (--require-indexes)",
                 reason="INDEX_REQUIRED",
                 metadata={"index": suggestion},
             )
