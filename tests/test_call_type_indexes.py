@@ -404,3 +404,24 @@ async def test_a_restarted_sqlite_server_resumes_its_unfinished_build(tmp_path: 
         await running.channel.close()
     finally:
         await second.stop(grace=0)
+
+
+async def test_the_python_client_declares_and_lists_indexes(server: RunningServer) -> None:
+    from callplane.client import CallplaneClient
+    from tests.support import SERVER_TOKEN
+
+    spec = f"{fresh_key('client')}:string"
+    name = type_name()
+    async with CallplaneClient(server.target, token=SERVER_TOKEN) as client:
+        created = await client.create_call_type(name, custom_indexes=[spec])
+        assert [(i.spec, i.state) for i in created.custom_indexes] == [(spec, "BUILDING")]
+
+        async def client_sees_ready() -> bool:
+            indexes = (await client.get_call_type(name)).custom_indexes
+            return [i.state for i in indexes] == ["READY"]
+
+        await eventually(client_sees_ready)
+        (index,) = (await client.get_call_type(name)).custom_indexes
+        assert index.build_duration is not None and index.writes_blocked is not None
+        assert (await client.update_call_type(name)).custom_indexes[0].spec == spec  # kept
+        assert (await client.update_call_type(name, custom_indexes=[])).custom_indexes == []
