@@ -5,6 +5,7 @@ with INDEX_REQUIRED when the server requires indexes."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -26,7 +27,7 @@ from callplane.v1 import (
 from callplane_server.app import CallplaneServer
 from callplane_server.config import Config
 from callplane_server.domain.records import PageRequest, SortInput
-from callplane_server.store import Transaction
+from callplane_server.store import Store, Transaction
 from callplane_server.store.custom_indexes import parse_custom_index, query_shape
 from tests.errors import expect_error
 from tests.support import (
@@ -335,14 +336,6 @@ async def test_a_build_left_unfinished_is_resumed(backend: str, tmp_path: Path) 
     index = parse_custom_index("resumed:string")
     async with running_server(backend, tmp_path) as server:
         store = server.server.store
-        async with store.database.write_engine.begin() as connection:
-            await connection.execute(
-                text(
-                    "INSERT INTO custom_indexes (name, spec, state, claimed_by, claimed_until) "
-                    "VALUES (:name, :spec, 'BUILDING', 'a-dead-replica', 0)"
-                ),
-                {"name": index.name, "spec": str(index)},
-            )
         if backend == "postgres":
             # What an interrupted concurrent build leaves: an index by that name, marked invalid.
             async with store.database.write_engine.connect() as connection:
@@ -351,6 +344,14 @@ async def test_a_build_left_unfinished_is_resumed(backend: str, tmp_path: Path) 
                 await autocommit.exec_driver_sql(
                     f"UPDATE pg_index SET indisvalid = false WHERE indexrelid = '{index.name}'::regclass"
                 )
+        async with store.database.write_engine.begin() as connection:
+            await connection.execute(
+                text(
+                    "INSERT INTO custom_indexes (name, spec, state, claimed_by, claimed_until) "
+                    "VALUES (:name, :spec, 'BUILDING', 'a-dead-replica', 0)"
+                ),
+                {"name": index.name, "spec": str(index)},
+            )
         store.indexes.wake()
 
         async def built() -> bool:
@@ -425,3 +426,26 @@ async def test_the_python_client_declares_and_lists_indexes(server: RunningServe
         assert index.build_duration is not None and index.writes_blocked is not None
         assert (await client.update_call_type(name)).custom_indexes[0].spec == spec  # kept
         assert (await client.update_call_type(name, custom_indexes=[])).custom_indexes == []
+
+
+async def test_two_replicas_racing_for_a_build_build_it_once(tmp_path: Path) -> None:
+    """PostgreSQL: any replica may build an index, but the claim in the table lets exactly one."""
+    index = parse_custom_index("raced:string")
+    async with running_server("postgres", tmp_path) as server:
+        first = server.server.store
+        second = await Store.open(str(first.database.url.render_as_string(hide_password=False)))
+        try:
+            # Their background workers stopped, so the race is between these two claims only.
+            await first.indexes.close()
+            await second.indexes.close()
+            async with first.database.write_engine.begin() as connection:
+                await connection.execute(
+                    text("INSERT INTO custom_indexes (name, spec, state) VALUES (:name, :spec, 'BUILDING')"),
+                    {"name": index.name, "spec": str(index)},
+                )
+            claimed = await asyncio.gather(first.indexes._work_once(), second.indexes._work_once())
+            assert sorted(claimed) == [False, True]
+            assert (await index_rows(server))[index.name] == "READY"
+            assert index.name in await catalog(server)
+        finally:
+            await second.close()
