@@ -202,16 +202,19 @@ class IndexManager:
     async def _run(self) -> None:
         while True:
             self._wake.clear()
+            # The only process of an SQLite database has nobody else's work to look for: it waits to be
+            # woken (or retries after a failure). A replica reads every poll_seconds, and idle, only reads.
+            timeout: float | None = None if self._database.sole_writer else self.poll_seconds
             try:
-                # Reads first: an idle replica only reads, every poll_seconds.
                 while await self.refresh() and await self._work_once():
                     pass
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("custom index upkeep failed; retrying in %.0fs", self.poll_seconds)
+                timeout = self.poll_seconds
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+                await asyncio.wait_for(self._wake.wait(), timeout)
 
     async def refresh(self) -> bool:
         """Re-reads which indexes are READY (other replicas build some); True when one waits to be built
