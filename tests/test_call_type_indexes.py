@@ -316,10 +316,20 @@ async def test_require_indexes_refuses_until_one_is_declared(backend: str, tmp_p
         await query({"type": "default"})
         await query({"custom.topic": "news"})
 
+        # Declared but not built yet (the worker is held back): refused, naming the index being built.
+        manager = server.server.store.indexes
+        await manager.close()
         await call_types.CreateCallType(
             call_type_service_pb2.CreateCallTypeRequest(name="owned", custom_indexes=["owner:string"])
         )
-        await eventually(lambda: ready(call_types, "owned"))
+        building = await expect_error(
+            query({"custom.owner": "x"}), grpc.StatusCode.FAILED_PRECONDITION, reason="INDEX_REQUIRED"
+        )
+        assert building.metadata == {"index": "owner:string", "state": "BUILDING"}
+        assert refused.metadata["state"] == "MISSING"
+        while await manager._work_once():
+            pass
+        assert await ready(call_types, "owned")
         await query({"custom.owner": "x"})
 
         # A call type declaring the server's own index and then dropping it leaves it in place.

@@ -154,6 +154,7 @@ class IndexManager:
         self.require = require
         self._me = uuid.uuid4().hex
         self._ready: dict[str, CustomIndex] = dict(self._server_indexes)
+        self._building: dict[str, CustomIndex] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._logged: set[QueryShapeKey] = set()
@@ -224,6 +225,7 @@ class IndexManager:
             return list(await session.execute(select(_INDEXES)))
 
         ready = dict(self._server_indexes)
+        building: dict[str, CustomIndex] = {}
         waiting = False
         now = time.time()
         for row in await self._database.run(read, write=False):
@@ -232,7 +234,10 @@ class IndexManager:
                     ready[row.name] = parse_custom_index(row.spec)
             elif row.state in (BUILDING, DROPPING):
                 waiting = waiting or row.claimed_by is None or (row.claimed_until or 0.0) < now
-        self._ready = ready
+                if row.state == BUILDING:
+                    with contextlib.suppress(ValueError):
+                        building[row.name] = parse_custom_index(row.spec)
+        self._ready, self._building = ready, building
         return waiting
 
     # --- building and dropping --------------------------------------------------------------------
@@ -425,27 +430,45 @@ class IndexManager:
             branch = shape.unserved(self._ready.values())
             if branch is None:
                 return
-        suggestion = str(branch.suggestion())
+        # An index being built that will serve it is the one to wait for; else the one to declare.
+        pending = next((index for index in self._building.values() if branch.served_by(index)), None)
+        suggestion = str(pending or branch.suggestion())
         key = _shape_key(branch)
         if key not in self._logged:
             if len(self._logged) >= _MAX_LOGGED_SHAPES:
                 self._logged.clear()
             self._logged.add(key)
-            log.warning(
-                "QueryCalls on custom data with no index to serve it (%s): it reads every call. Declare one: "
-                'custom_indexes: ["%s"] on a call type, or --custom-index %s',
-                _describe(branch),
-                suggestion,
-                suggestion,
-            )
+            if pending is not None:
+                log.warning(
+                    "QueryCalls on custom data (%s) reads every call until custom index %s is built",
+                    _describe(branch),
+                    suggestion,
+                )
+            else:
+                log.warning(
+                    "QueryCalls on custom data with no index to serve it (%s): it reads every call. "
+                    'Declare one: custom_indexes: ["%s"] on a call type, or --custom-index %s',
+                    _describe(branch),
+                    suggestion,
+                    suggestion,
+                )
         if self.require:
             compile_filter(CALLS, page.filter_conditions)  # an invalid filter is INVALID_ARGUMENT first
+            if pending is not None:
+                message = (
+                    f'QueryCalls needs the custom index "{suggestion}", which is still building; retry '
+                    "once GetCallType shows it READY"
+                )
+            else:
+                message = (
+                    f'QueryCalls needs the custom index "{suggestion}": declare it in a call type\'s '
+                    "custom_indexes (UpdateCallType) or with --custom-index; this server refuses queries "
+                    "no index serves (--require-indexes)"
+                )
             raise FailedPrecondition(
-                f'QueryCalls needs the custom index "{suggestion}": declare it in a call type\'s '
-                "custom_indexes (UpdateCallType) or with --custom-index; this server refuses queries no "
-                "index serves (--require-indexes)",
+                message,
                 reason="INDEX_REQUIRED",
-                metadata={"index": suggestion},
+                metadata={"index": suggestion, "state": BUILDING if pending is not None else "MISSING"},
             )
 
 
