@@ -459,3 +459,23 @@ async def test_two_replicas_racing_for_a_build_build_it_once(tmp_path: Path) -> 
             assert index.name in await catalog(server)
         finally:
             await second.close()
+
+
+async def test_declaring_a_failed_index_retries_it(server: RunningServer, call_types) -> None:
+    index = parse_custom_index(f"{fresh_key('retry')}:string")
+    async with server.server.store.database.write_engine.begin() as connection:
+        await connection.execute(
+            text(
+                "INSERT INTO custom_indexes (name, spec, state, error) "
+                "VALUES (:name, :spec, 'FAILED', 'boom')"
+            ),
+            {"name": index.name, "spec": str(index)},
+        )
+    name = type_name()
+    created = await call_types.CreateCallType(
+        call_type_service_pb2.CreateCallTypeRequest(name=name, custom_indexes=[str(index)])
+    )
+    (listed,) = created.call_type.custom_indexes
+    assert (listed.state, listed.error) == (BUILDING, "")
+    await eventually(lambda: ready(call_types, name))
+    assert index.name in await catalog(server)

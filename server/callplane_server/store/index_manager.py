@@ -87,8 +87,8 @@ class CustomIndexRepository:
         return found
 
     async def declare(self, call_type: str, indexes: Sequence[CustomIndex]) -> bool:
-        """Makes `indexes` the ones `call_type` declares: new ones become BUILDING (a FAILED one declared
-        anew is retried), ones nothing declares any more DROPPING. True when an index needs building or
+        """Makes `indexes` the ones `call_type` declares: new ones become BUILDING (FAILED ones are
+        retried), ones nothing declares any more DROPPING. True when an index needs building or
         dropping."""
         current = set(
             (
@@ -111,11 +111,13 @@ class CustomIndexRepository:
                     insert(_INDEXES).values(name=name, spec=str(index), state=BUILDING)
                 )
                 work = True
-            elif row.state == DROPPING or (row.state == FAILED and name not in current):
+            elif row.state in (DROPPING, FAILED):
                 await self._session.execute(
                     update(_INDEXES).where(_INDEXES.c.name == name).values(state=BUILDING, error="")
                 )
                 work = True
+            elif row.state == BUILDING:
+                work = True  # a worker that found this row locked by us looks again once woken
         await self._session.execute(delete(_DECLARATIONS).where(_DECLARATIONS.c.call_type == call_type))
         if wanted:
             await self._session.execute(
@@ -257,7 +259,9 @@ class IndexManager:
                     )
                     .order_by(_INDEXES.c.name)
                     .limit(1)
-                    .with_for_update(skip_locked=True)
+                    # Not SKIP LOCKED: a row locked by a declaration in progress is waited for (it may
+                    # be ours to build). A claim by another replica meanwhile fails the re-checked WHERE.
+                    .with_for_update()
                 )
             ).first()
             if row is None:

@@ -36,7 +36,7 @@ class _CustomIndexStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Cust
     CUSTOM_INDEX_STATE_READY: _CustomIndexState.ValueType  # 2
     """Built: queries it serves use it."""
     CUSTOM_INDEX_STATE_FAILED: _CustomIndexState.ValueType  # 3
-    """The build failed (see `error`); declare the index again (UpdateCallType) to retry."""
+    """The build failed (see `error`); an UpdateCallType whose `custom_indexes` lists it retries."""
 
 class CustomIndexState(_CustomIndexState, metaclass=_CustomIndexStateEnumTypeWrapper):
     """Build state of a declared custom-data index."""
@@ -50,7 +50,7 @@ while it builds). Queries work meanwhile, without the index.
 CUSTOM_INDEX_STATE_READY: CustomIndexState.ValueType  # 2
 """Built: queries it serves use it."""
 CUSTOM_INDEX_STATE_FAILED: CustomIndexState.ValueType  # 3
-"""The build failed (see `error`); declare the index again (UpdateCallType) to retry."""
+"""The build failed (see `error`); an UpdateCallType whose `custom_indexes` lists it retries."""
 Global___CustomIndexState: _TypeAlias = CustomIndexState  # noqa: Y015
 
 @_typing.final
