@@ -90,7 +90,10 @@ def specs_update(name: str, *specs: str) -> call_type_service_pb2.UpdateCallType
 # --- lifecycle through the API -----------------------------------------------------------------------
 
 
-async def test_a_declared_index_is_built_listed_and_dropped(server: RunningServer, call_types) -> None:
+async def test_a_declared_index_is_built_listed_and_dropped(
+    server: RunningServer, call_types, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=MANAGER_LOG)
     key = fresh_key("owner")
     spec = f"{key}:string"
     index = parse_custom_index(spec)
@@ -104,8 +107,14 @@ async def test_a_declared_index_is_built_listed_and_dropped(server: RunningServe
     await eventually(lambda: ready(call_types, name))
     (built,) = await declared(call_types, name)
     assert built.HasField("build_duration") and built.HasField("writes_blocked")
+    built_logs = [
+        r.getMessage() for r in caplog.records if r.name == MANAGER_LOG and index.name in r.getMessage()
+    ]
     if server.backend == "postgres":
         assert built.writes_blocked.ToTimedelta().total_seconds() == 0  # CONCURRENTLY: writes go on
+        assert any("built concurrently" in message for message in built_logs), built_logs
+    else:
+        assert any("SQLite blocked writes for" in message for message in built_logs), built_logs
     everything = await call_types.ListCallTypes(call_type_service_pb2.ListCallTypesRequest())
     (in_list,) = [t for t in everything.call_types if t.name == name]
     assert [(i.spec, i.state) for i in in_list.custom_indexes] == [(spec, READY)]
