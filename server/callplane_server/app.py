@@ -98,7 +98,9 @@ class CallplaneServer:
 
     async def start(self) -> int:
         self.store = await Store.open(
-            self.config.resolved_database_url, custom_indexes=self.config.custom_indexes
+            self.config.resolved_database_url,
+            custom_indexes=self.config.custom_indexes,
+            require_indexes=self.config.require_indexes,
         )
         limits = self.config.limits
         self.hub = EventHub(

@@ -46,6 +46,9 @@ class Config:
     metrics_listen: str = ""
     # Compound indexes on call custom data for QueryCalls (see store/custom_indexes.py).
     custom_indexes: tuple[CustomIndex, ...] = ()
+    # Refuse QueryCalls requests on custom data that no READY index serves (FAILED_PRECONDITION
+    # INDEX_REQUIRED) instead of only logging them.
+    require_indexes: bool = False
 
     @property
     def resolved_database_url(self) -> str:
@@ -84,6 +87,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="index call custom data for QueryCalls, e.g. region:string,priority:number:desc "
         "(repeatable; CALLPLANE_CUSTOM_INDEXES, specs separated by ';')",
+    )
+    parser.add_argument(
+        "--require-indexes",
+        action="store_true",
+        default=None,
+        help="refuse QueryCalls filters and sorts on custom data that no declared, READY index serves, "
+        "with FAILED_PRECONDITION INDEX_REQUIRED naming the index to declare (CALLPLANE_REQUIRE_INDEXES=1; "
+        "by default such queries run, reading every call, and are logged once per shape)",
     )
     parser.add_argument("--shutdown-grace", type=float, help="seconds to drain on SIGTERM (default 10)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (CALLPLANE_LOG_LEVEL; default INFO)")
@@ -156,6 +167,7 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         metrics_listen=pick("metrics_listen", "CALLPLANE_METRICS_LISTEN") or "",
         api_secret=_secret(pick("api_secret_file", "CALLPLANE_API_SECRET_FILE"), env),
         custom_indexes=_custom_indexes(args, env),
+        require_indexes=_bool(pick("require_indexes", "CALLPLANE_REQUIRE_INDEXES") or "false"),
     )
 
 

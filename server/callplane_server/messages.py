@@ -251,7 +251,25 @@ def call_type_message(record: CallTypeRecord) -> call_type_pb2.CallType:
         message.grants[role].capabilities.extend(capabilities)
     set_timestamp(message.created_at, record.created_at)
     set_timestamp(message.updated_at, record.updated_at)
+    for index in record.custom_indexes:
+        item = message.custom_indexes.add(
+            spec=index.spec,
+            name=index.name,
+            state=_INDEX_STATES.get(index.state, call_type_pb2.CUSTOM_INDEX_STATE_UNSPECIFIED),
+            error=index.error,
+        )
+        if index.build_seconds is not None:
+            item.build_duration.FromTimedelta(timedelta(seconds=index.build_seconds))
+        if index.writes_blocked_seconds is not None:
+            item.writes_blocked.FromTimedelta(timedelta(seconds=index.writes_blocked_seconds))
     return message
+
+
+_INDEX_STATES = {
+    "BUILDING": call_type_pb2.CUSTOM_INDEX_STATE_BUILDING,
+    "READY": call_type_pb2.CUSTOM_INDEX_STATE_READY,
+    "FAILED": call_type_pb2.CUSTOM_INDEX_STATE_FAILED,
+}
 
 
 def user_message(record: UserRecord) -> user_pb2.User:

@@ -51,7 +51,10 @@ class CallTypeServicer(call_type_service_pb2_grpc.CallTypeServiceServicer):
         self, request: call_type_service_pb2.CreateCallTypeRequest, context: Context
     ) -> call_type_service_pb2.CreateCallTypeResponse:
         record = await self._service.create(
-            request.name, settings_to_dict(request.settings), grants_to_dict(request.grants)
+            request.name,
+            settings_to_dict(request.settings),
+            grants_to_dict(request.grants),
+            list(request.custom_indexes),
         )
         return call_type_service_pb2.CreateCallTypeResponse(call_type=call_type_message(record))
 
@@ -71,7 +74,10 @@ class CallTypeServicer(call_type_service_pb2_grpc.CallTypeServiceServicer):
         self, request: call_type_service_pb2.UpdateCallTypeRequest, context: Context
     ) -> call_type_service_pb2.UpdateCallTypeResponse:
         record = await self._service.update(
-            request.name, settings_to_dict(request.settings), grants_to_dict(request.grants)
+            request.name,
+            settings_to_dict(request.settings),
+            grants_to_dict(request.grants),
+            list(request.custom_indexes.specs) if request.HasField("custom_indexes") else None,
         )
         return call_type_service_pb2.UpdateCallTypeResponse(call_type=call_type_message(record))
 

@@ -10,6 +10,18 @@ from typing import Any, Generic, Literal, TypeVar
 JSONDict = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class CustomIndexStatus:
+    """A declared custom-data index and its build state (BUILDING, READY, FAILED)."""
+
+    spec: str
+    name: str
+    state: str
+    error: str = ""
+    build_seconds: float | None = None
+    writes_blocked_seconds: float | None = None
+
+
 @dataclass
 class CallTypeRecord:
     name: str
@@ -17,6 +29,8 @@ class CallTypeRecord:
     grants: dict[str, list[str]]
     created_at: datetime
     updated_at: datetime
+    # Filled by the call type service's own reads (not by every read of the type).
+    custom_indexes: list[CustomIndexStatus] = field(default_factory=list)
 
 
 @dataclass

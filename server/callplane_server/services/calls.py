@@ -554,6 +554,8 @@ class CallService:
             members_limit, "members_limit", problems, default=DEFAULT_MEMBERS_LIMIT, maximum=MAX_MEMBERS_LIMIT
         )
         problems.raise_if_any()
+        # Custom-data filters and sorts no index serves: logged once per shape, or refused.
+        await self._store.indexes.check_query(page)
 
         async def query_calls(
             tx: Transaction,

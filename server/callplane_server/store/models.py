@@ -8,12 +8,14 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Float,
     ForeignKey,
     Index,
     Integer,
     LargeBinary,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
     text,
 )
@@ -42,6 +44,43 @@ class CallTypeRow(Base):
     grants: Mapped[dict[str, list[str]]] = mapped_column(JSONDocument, nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class CustomIndexRow(Base):
+    """One index on call custom data (named by its spec's hash) and its build state, shared by every
+    replica: whoever declares it, the replica that claims it builds or drops it."""
+
+    __tablename__ = "custom_indexes"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    spec: Mapped[str] = mapped_column(Text, nullable=False)
+    # BUILDING, READY, FAILED, or DROPPING (nothing declares it any more: being dropped).
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    error: Mapped[str] = mapped_column(Text, nullable=False, default="", server_default="")
+    # Declared by a server's --custom-index: never dropped for want of a call type declaring it.
+    server_declared: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, default=False, server_default=text("false")
+    )
+    # The replica building or dropping it, until claimed_until (Unix seconds; it renews while it works).
+    claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    claimed_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    build_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    writes_blocked_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class CallTypeCustomIndexRow(Base):
+    """A call type's declaration of a custom index (the index's references: dropped when none is left)."""
+
+    __tablename__ = "call_type_custom_indexes"
+
+    call_type: Mapped[str] = mapped_column(
+        String(64), ForeignKey("call_types.name", ondelete="CASCADE"), primary_key=True
+    )
+    index_name: Mapped[str] = mapped_column(
+        String(64), ForeignKey("custom_indexes.name"), primary_key=True, index=True
+    )
+    # Order of declaration, for display.
+    position: Mapped[int] = mapped_column(Integer, nullable=False)
 
 
 class UserRow(Base):

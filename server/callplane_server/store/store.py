@@ -16,6 +16,7 @@ from callplane_server.store.database import GROUP_SCOPE, Database, GroupScope
 from callplane_server.store.events import EventRepository, Written, write_events
 from callplane_server.store.execution import Statements
 from callplane_server.store.idempotency import IdempotencyRepository
+from callplane_server.store.index_manager import CustomIndexRepository, IndexManager
 from callplane_server.store.permissions import PermissionRepository
 from callplane_server.store.query import CursorSigner
 from callplane_server.store.repositories import (
@@ -57,6 +58,7 @@ class Transaction:
         self.timers = TimerRepository(session)
         self.rings = RingRepository(session)
         self.idempotency = IdempotencyRepository(session, statements)
+        self.custom_indexes = CustomIndexRepository(session)
 
     def _record(
         self, call: CallRecord, event: DomainEvent, at: datetime, recipients: tuple[str, ...]
@@ -73,6 +75,8 @@ class Transaction:
 class Store:
     def __init__(self, database: Database) -> None:
         self.database = database
+        # Custom-data indexes: built and dropped in the background, judged against QueryCalls shapes.
+        self.indexes = IndexManager(database)
         self._signer: CursorSigner | None = None
         # Called with the last event position after each commit that wrote events (the local doorbell),
         # when there are no event listeners.
@@ -102,18 +106,27 @@ class Store:
 
     @classmethod
     async def open(
-        cls, database_url: str, *, migrate: bool = True, custom_indexes: Sequence[CustomIndex] = ()
+        cls,
+        database_url: str,
+        *,
+        migrate: bool = True,
+        custom_indexes: Sequence[CustomIndex] = (),
+        require_indexes: bool = False,
     ) -> Store:
+        """`custom_indexes`: the server's own (created now, before serving); `require_indexes`: refuse
+        QueryCalls requests no READY index serves (INDEX_REQUIRED) instead of only logging them."""
         store = cls(Database(database_url))
+        store.indexes = IndexManager(store.database, custom_indexes, require=require_indexes)
         try:
             if migrate:
                 await store.database.migrate()
             await ensure_custom_indexes(store.database, custom_indexes)
+            await store.indexes.start()
             secret = await store.database.run(
                 lambda session: SecretRepository(session).get_or_create("cursor_signing_key"), write=True
             )
         except BaseException:
-            await store.database.dispose()
+            await store.close()
             raise
         store._signer = CursorSigner(secret.encode())
         return store
@@ -125,6 +138,7 @@ class Store:
         return self.database.sole_writer
 
     async def close(self) -> None:
+        await self.indexes.close()
         await self.database.dispose()
 
     @property

@@ -201,10 +201,16 @@ class CallplaneClient:
         *,
         settings: SettingsLike | None = None,
         grants: Mapping[str, Iterable[str]] | None = None,
+        custom_indexes: Iterable[str] = (),
     ) -> CallTypeInfo:
-        """Create a call type from nested settings dicts and `{"role": ["capability", ...]}` grants."""
+        """Create a call type from nested settings dicts and `{"role": ["capability", ...]}` grants;
+        `custom_indexes`: index specs for QueryCalls (`"region:string,priority:number:desc"`), built in
+        the background (the result lists them BUILDING; get_call_type shows when they are READY)."""
         request = call_type_service_pb2.CreateCallTypeRequest(
-            name=name, settings=to_settings(settings), grants=to_grants(grants)
+            name=name,
+            settings=to_settings(settings),
+            grants=to_grants(grants),
+            custom_indexes=list(custom_indexes),
         )
         response = await self._rpc(self.call_type_service.CreateCallType, request)
         return CallTypeInfo.from_proto(response.call_type)
@@ -227,11 +233,16 @@ class CallplaneClient:
         *,
         settings: SettingsLike | None = None,
         grants: Mapping[str, Iterable[str]] | None = None,
+        custom_indexes: Iterable[str] | None = None,
     ) -> CallTypeInfo:
-        """Merge `settings` into the type's settings; replace the grants of each role named in `grants`."""
+        """Merge `settings` into the type's settings; replace the grants of each role named in `grants`;
+        replace the declared custom indexes with `custom_indexes` unless it is None (an empty list
+        declares none: indexes nothing else declares are dropped)."""
         request = call_type_service_pb2.UpdateCallTypeRequest(
             name=name, settings=to_settings(settings), grants=to_grants(grants)
         )
+        if custom_indexes is not None:
+            request.custom_indexes.specs.extend(custom_indexes)
         response = await self._rpc(self.call_type_service.UpdateCallType, request)
         return CallTypeInfo.from_proto(response.call_type)
 

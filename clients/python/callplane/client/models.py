@@ -16,6 +16,7 @@ __all__ = [
     "CallSnapshotMessage",
     "CallState",
     "CallTypeInfo",
+    "CustomIndexInfo",
     "EventMessage",
     "JoinInfo",
     "MemberInfo",
@@ -171,8 +172,31 @@ class MembersUpdate:
 
 
 @dataclass(frozen=True)
+class CustomIndexInfo:
+    """A custom-data index a call type declares, with its build state: "BUILDING", "READY" or "FAILED"."""
+
+    spec: str
+    name: str
+    state: str
+    error: str
+    build_duration: _dt.timedelta | None
+    writes_blocked: _dt.timedelta | None
+
+    @classmethod
+    def from_proto(cls, msg: call_type_pb2.CustomIndex) -> CustomIndexInfo:
+        return cls(
+            spec=msg.spec,
+            name=msg.name,
+            state=call_type_pb2.CustomIndexState.Name(msg.state).removeprefix("CUSTOM_INDEX_STATE_"),
+            error=msg.error,
+            build_duration=msg.build_duration.ToTimedelta() if msg.HasField("build_duration") else None,
+            writes_blocked=msg.writes_blocked.ToTimedelta() if msg.HasField("writes_blocked") else None,
+        )
+
+
+@dataclass(frozen=True)
 class CallTypeInfo:
-    """A call type: full settings and role → capability names."""
+    """A call type: full settings, role → capability names, and its custom-data indexes."""
 
     name: str
     settings: dict[str, Any]
@@ -180,6 +204,7 @@ class CallTypeInfo:
     created_at: _dt.datetime | None
     updated_at: _dt.datetime | None
     proto: call_type_pb2.CallType = field(repr=False, compare=False)
+    custom_indexes: list[CustomIndexInfo] = field(default_factory=list)
 
     @classmethod
     def from_proto(cls, msg: call_type_pb2.CallType) -> CallTypeInfo:
@@ -190,6 +215,7 @@ class CallTypeInfo:
             created_at=from_timestamp(msg, "created_at"),
             updated_at=from_timestamp(msg, "updated_at"),
             proto=msg,
+            custom_indexes=[CustomIndexInfo.from_proto(index) for index in msg.custom_indexes],
         )
 
 

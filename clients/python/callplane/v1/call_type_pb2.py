@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x61llplane/v1/call_type.proto\x12\x0c\x63\x61llplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x02\n\x0c\x43\x61llSettings\x12*\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x1b.callplane.v1.AudioSettings\x12*\n\x05video\x18\x02 \x01(\x0b\x32\x1b.callplane.v1.VideoSettings\x12:\n\rscreensharing\x18\x03 \x01(\x0b\x32#.callplane.v1.ScreensharingSettings\x12\x32\n\tbackstage\x18\x04 \x01(\x0b\x32\x1f.callplane.v1.BackstageSettings\x12(\n\x04ring\x18\x05 \x01(\x0b\x32\x1a.callplane.v1.RingSettings\x12.\n\x07session\x18\x06 \x01(\x0b\x32\x1d.callplane.v1.SessionSettings\x12,\n\x06limits\x18\x07 \x01(\x0b\x32\x1c.callplane.v1.LimitsSettings\"\x81\x03\n\rAudioSettings\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12#\n\x16\x61\x63\x63\x65ss_request_enabled\x18\x02 \x01(\x08H\x01\x88\x01\x01\x12\x1b\n\x0emic_default_on\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x1f\n\x12speaker_default_on\x18\x04 \x01(\x08H\x03\x88\x01\x01\x12\x1d\n\x10opus_dtx_enabled\x18\x05 \x01(\x08H\x04\x88\x01\x01\x12%\n\x18redundant_coding_enabled\x18\x06 \x01(\x08H\x05\x88\x01\x01\x12\x1b\n\x0e\x64\x65\x66\x61ult_device\x18\x07 \x01(\tH\x06\x88\x01\x01\x42\n\n\x08_enabledB\x19\n\x17_access_request_enabledB\x11\n\x0f_mic_default_onB\x15\n\x13_speaker_default_onB\x13\n\x11_opus_dtx_enabledB\x1b\n\x19_redundant_coding_enabledB\x11\n\x0f_default_device\"\xdf\x02\n\rVideoSettings\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12#\n\x16\x61\x63\x63\x65ss_request_enabled\x18\x02 \x01(\x08H\x01\x88\x01\x01\x12\x1e\n\x11\x63\x61mera_default_on\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x1a\n\rcamera_facing\x18\x04 \x01(\tH\x03\x88\x01\x01\x12\x19\n\x0ctarget_width\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x1a\n\rtarget_height\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x1b\n\x0etarget_bitrate\x18\x07 \x01(\x05H\x06\x88\x01\x01\x42\n\n\x08_enabledB\x19\n\x17_access_request_enabledB\x14\n\x12_camera_default_onB\x10\n\x0e_camera_facingB\x0f\n\r_target_widthB\x10\n\x0e_target_heightB\x11\n\x0f_target_bitrate\"y\n\x15ScreensharingSettings\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12#\n\x16\x61\x63\x63\x65ss_request_enabled\x18\x02 \x01(\x08H\x01\x88\x01\x01\x42\n\n\x08_enabledB\x19\n\x17_access_request_enabled\"w\n\x11\x42\x61\x63kstageSettings\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12$\n\x17join_ahead_time_seconds\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\n\n\x08_enabledB\x1a\n\x18_join_ahead_time_seconds\"\xd2\x01\n\x0cRingSettings\x12%\n\x18incoming_call_timeout_ms\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12#\n\x16\x61uto_cancel_timeout_ms\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12#\n\x16missed_call_timeout_ms\x18\x03 \x01(\x05H\x02\x88\x01\x01\x42\x1b\n\x19_incoming_call_timeout_msB\x19\n\x17_auto_cancel_timeout_msB\x19\n\x17_missed_call_timeout_ms\"Y\n\x0fSessionSettings\x12\'\n\x1ainactivity_timeout_seconds\x18\x01 \x01(\x05H\x00\x88\x01\x01\x42\x1d\n\x1b_inactivity_timeout_seconds\"\x80\x01\n\x0eLimitsSettings\x12\x1d\n\x10max_participants\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12!\n\x14max_duration_seconds\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x13\n\x11_max_participantsB\x17\n\x15_max_duration_seconds\"$\n\x0c\x43\x61pabilities\x12\x14\n\x0c\x63\x61pabilities\x18\x01 \x03(\t\"\xa5\x02\n\x08\x43\x61llType\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x08settings\x18\x02 \x01(\x0b\x32\x1a.callplane.v1.CallSettings\x12\x32\n\x06grants\x18\x03 \x03(\x0b\x32\".callplane.v1.CallType.GrantsEntry\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1aI\n\x0bGrantsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.callplane.v1.Capabilities:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x61llplane/v1/call_type.proto\x12\x0c\x63\x61llplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x02\n\x0c\x43\x61llSettings\x12*\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x1b.callplane.v1.AudioSettings\x12*\n\x05video\x18\x02 \x01(\x0b\x32\x1b.callplane.v1.VideoSettings\x12:\n\rscreensharing\x18\x03 \x01(\x0b\x32#.callplane.v1.ScreensharingSettings\x12\x32\n\tbackstage\x18\x04 \x01(\x0b\x32\x1f.callplane.v1.BackstageSettings\x12(\n\x04ring\x18\x05 \x01(\x0b\x32\x1a.callplane.v1.RingSettings\x12.\n\x07session\x18\x06 \x01(\x0b\x32\x1d.callplane.v1.SessionSettings\x12,\n\x06limits\x18\x07 \x01(\x0b\x32\x1c.callplane.v1.LimitsSettings\"\x81\x03\n\rAudioSettings\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12#\n\x16\x61\x63\x63\x65ss_request_enabled\x18\x02 \x01(\x08H\x01\x88\x01\x01\x12\x1b\n\x0emic_default_on\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x1f\n\x12speaker_default_on\x18\x04 \x01(\x08H\x03\x88\x01\x01\x12\x1d\n\x10opus_dtx_enabled\x18\x05 \x01(\x08H\x04\x88\x01\x01\x12%\n\x18redundant_coding_enabled\x18\x06 \x01(\x08H\x05\x88\x01\x01\x12\x1b\n\x0e\x64\x65\x66\x61ult_device\x18\x07 \x01(\tH\x06\x88\x01\x01\x42\n\n\x08_enabledB\x19\n\x17_access_request_enabledB\x11\n\x0f_mic_default_onB\x15\n\x13_speaker_default_onB\x13\n\x11_opus_dtx_enabledB\x1b\n\x19_redundant_coding_enabledB\x11\n\x0f_default_device\"\xdf\x02\n\rVideoSettings\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12#\n\x16\x61\x63\x63\x65ss_request_enabled\x18\x02 \x01(\x08H\x01\x88\x01\x01\x12\x1e\n\x11\x63\x61mera_default_on\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x1a\n\rcamera_facing\x18\x04 \x01(\tH\x03\x88\x01\x01\x12\x19\n\x0ctarget_width\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x1a\n\rtarget_height\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x1b\n\x0etarget_bitrate\x18\x07 \x01(\x05H\x06\x88\x01\x01\x42\n\n\x08_enabledB\x19\n\x17_access_request_enabledB\x14\n\x12_camera_default_onB\x10\n\x0e_camera_facingB\x0f\n\r_target_widthB\x10\n\x0e_target_heightB\x11\n\x0f_target_bitrate\"y\n\x15ScreensharingSettings\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12#\n\x16\x61\x63\x63\x65ss_request_enabled\x18\x02 \x01(\x08H\x01\x88\x01\x01\x42\n\n\x08_enabledB\x19\n\x17_access_request_enabled\"w\n\x11\x42\x61\x63kstageSettings\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12$\n\x17join_ahead_time_seconds\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\n\n\x08_enabledB\x1a\n\x18_join_ahead_time_seconds\"\xd2\x01\n\x0cRingSettings\x12%\n\x18incoming_call_timeout_ms\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12#\n\x16\x61uto_cancel_timeout_ms\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12#\n\x16missed_call_timeout_ms\x18\x03 \x01(\x05H\x02\x88\x01\x01\x42\x1b\n\x19_incoming_call_timeout_msB\x19\n\x17_auto_cancel_timeout_msB\x19\n\x17_missed_call_timeout_ms\"Y\n\x0fSessionSettings\x12\'\n\x1ainactivity_timeout_seconds\x18\x01 \x01(\x05H\x00\x88\x01\x01\x42\x1d\n\x1b_inactivity_timeout_seconds\"\x80\x01\n\x0eLimitsSettings\x12\x1d\n\x10max_participants\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12!\n\x14max_duration_seconds\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x13\n\x11_max_participantsB\x17\n\x15_max_duration_seconds\"$\n\x0c\x43\x61pabilities\x12\x14\n\x0c\x63\x61pabilities\x18\x01 \x03(\t\"\xd8\x02\n\x08\x43\x61llType\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x08settings\x18\x02 \x01(\x0b\x32\x1a.callplane.v1.CallSettings\x12\x32\n\x06grants\x18\x03 \x03(\x0b\x32\".callplane.v1.CallType.GrantsEntry\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x0e\x63ustom_indexes\x18\x06 \x03(\x0b\x32\x19.callplane.v1.CustomIndex\x1aI\n\x0bGrantsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.callplane.v1.Capabilities:\x02\x38\x01\"\xcd\x01\n\x0b\x43ustomIndex\x12\x0c\n\x04spec\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12-\n\x05state\x18\x03 \x01(\x0e\x32\x1e.callplane.v1.CustomIndexState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x31\n\x0e\x62uild_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0ewrites_blocked\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration*\x94\x01\n\x10\x43ustomIndexState\x12\"\n\x1e\x43USTOM_INDEX_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43USTOM_INDEX_STATE_BUILDING\x10\x01\x12\x1c\n\x18\x43USTOM_INDEX_STATE_READY\x10\x02\x12\x1d\n\x19\x43USTOM_INDEX_STATE_FAILED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,26 +35,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CALLTYPE_GRANTSENTRY']._loaded_options = None
   _globals['_CALLTYPE_GRANTSENTRY']._serialized_options = b'8\001'
-  _globals['_CALLSETTINGS']._serialized_start=80
-  _globals['_CALLSETTINGS']._serialized_end=430
-  _globals['_AUDIOSETTINGS']._serialized_start=433
-  _globals['_AUDIOSETTINGS']._serialized_end=818
-  _globals['_VIDEOSETTINGS']._serialized_start=821
-  _globals['_VIDEOSETTINGS']._serialized_end=1172
-  _globals['_SCREENSHARINGSETTINGS']._serialized_start=1174
-  _globals['_SCREENSHARINGSETTINGS']._serialized_end=1295
-  _globals['_BACKSTAGESETTINGS']._serialized_start=1297
-  _globals['_BACKSTAGESETTINGS']._serialized_end=1416
-  _globals['_RINGSETTINGS']._serialized_start=1419
-  _globals['_RINGSETTINGS']._serialized_end=1629
-  _globals['_SESSIONSETTINGS']._serialized_start=1631
-  _globals['_SESSIONSETTINGS']._serialized_end=1720
-  _globals['_LIMITSSETTINGS']._serialized_start=1723
-  _globals['_LIMITSSETTINGS']._serialized_end=1851
-  _globals['_CAPABILITIES']._serialized_start=1853
-  _globals['_CAPABILITIES']._serialized_end=1889
-  _globals['_CALLTYPE']._serialized_start=1892
-  _globals['_CALLTYPE']._serialized_end=2185
-  _globals['_CALLTYPE_GRANTSENTRY']._serialized_start=2112
-  _globals['_CALLTYPE_GRANTSENTRY']._serialized_end=2185
+  _globals['_CUSTOMINDEXSTATE']._serialized_start=2479
+  _globals['_CUSTOMINDEXSTATE']._serialized_end=2627
+  _globals['_CALLSETTINGS']._serialized_start=112
+  _globals['_CALLSETTINGS']._serialized_end=462
+  _globals['_AUDIOSETTINGS']._serialized_start=465
+  _globals['_AUDIOSETTINGS']._serialized_end=850
+  _globals['_VIDEOSETTINGS']._serialized_start=853
+  _globals['_VIDEOSETTINGS']._serialized_end=1204
+  _globals['_SCREENSHARINGSETTINGS']._serialized_start=1206
+  _globals['_SCREENSHARINGSETTINGS']._serialized_end=1327
+  _globals['_BACKSTAGESETTINGS']._serialized_start=1329
+  _globals['_BACKSTAGESETTINGS']._serialized_end=1448
+  _globals['_RINGSETTINGS']._serialized_start=1451
+  _globals['_RINGSETTINGS']._serialized_end=1661
+  _globals['_SESSIONSETTINGS']._serialized_start=1663
+  _globals['_SESSIONSETTINGS']._serialized_end=1752
+  _globals['_LIMITSSETTINGS']._serialized_start=1755
+  _globals['_LIMITSSETTINGS']._serialized_end=1883
+  _globals['_CAPABILITIES']._serialized_start=1885
+  _globals['_CAPABILITIES']._serialized_end=1921
+  _globals['_CALLTYPE']._serialized_start=1924
+  _globals['_CALLTYPE']._serialized_end=2268
+  _globals['_CALLTYPE_GRANTSENTRY']._serialized_start=2195
+  _globals['_CALLTYPE_GRANTSENTRY']._serialized_end=2268
+  _globals['_CUSTOMINDEX']._serialized_start=2271
+  _globals['_CUSTOMINDEX']._serialized_end=2476
 # @@protoc_insertion_point(module_scope)

@@ -5,9 +5,11 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +20,38 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _CustomIndexState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CustomIndexStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CustomIndexState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CUSTOM_INDEX_STATE_UNSPECIFIED: _CustomIndexState.ValueType  # 0
+    """Never sent."""
+    CUSTOM_INDEX_STATE_BUILDING: _CustomIndexState.ValueType  # 1
+    """Being built in the background (PostgreSQL `CREATE INDEX CONCURRENTLY`; SQLite blocks writes
+    while it builds). Queries work meanwhile, without the index.
+    """
+    CUSTOM_INDEX_STATE_READY: _CustomIndexState.ValueType  # 2
+    """Built: queries it serves use it."""
+    CUSTOM_INDEX_STATE_FAILED: _CustomIndexState.ValueType  # 3
+    """The build failed (see `error`); an UpdateCallType whose `custom_indexes` lists it retries."""
+
+class CustomIndexState(_CustomIndexState, metaclass=_CustomIndexStateEnumTypeWrapper):
+    """Build state of a declared custom-data index."""
+
+CUSTOM_INDEX_STATE_UNSPECIFIED: CustomIndexState.ValueType  # 0
+"""Never sent."""
+CUSTOM_INDEX_STATE_BUILDING: CustomIndexState.ValueType  # 1
+"""Being built in the background (PostgreSQL `CREATE INDEX CONCURRENTLY`; SQLite blocks writes
+while it builds). Queries work meanwhile, without the index.
+"""
+CUSTOM_INDEX_STATE_READY: CustomIndexState.ValueType  # 2
+"""Built: queries it serves use it."""
+CUSTOM_INDEX_STATE_FAILED: CustomIndexState.ValueType  # 3
+"""The build failed (see `error`); an UpdateCallType whose `custom_indexes` lists it retries."""
+Global___CustomIndexState: _TypeAlias = CustomIndexState  # noqa: Y015
 
 @_typing.final
 class CallSettings(_message.Message):
@@ -447,6 +481,7 @@ class CallType(_message.Message):
     GRANTS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    CUSTOM_INDEXES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name: 1..64 of `a-z 0-9 _ -`."""
     @_builtins.property
@@ -465,6 +500,10 @@ class CallType(_message.Message):
     def updated_at(self) -> _timestamp_pb2.Timestamp:
         """Last update time."""
 
+    @_builtins.property
+    def custom_indexes(self) -> _containers.RepeatedCompositeFieldContainer[Global___CustomIndex]:
+        """The custom-data indexes this call type declares, in the order declared, each with its build state."""
+
     def __init__(
         self,
         *,
@@ -473,11 +512,65 @@ class CallType(_message.Message):
         grants: _abc.Mapping[_builtins.str, Global___Capabilities] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        custom_indexes: _abc.Iterable[Global___CustomIndex] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "settings", b"settings", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "grants", b"grants", "name", b"name", "settings", b"settings", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "custom_indexes", b"custom_indexes", "grants", b"grants", "name", b"name", "settings", b"settings", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CallType: _TypeAlias = CallType  # noqa: Y015
+
+@_typing.final
+class CustomIndex(_message.Message):
+    """An index on call custom data that a call type declares for its QueryCalls filters and sorts.
+    Indexes are on the whole calls table, so call types (or the server's `--custom-index`) declaring the
+    same spec share one index; it is dropped once nothing declares it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEC_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    BUILD_DURATION_FIELD_NUMBER: _builtins.int
+    WRITES_BLOCKED_FIELD_NUMBER: _builtins.int
+    spec: _builtins.str
+    """The spec in canonical form: comma-separated `path:kind[:desc]` fields in index order, kind one of
+    `string`, `number`, `boolean` (e.g. `region:string,priority:number:desc`).
+    """
+    name: _builtins.str
+    """The database index name (`ix_calls_custom_` + a hash of the spec)."""
+    state: Global___CustomIndexState.ValueType
+    """Build state."""
+    error: _builtins.str
+    """Why the build failed (FAILED only)."""
+    @_builtins.property
+    def build_duration(self) -> _duration_pb2.Duration:
+        """How long the build took (READY only)."""
+
+    @_builtins.property
+    def writes_blocked(self) -> _duration_pb2.Duration:
+        """How long the build blocked writes (READY only): SQLite cannot build an index while writing, so
+        writes wait for the whole build; zero on PostgreSQL, whose concurrent build does not block them.
+        """
+
+    def __init__(
+        self,
+        *,
+        spec: _builtins.str = ...,
+        name: _builtins.str = ...,
+        state: Global___CustomIndexState.ValueType = ...,
+        error: _builtins.str = ...,
+        build_duration: _duration_pb2.Duration | None = ...,
+        writes_blocked: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["build_duration", b"build_duration", "writes_blocked", b"writes_blocked"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_duration", b"build_duration", "error", b"error", "name", b"name", "spec", b"spec", "state", b"state", "writes_blocked", b"writes_blocked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CustomIndex: _TypeAlias = CustomIndex  # noqa: Y015

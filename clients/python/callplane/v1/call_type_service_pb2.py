@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from callplane.v1 import call_type_pb2 as callplane_dot_v1_dot_call__type__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$callplane/v1/call_type_service.proto\x12\x0c\x63\x61llplane.v1\x1a\x1c\x63\x61llplane/v1/call_type.proto\"\xdf\x01\n\x15\x43reateCallTypeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x08settings\x18\x02 \x01(\x0b\x32\x1a.callplane.v1.CallSettings\x12?\n\x06grants\x18\x03 \x03(\x0b\x32/.callplane.v1.CreateCallTypeRequest.GrantsEntry\x1aI\n\x0bGrantsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.callplane.v1.Capabilities:\x02\x38\x01\"C\n\x16\x43reateCallTypeResponse\x12)\n\tcall_type\x18\x01 \x01(\x0b\x32\x16.callplane.v1.CallType\"\"\n\x12GetCallTypeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"@\n\x13GetCallTypeResponse\x12)\n\tcall_type\x18\x01 \x01(\x0b\x32\x16.callplane.v1.CallType\"\x16\n\x14ListCallTypesRequest\"C\n\x15ListCallTypesResponse\x12*\n\ncall_types\x18\x01 \x03(\x0b\x32\x16.callplane.v1.CallType\"\xdf\x01\n\x15UpdateCallTypeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x08settings\x18\x02 \x01(\x0b\x32\x1a.callplane.v1.CallSettings\x12?\n\x06grants\x18\x03 \x03(\x0b\x32/.callplane.v1.UpdateCallTypeRequest.GrantsEntry\x1aI\n\x0bGrantsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.callplane.v1.Capabilities:\x02\x38\x01\"C\n\x16UpdateCallTypeResponse\x12)\n\tcall_type\x18\x01 \x01(\x0b\x32\x16.callplane.v1.CallType\"%\n\x15\x44\x65leteCallTypeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteCallTypeResponse2\xd6\x03\n\x0f\x43\x61llTypeService\x12[\n\x0e\x43reateCallType\x12#.callplane.v1.CreateCallTypeRequest\x1a$.callplane.v1.CreateCallTypeResponse\x12R\n\x0bGetCallType\x12 .callplane.v1.GetCallTypeRequest\x1a!.callplane.v1.GetCallTypeResponse\x12X\n\rListCallTypes\x12\".callplane.v1.ListCallTypesRequest\x1a#.callplane.v1.ListCallTypesResponse\x12[\n\x0eUpdateCallType\x12#.callplane.v1.UpdateCallTypeRequest\x1a$.callplane.v1.UpdateCallTypeResponse\x12[\n\x0e\x44\x65leteCallType\x12#.callplane.v1.DeleteCallTypeRequest\x1a$.callplane.v1.DeleteCallTypeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$callplane/v1/call_type_service.proto\x12\x0c\x63\x61llplane.v1\x1a\x1c\x63\x61llplane/v1/call_type.proto\"\xf7\x01\n\x15\x43reateCallTypeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x08settings\x18\x02 \x01(\x0b\x32\x1a.callplane.v1.CallSettings\x12?\n\x06grants\x18\x03 \x03(\x0b\x32/.callplane.v1.CreateCallTypeRequest.GrantsEntry\x12\x16\n\x0e\x63ustom_indexes\x18\x04 \x03(\t\x1aI\n\x0bGrantsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.callplane.v1.Capabilities:\x02\x38\x01\"C\n\x16\x43reateCallTypeResponse\x12)\n\tcall_type\x18\x01 \x01(\x0b\x32\x16.callplane.v1.CallType\"\"\n\x12GetCallTypeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"@\n\x13GetCallTypeResponse\x12)\n\tcall_type\x18\x01 \x01(\x0b\x32\x16.callplane.v1.CallType\"\x16\n\x14ListCallTypesRequest\"C\n\x15ListCallTypesResponse\x12*\n\ncall_types\x18\x01 \x03(\x0b\x32\x16.callplane.v1.CallType\"\x97\x02\n\x15UpdateCallTypeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x08settings\x18\x02 \x01(\x0b\x32\x1a.callplane.v1.CallSettings\x12?\n\x06grants\x18\x03 \x03(\x0b\x32/.callplane.v1.UpdateCallTypeRequest.GrantsEntry\x12\x36\n\x0e\x63ustom_indexes\x18\x04 \x01(\x0b\x32\x1e.callplane.v1.CustomIndexSpecs\x1aI\n\x0bGrantsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.callplane.v1.Capabilities:\x02\x38\x01\"!\n\x10\x43ustomIndexSpecs\x12\r\n\x05specs\x18\x01 \x03(\t\"C\n\x16UpdateCallTypeResponse\x12)\n\tcall_type\x18\x01 \x01(\x0b\x32\x16.callplane.v1.CallType\"%\n\x15\x44\x65leteCallTypeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteCallTypeResponse2\xd6\x03\n\x0f\x43\x61llTypeService\x12[\n\x0e\x43reateCallType\x12#.callplane.v1.CreateCallTypeRequest\x1a$.callplane.v1.CreateCallTypeResponse\x12R\n\x0bGetCallType\x12 .callplane.v1.GetCallTypeRequest\x1a!.callplane.v1.GetCallTypeResponse\x12X\n\rListCallTypes\x12\".callplane.v1.ListCallTypesRequest\x1a#.callplane.v1.ListCallTypesResponse\x12[\n\x0eUpdateCallType\x12#.callplane.v1.UpdateCallTypeRequest\x1a$.callplane.v1.UpdateCallTypeResponse\x12[\n\x0e\x44\x65leteCallType\x12#.callplane.v1.DeleteCallTypeRequest\x1a$.callplane.v1.DeleteCallTypeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,29 +37,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATECALLTYPEREQUEST_GRANTSENTRY']._loaded_options = None
   _globals['_UPDATECALLTYPEREQUEST_GRANTSENTRY']._serialized_options = b'8\001'
   _globals['_CREATECALLTYPEREQUEST']._serialized_start=85
-  _globals['_CREATECALLTYPEREQUEST']._serialized_end=308
-  _globals['_CREATECALLTYPEREQUEST_GRANTSENTRY']._serialized_start=235
-  _globals['_CREATECALLTYPEREQUEST_GRANTSENTRY']._serialized_end=308
-  _globals['_CREATECALLTYPERESPONSE']._serialized_start=310
-  _globals['_CREATECALLTYPERESPONSE']._serialized_end=377
-  _globals['_GETCALLTYPEREQUEST']._serialized_start=379
-  _globals['_GETCALLTYPEREQUEST']._serialized_end=413
-  _globals['_GETCALLTYPERESPONSE']._serialized_start=415
-  _globals['_GETCALLTYPERESPONSE']._serialized_end=479
-  _globals['_LISTCALLTYPESREQUEST']._serialized_start=481
-  _globals['_LISTCALLTYPESREQUEST']._serialized_end=503
-  _globals['_LISTCALLTYPESRESPONSE']._serialized_start=505
-  _globals['_LISTCALLTYPESRESPONSE']._serialized_end=572
-  _globals['_UPDATECALLTYPEREQUEST']._serialized_start=575
-  _globals['_UPDATECALLTYPEREQUEST']._serialized_end=798
-  _globals['_UPDATECALLTYPEREQUEST_GRANTSENTRY']._serialized_start=235
-  _globals['_UPDATECALLTYPEREQUEST_GRANTSENTRY']._serialized_end=308
-  _globals['_UPDATECALLTYPERESPONSE']._serialized_start=800
-  _globals['_UPDATECALLTYPERESPONSE']._serialized_end=867
-  _globals['_DELETECALLTYPEREQUEST']._serialized_start=869
-  _globals['_DELETECALLTYPEREQUEST']._serialized_end=906
-  _globals['_DELETECALLTYPERESPONSE']._serialized_start=908
-  _globals['_DELETECALLTYPERESPONSE']._serialized_end=932
-  _globals['_CALLTYPESERVICE']._serialized_start=935
-  _globals['_CALLTYPESERVICE']._serialized_end=1405
+  _globals['_CREATECALLTYPEREQUEST']._serialized_end=332
+  _globals['_CREATECALLTYPEREQUEST_GRANTSENTRY']._serialized_start=259
+  _globals['_CREATECALLTYPEREQUEST_GRANTSENTRY']._serialized_end=332
+  _globals['_CREATECALLTYPERESPONSE']._serialized_start=334
+  _globals['_CREATECALLTYPERESPONSE']._serialized_end=401
+  _globals['_GETCALLTYPEREQUEST']._serialized_start=403
+  _globals['_GETCALLTYPEREQUEST']._serialized_end=437
+  _globals['_GETCALLTYPERESPONSE']._serialized_start=439
+  _globals['_GETCALLTYPERESPONSE']._serialized_end=503
+  _globals['_LISTCALLTYPESREQUEST']._serialized_start=505
+  _globals['_LISTCALLTYPESREQUEST']._serialized_end=527
+  _globals['_LISTCALLTYPESRESPONSE']._serialized_start=529
+  _globals['_LISTCALLTYPESRESPONSE']._serialized_end=596
+  _globals['_UPDATECALLTYPEREQUEST']._serialized_start=599
+  _globals['_UPDATECALLTYPEREQUEST']._serialized_end=878
+  _globals['_UPDATECALLTYPEREQUEST_GRANTSENTRY']._serialized_start=259
+  _globals['_UPDATECALLTYPEREQUEST_GRANTSENTRY']._serialized_end=332
+  _globals['_CUSTOMINDEXSPECS']._serialized_start=880
+  _globals['_CUSTOMINDEXSPECS']._serialized_end=913
+  _globals['_UPDATECALLTYPERESPONSE']._serialized_start=915
+  _globals['_UPDATECALLTYPERESPONSE']._serialized_end=982
+  _globals['_DELETECALLTYPEREQUEST']._serialized_start=984
+  _globals['_DELETECALLTYPEREQUEST']._serialized_end=1021
+  _globals['_DELETECALLTYPERESPONSE']._serialized_start=1023
+  _globals['_DELETECALLTYPERESPONSE']._serialized_end=1047
+  _globals['_CALLTYPESERVICE']._serialized_start=1050
+  _globals['_CALLTYPESERVICE']._serialized_end=1520
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,7 @@ class CreateCallTypeRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     SETTINGS_FIELD_NUMBER: _builtins.int
     GRANTS_FIELD_NUMBER: _builtins.int
+    CUSTOM_INDEXES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name: 1..64 of `a-z 0-9 _ -`."""
     @_builtins.property
@@ -59,16 +60,24 @@ class CreateCallTypeRequest(_message.Message):
     def grants(self) -> _containers.MessageMap[_builtins.str, _call_type_pb2.Capabilities]:
         """Role → capabilities. Unset: the grants of the built-in `default` type."""
 
+    @_builtins.property
+    def custom_indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Indexes on call custom data for QueryCalls, each a spec like the server's `--custom-index`:
+        comma-separated `path:kind[:asc|desc]` fields, e.g. `region:string,priority:number:desc`. Built in
+        the background: the reply lists them BUILDING, GetCallType shows when they are READY.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         settings: _call_type_pb2.CallSettings | None = ...,
         grants: _abc.Mapping[_builtins.str, _call_type_pb2.Capabilities] | None = ...,
+        custom_indexes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants", "name", b"name", "settings", b"settings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["custom_indexes", b"custom_indexes", "grants", b"grants", "name", b"name", "settings", b"settings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -215,6 +224,7 @@ class UpdateCallTypeRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     SETTINGS_FIELD_NUMBER: _builtins.int
     GRANTS_FIELD_NUMBER: _builtins.int
+    CUSTOM_INDEXES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the call type."""
     @_builtins.property
@@ -227,20 +237,52 @@ class UpdateCallTypeRequest(_message.Message):
         Roles not named are kept.
         """
 
+    @_builtins.property
+    def custom_indexes(self) -> Global___CustomIndexSpecs:
+        """When set, replaces the declared custom-data indexes (an empty list declares none): new ones are
+        built in the background, removed ones dropped unless another call type or the server still declares
+        them. Unset: the indexes are kept.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         settings: _call_type_pb2.CallSettings | None = ...,
         grants: _abc.Mapping[_builtins.str, _call_type_pb2.Capabilities] | None = ...,
+        custom_indexes: Global___CustomIndexSpecs | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["custom_indexes", b"custom_indexes", "settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants", "name", b"name", "settings", b"settings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["custom_indexes", b"custom_indexes", "grants", b"grants", "name", b"name", "settings", b"settings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateCallTypeRequest: _TypeAlias = UpdateCallTypeRequest  # noqa: Y015
+
+@_typing.final
+class CustomIndexSpecs(_message.Message):
+    """A list of custom-data index specs (see CreateCallTypeRequest.custom_indexes)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPECS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def specs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Specs, e.g. `region:string,priority:number:desc`."""
+
+    def __init__(
+        self,
+        *,
+        specs: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["specs", b"specs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CustomIndexSpecs: _TypeAlias = CustomIndexSpecs  # noqa: Y015
 
 @_typing.final
 class UpdateCallTypeResponse(_message.Message):

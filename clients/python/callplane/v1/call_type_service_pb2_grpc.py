@@ -90,14 +90,15 @@ class CallTypeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateCallType(self, request, context):
-        """Updates settings (merged into the current ones) and/or replaces grants.
+        """Updates settings (merged into the current ones) and/or replaces grants and/or custom indexes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteCallType(self, request, context):
-        """Deletes a call type. FAILED_PRECONDITION while any call of the type exists.
+        """Deletes a call type (and the custom indexes only it declares). FAILED_PRECONDITION while any call
+        of the type exists.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,9 +42,11 @@ class CallTypeServiceStub:
     ListCallTypes: _grpc.UnaryUnaryMultiCallable[_call_type_service_pb2.ListCallTypesRequest, _call_type_service_pb2.ListCallTypesResponse]
     """Lists every call type, ordered by name."""
     UpdateCallType: _grpc.UnaryUnaryMultiCallable[_call_type_service_pb2.UpdateCallTypeRequest, _call_type_service_pb2.UpdateCallTypeResponse]
-    """Updates settings (merged into the current ones) and/or replaces grants."""
+    """Updates settings (merged into the current ones) and/or replaces grants and/or custom indexes."""
     DeleteCallType: _grpc.UnaryUnaryMultiCallable[_call_type_service_pb2.DeleteCallTypeRequest, _call_type_service_pb2.DeleteCallTypeResponse]
-    """Deletes a call type. FAILED_PRECONDITION while any call of the type exists."""
+    """Deletes a call type (and the custom indexes only it declares). FAILED_PRECONDITION while any call
+    of the type exists.
+    """
 
 @_typing.type_check_only
 class CallTypeServiceAsyncStub(CallTypeServiceStub):
@@ -60,9 +62,11 @@ class CallTypeServiceAsyncStub(CallTypeServiceStub):
     ListCallTypes: _aio.UnaryUnaryMultiCallable[_call_type_service_pb2.ListCallTypesRequest, _call_type_service_pb2.ListCallTypesResponse]  # type: ignore[assignment]
     """Lists every call type, ordered by name."""
     UpdateCallType: _aio.UnaryUnaryMultiCallable[_call_type_service_pb2.UpdateCallTypeRequest, _call_type_service_pb2.UpdateCallTypeResponse]  # type: ignore[assignment]
-    """Updates settings (merged into the current ones) and/or replaces grants."""
+    """Updates settings (merged into the current ones) and/or replaces grants and/or custom indexes."""
     DeleteCallType: _aio.UnaryUnaryMultiCallable[_call_type_service_pb2.DeleteCallTypeRequest, _call_type_service_pb2.DeleteCallTypeResponse]  # type: ignore[assignment]
-    """Deletes a call type. FAILED_PRECONDITION while any call of the type exists."""
+    """Deletes a call type (and the custom indexes only it declares). FAILED_PRECONDITION while any call
+    of the type exists.
+    """
 
 class CallTypeServiceServicer(metaclass=_abc_1.ABCMeta):
     """Manages call types: named templates of settings and role → capability grants. The built-in types
@@ -99,7 +103,7 @@ class CallTypeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _call_type_service_pb2.UpdateCallTypeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_call_type_service_pb2.UpdateCallTypeResponse, _abc.Awaitable[_call_type_service_pb2.UpdateCallTypeResponse]]:
-        """Updates settings (merged into the current ones) and/or replaces grants."""
+        """Updates settings (merged into the current ones) and/or replaces grants and/or custom indexes."""
 
     @_abc_1.abstractmethod
     def DeleteCallType(
@@ -107,6 +111,8 @@ class CallTypeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _call_type_service_pb2.DeleteCallTypeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_call_type_service_pb2.DeleteCallTypeResponse, _abc.Awaitable[_call_type_service_pb2.DeleteCallTypeResponse]]:
-        """Deletes a call type. FAILED_PRECONDITION while any call of the type exists."""
+        """Deletes a call type (and the custom indexes only it declares). FAILED_PRECONDITION while any call
+        of the type exists.
+        """
 
 def add_CallTypeServiceServicer_to_server(servicer: CallTypeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
