@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +61,8 @@ class CallCache:
         self.generation = 0
         # Calls whose stamps were asked for since the next check was scheduled (validated mode).
         self._wanted: dict[str, asyncio.Future[tuple[int, int] | None]] = {}
+        self._wanted_by = contextvars.Context()
+        self._checking: asyncio.Task[None] | None = None
         store.change_listeners.append(self._changed)
 
     async def current(self, cid: str) -> CachedCall | None:
@@ -76,39 +77,48 @@ class CallCache:
         return None
 
     async def _stamp(self, cid: str) -> tuple[int, int] | None:
-        """The call's stamp as committed after this request arrived. Requests that ask during the same
-        turn of the event loop share one statement for all their calls: it is sent after every one of
-        them asked, so it sees every change acknowledged before any of them arrived."""
+        """The call's stamp as committed after this request arrived. Checks are grouped, as commits are in
+        group commit: while one check runs, the requests that arrive wait for the next, which then reads
+        the stamps of all their calls in one statement. Each statement is sent after every request it
+        serves asked, so it sees every change acknowledged before any of them arrived."""
         wanted = self._wanted.get(cid)
         if wanted is None:
-            loop = asyncio.get_running_loop()
             if not self._wanted:
-                # Run in the context of the request that asked first (it pays for the statement).
-                loop.call_soon(self._check_wanted, context=contextvars.copy_context())
-            wanted = self._wanted[cid] = loop.create_future()
+                # The request that asks first pays for the statement (it runs in its context).
+                self._wanted_by = contextvars.copy_context()
+                if self._checking is None:
+                    asyncio.get_running_loop().call_soon(self._check_wanted)
+            wanted = self._wanted[cid] = asyncio.get_running_loop().create_future()
         # Shielded: the check is shared; one request giving up must not cancel it for the others.
         return await asyncio.shield(wanted)
 
     def _check_wanted(self) -> None:
         wanted, self._wanted = self._wanted, {}
-        for start in range(0, len(wanted), self.MAX_CHECKED):
-            batch = dict(itertools.islice(wanted.items(), start, start + self.MAX_CHECKED))
-            asyncio.get_running_loop().create_task(self._check(batch))
-
-    MAX_CHECKED = 500
+        if wanted:
+            self._checking = asyncio.get_running_loop().create_task(
+                self._check(wanted), context=self._wanted_by
+            )
 
     async def _check(self, wanted: dict[str, asyncio.Future[tuple[int, int] | None]]) -> None:
         try:
-            stamps = await self._store.call_stamps(list(wanted))
+            cids = list(wanted)
+            stamps: dict[str, tuple[int, int]] = {}
+            for start in range(0, len(cids), self.MAX_CHECKED):
+                stamps.update(await self._store.call_stamps(cids[start : start + self.MAX_CHECKED]))
         except Exception as error:
             for future in wanted.values():
                 if not future.done():
                     future.set_exception(error)
                     future.exception()  # retrieved here: every waiter may have given up
-            return
-        for cid, future in wanted.items():
-            if not future.done():
-                future.set_result(stamps.get(cid))
+        else:
+            for cid, future in wanted.items():
+                if not future.done():
+                    future.set_result(stamps.get(cid))
+        finally:
+            self._checking = None
+            self._check_wanted()  # those that asked meanwhile
+
+    MAX_CHECKED = 500
 
     def held(self, cid: str) -> CachedCall | None:
         """The entry of the call without checking it: only when trusted (else None)."""
