@@ -160,6 +160,15 @@ async def _warm(replica: Replica, call_id: str, *tokens: str | None) -> None:
             )
 
 
+async def _query_as(
+    replica: Replica, user_id: str, call_id: str, call_type: str = "default"
+) -> call_service_pb2.QueryCallsResponse:
+    """QueryCalls for one call, as the user (twice: the second may be served from what the first kept)."""
+    request = call_service_pb2.QueryCallsRequest(filter_conditions=struct({"id": call_id, "type": call_type}))
+    await replica.calls(user_token(user_id)).QueryCalls(request)
+    return await replica.calls(user_token(user_id)).QueryCalls(request)
+
+
 async def _denied(replica: Replica, token: str, call_id: str) -> grpc.StatusCode:
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await replica.calls(token).GetCall(_get(call_id))
@@ -253,8 +262,10 @@ async def test_team_changes_are_read_through_the_other_replica(replicas: tuple[R
     await _users(a, user_pb2.UserRequest(id=member, teams=[team]))
     call_id = await _call(a, [member], team=team)
     await _warm(b, call_id, user_token(member))
+    assert [c.call.id for c in (await _query_as(b, member, call_id)).calls] == [call_id]
     await _users(a, user_pb2.UserRequest(id=member, teams=[]))
     assert await _denied(b, user_token(member), call_id) == grpc.StatusCode.PERMISSION_DENIED
+    assert not (await _query_as(b, member, call_id)).calls
     await _users(a, user_pb2.UserRequest(id=member, teams=[team]))
     assert (await b.calls(user_token(member)).GetCall(_get(call_id))).call.id == call_id
 
@@ -301,6 +312,8 @@ async def test_call_type_changes_are_read_through_the_other_replica(
         )
     )
     assert "end-call" in (await b.calls(user_token(member)).GetCall(get)).own_capabilities
+    (listed,) = (await _query_as(b, member, call_id, name)).calls
+    assert "end-call" in listed.own_capabilities and listed.call.settings.audio.mic_default_on
     await types.UpdateCallType(
         call_type_service_pb2.UpdateCallTypeRequest(
             name=name,
@@ -311,6 +324,7 @@ async def test_call_type_changes_are_read_through_the_other_replica(
         )
     )
     assert await _denied_on(b, user_token(member), get) == grpc.StatusCode.PERMISSION_DENIED
+    assert not (await _query_as(b, member, call_id, name)).calls
 
 
 async def _denied_on(

@@ -21,9 +21,12 @@ import contextvars
 from dataclasses import dataclass, field
 from typing import Any
 
+from callplane_server.auth.context import current_principal
 from callplane_server.auth.tokens import Principal
-from callplane_server.domain.records import CallRecord, MemberRecord, Page
-from callplane_server.store import Store
+from callplane_server.domain.caller import Caller
+from callplane_server.domain.records import CallRecord, CallTypeRecord, MemberRecord, Page
+from callplane_server.services.authz import load_caller
+from callplane_server.store import Store, Transaction
 
 
 @dataclass
@@ -63,6 +66,11 @@ class CallCache:
         self._wanted: dict[str, asyncio.Future[tuple[int, int] | None]] = {}
         self._wanted_by = contextvars.Context()
         self._checking: asyncio.Task[None] | None = None
+        # The call types and callers of the newest directory version seen (see `directory`).
+        self._directory_changes = 0
+        self._directory_version = -1
+        self._types: dict[str, CallTypeRecord] | None = None
+        self._callers: dict[Principal, Caller] = {}
         store.change_listeners.append(self._changed)
 
     async def current(self, cid: str) -> CachedCall | None:
@@ -150,12 +158,56 @@ class CallCache:
             del self._entries[next(iter(self._entries))]  # the oldest entry
         self._entries[cid] = entry
 
+    # -- the directory (users, call types) as queries see it -----------------------------------------
+
+    async def directory(self, tx: Transaction) -> int:
+        """The directory's version for a read, taken first in its transaction (see the module docstring):
+        validated, the database's directory version; trusted, the count of this process's changes that
+        may have touched users or call types."""
+        return self._directory_changes if self.trusted else await tx.directory.version()
+
+    async def call_types(self, tx: Transaction, version: int) -> dict[str, CallTypeRecord]:
+        """Every call type by name, as of directory `version` (read once per version)."""
+        fresh = self._directory_at(version)
+        if fresh and self._types is not None:
+            return self._types
+        types = {record.name: record for record in await tx.call_types.list()}
+        if fresh and self._directory_at(version):
+            self._types = types
+        return types
+
+    async def caller(self, tx: Transaction, version: int) -> Caller:
+        """The RPC's caller (its user's role and teams), as of directory `version`."""
+        principal = current_principal()
+        fresh = self._directory_at(version)
+        if fresh:
+            known = self._callers.get(principal)
+            if known is not None:
+                return known
+        caller = await load_caller(tx)
+        if fresh and self._directory_at(version):
+            if len(self._callers) >= self._capacity:
+                self._callers.clear()
+            self._callers[principal] = caller
+        return caller
+
+    def _directory_at(self, version: int) -> bool:
+        """Whether what is read at directory `version` may be kept (and what was kept may serve it): the
+        newest version seen, and (trusted) no change since it was taken."""
+        if self.trusted and version != self._directory_changes:
+            return False
+        if version > self._directory_version:
+            self._directory_version, self._types, self._callers = version, None, {}
+        return version == self._directory_version
+
     def _changed(self, cids: frozenset[str] | None) -> None:
         if cids is not None and not cids:
             return  # a write that changed nothing (a no-op update)
         self.generation += 1
         if cids is None:
             self._entries.clear()
+            self._directory_changes += 1
+            self._types, self._callers = None, {}
             return
         for cid in cids:
             self._entries.pop(cid, None)

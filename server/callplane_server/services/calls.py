@@ -391,8 +391,8 @@ class CallService:
             full, have, directory = loaded
             if (
                 cached is None
-                or cached.stamp != (full.call.last_seq, directory)
                 or generation != self._cache.generation
+                or (not self._cache.trusted and cached.stamp != (full.call.last_seq, directory))
             ):
                 cached = CachedCall(full.call, full.settings, full.members, directory=directory)
             # else the cached state is still current: it only lacked this principal's capabilities.
@@ -561,9 +561,9 @@ class CallService:
             tx: Transaction,
         ) -> tuple[Page[CallView], dict[str, CachedCall], dict[str, frozenset[str]]]:
             # First, so that nothing read after it is older than it (see call_cache).
-            directory = 0 if self._cache.trusted else await tx.directory.version()
-            caller = await load_caller(tx)
-            types = {record.name: record for record in await tx.call_types.list()}
+            directory = await self._cache.directory(tx)
+            caller = await self._cache.caller(tx, directory)
+            types = await self._cache.call_types(tx, directory)
             grants = {name: record.grants for name, record in types.items()}
             reader = None
             if not caller.is_server:
