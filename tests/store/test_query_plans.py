@@ -1,18 +1,20 @@
-"""Query plans of QueryCalls on a migrated database with a few thousand calls (issue 13, goal 2).
+"""Query plans of QueryCalls on a migrated database with thousands of calls (issue 13, goal 2).
 
 A broad custom-data equality (a fifth of the calls) sorted by `created_at desc` with no declared index
 must walk the sort index and stop after the page: SQLite's plan scans `ix_calls_created_at_cid` with no
 temporary B-tree for the ORDER BY; PostgreSQL's (with statistics, on enough rows that a sequential scan
 is a real alternative) is a Limit over an Index Scan of that index, with no Sort node. The statement is
 the one `CallRepository.query` executes, for a server token and for a user token (whose visibility
-conditions ride along as filters).
+conditions ride along as filters). With an index on the filtered field, SQLite's planner would read and
+sort every match: there the page is read from a bounded window of the sort index first.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,6 +29,7 @@ from callplane_server.store.execution import Statements
 from callplane_server.store.migrations.runner import upgrade_to_head
 from callplane_server.store.models import CallMemberRow, CallRow, UserRow
 from callplane_server.store.query import CursorSigner
+from callplane_server.store.query.jsonsql import JsonScalar
 from callplane_server.store.repositories import CallRepository
 from callplane_server.store.visibility import CallReader
 from tests.support import fresh_database
@@ -106,12 +109,17 @@ def captured(engine: AsyncEngine) -> Iterator[list[tuple[str, Any]]]:
         event.remove(engine.sync_engine, "before_cursor_execute", record)
 
 
+class PlannedCalls(CallRepository):
+    """QueryCalls as the planner runs it: without SQLite's first walk of a window of the sort index."""
+
+    def _walk_first(self) -> tuple[str, ...]:
+        return ()
+
+
 async def plan(engine: AsyncEngine, reader: CallReader | None) -> tuple[int, Any]:
-    """(rows returned, plan) of the statement CallRepository.query runs for BROAD."""
+    """(rows returned, plan) of the statement CallRepository.query runs for BROAD, as planned."""
     async with AsyncSession(engine) as session:
-        repository = CallRepository(
-            session, CursorSigner(b"plan-test-secret-0123456789"), Statements(session)
-        )
+        repository = PlannedCalls(session, CursorSigner(b"plan-test-secret-0123456789"), Statements(session))
         with captured(engine) as statements:
             page = await repository.query(BROAD, reader=reader)
         ((sql, parameters),) = statements
@@ -166,3 +174,91 @@ async def test_broad_custom_filter_walks_the_sort_index(engine: AsyncEngine, bac
     assert [(node["Node Type"], node.get("Index Name")) for node in scans] == [("Index Scan", SORT_INDEX)], (
         found
     )
+
+
+def _expected(matches: Callable[[int], bool]) -> list[str]:
+    """Ids of the matching calls, newest first."""
+    return [f"c{i:05d}" for i in range(CALLS - 1, -1, -1) if matches(i)]
+
+
+async def _declare(engine: AsyncEngine, field: str) -> str:
+    """An index on a custom string field, as a declared custom index is built (the expression the filter
+    compiler emits, then cid); returns its name."""
+    name = f"ix_test_custom_{field}"
+    expression = JsonScalar(CallRow.__table__.c.custom, (field,), "string").compile(
+        dialect=engine.dialect, compile_kwargs={"include_table": False}
+    )
+    async with engine.begin() as connection:
+        await connection.exec_driver_sql(f"CREATE INDEX {name} ON calls (({expression}), cid)")
+        if engine.dialect.name == "postgresql":
+            await connection.execute(text("ANALYZE calls"))
+    return name
+
+
+async def _drop(engine: AsyncEngine, name: str) -> None:
+    async with engine.begin() as connection:
+        await connection.exec_driver_sql(f"DROP INDEX {name}")
+
+
+async def test_broad_filter_walks_the_sort_index_despite_an_index_on_the_field(
+    engine: AsyncEngine, backend: str
+) -> None:
+    """With an index on custom.region, SQLite's planner would fetch every eu call through it and sort
+    them all; the page is read from a bounded window of the sort index instead, in one statement."""
+    name = await _declare(engine, "region")
+    try:
+        async with AsyncSession(engine) as session:
+            repository = CallRepository(
+                session, CursorSigner(b"plan-test-secret-0123456789"), Statements(session)
+            )
+            with captured(engine) as statements:
+                first = await repository.query(BROAD)
+            ((sql, parameters),) = statements
+            with captured(engine) as statements:
+                second = await repository.query(replace(BROAD, next=first.next))
+            assert len(statements) == 1
+            connection = await session.connection()
+            if backend == "sqlite":
+                found = [
+                    row[3]
+                    for row in await connection.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, parameters)
+                ]
+                assert any(step.startswith(f"SCAN calls USING INDEX {SORT_INDEX}") for step in found), found
+                assert not any(name in step for step in found), found
+            else:
+                rows = await connection.exec_driver_sql("EXPLAIN (FORMAT JSON) " + sql, parameters)
+                document = rows.scalar_one()
+                plan = (json.loads(document) if isinstance(document, str) else document)[0]["Plan"]
+                scans = [node for node in _nodes(plan) if node.get("Relation Name") == "calls"]
+                assert [node.get("Index Name") for node in scans] == [SORT_INDEX], plan
+        eu = _expected(lambda i: REGIONS[i % 5] == "eu")
+        assert [call.id for call in first.items] == eu[:25]
+        assert [call.id for call in second.items] == eu[25:50]
+    finally:
+        await _drop(engine, name)
+
+
+@pytest.mark.parametrize("declared", [False, True])
+async def test_selective_filter_pages(engine: AsyncEngine, declared: bool) -> None:
+    """A filter matching too few calls for the sort index's window to hold a page still reads every
+    page right (the window finds less than a page; the query then runs as planned)."""
+    name = await _declare(engine, "owner") if declared else None
+    try:
+        async with AsyncSession(engine) as session:
+            repository = CallRepository(
+                session, CursorSigner(b"plan-test-secret-0123456789"), Statements(session)
+            )
+            request = replace(BROAD, filter_conditions={"custom.owner": "team-42"}, limit=7)
+            pages, cursor = [], ""
+            while True:
+                page = await repository.query(replace(request, next=cursor))
+                pages.append([call.id for call in page.items])
+                if not page.next:
+                    break
+                cursor = page.next
+        expected = _expected(lambda i: i % 1000 == 42)
+        assert [len(page) for page in pages] == [7, 7, 6]
+        assert [call_id for page in pages for call_id in page] == expected
+    finally:
+        if name is not None:
+            await _drop(engine, name)
