@@ -49,7 +49,7 @@ CURSOR_REASON = "INVALID_CURSOR"
 MAX_LIMIT = 100
 MAX_CURSOR_CHARS = 64 * 1024
 # A page read by walking the sort index first looks at this many rows per row of the page (see fetch_page).
-WALK_ROWS_PER_PAGE_ROW = 20
+WALK_ROWS_PER_PAGE_ROW = 8
 _MAC_BYTES = 16
 _CURSOR_VERSION = 1
 
