@@ -236,14 +236,15 @@ class CursorSigner:
         return payload if isinstance(payload, dict) else None
 
 
-def _mentions_custom(conditions: Any) -> bool:
+def mentions_custom(conditions: Any) -> bool:
+    """Whether a filter names a custom-data field anywhere."""
     if isinstance(conditions, dict):
         return any(
-            (isinstance(key, str) and key.startswith(CUSTOM_PREFIX)) or _mentions_custom(value)
+            (isinstance(key, str) and key.startswith(CUSTOM_PREFIX)) or mentions_custom(value)
             for key, value in conditions.items()
         )
     if isinstance(conditions, list):
-        return any(_mentions_custom(item) for item in conditions)
+        return any(mentions_custom(item) for item in conditions)
     return False
 
 
@@ -360,7 +361,7 @@ async def fetch_page(
         )
 
     rows: list[Any] = []
-    walked = whole_rows and keys[0].field in walk_first and _mentions_custom(page.filter_conditions)
+    walked = whole_rows and keys[0].field in walk_first and mentions_custom(page.filter_conditions)
     if walked:
         # The window: the next rows in sort order, by the sort index alone. The page's own conditions
         # apply to the window's rows (the adapter moves every reference to the table onto the window).
