@@ -208,7 +208,7 @@ async def _plan(server: RunningServer, page: PageRequest) -> str:
         )
     finally:
         event.remove(engine, "before_cursor_execute", capture)
-    statement, parameters = captured[0]
+    statement, parameters = captured[-1]  # the planned query (on SQLite a sort-index window may come first)
     async with store.database.write_engine.connect() as connection:
         if server.backend == "sqlite":
             rows = await connection.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import grpc
 import pytest
 
 from callplane.v1 import (
@@ -50,7 +51,7 @@ from callplane.v1 import (
     user_pb2_grpc,
 )
 from tests.statements import StatementRecorder, Trace, shape
-from tests.support import LONG_LEASE_TTL, RunningServer, struct
+from tests.support import LONG_LEASE_TTL, RunningServer, channel, struct, user_token
 
 REPETITIONS = 3
 LEASE_TTL = LONG_LEASE_TTL
@@ -489,3 +490,62 @@ async def test_counts_ignore_concurrent_work(
     await asyncio.sleep(0)
     (_, trace), *_ = await asyncio.gather(recorder.measure(probed), *pending, server_work())
     assert trace.counts == alone.counts, f"alone:\n{alone.describe()}\nwith others:\n{trace.describe()}"
+
+
+# --- QueryCalls as a user: own_capabilities for a page in a fixed number of statements -----------------
+
+
+async def _user_page(api: Api, reader: str, user_channel: grpc.aio.Channel, size: int) -> Rpc:
+    """`size` new calls sharing a topic, `reader` (the user of `user_channel`'s token) a member of every
+    other one, each call with two other members, and the QueryCalls of that page as the reader."""
+    others = await api.new_users(2)
+    topic = api.unique("topic")
+    for i in range(size):
+        call_id = api.unique("q")
+        members = [reader, *others] if i % 2 else others
+        await api.calls.GetOrCreateCall(
+            call_service_pb2.GetOrCreateCallRequest(
+                type="default",
+                id=call_id,
+                data=call_service_pb2.CallData(
+                    created_by_id=others[0],
+                    members=[call_pb2.MemberRequest(user_id=m) for m in members],
+                    custom=struct({"topic": topic}),
+                ),
+            )
+        )
+    stub = call_service_pb2_grpc.CallServiceStub(user_channel)
+    request = call_service_pb2.QueryCallsRequest(
+        filter_conditions=struct({"custom.topic": topic}), limit=size
+    )
+
+    async def query(metadata: Metadata) -> Any:
+        response = await stub.QueryCalls(request, metadata=metadata)
+        assert len(response.calls) == size
+        assert all("read-call" in state.own_capabilities for state in response.calls)
+        return response
+
+    return query
+
+
+@pytest.mark.parametrize("state", ["first read", "read again"])
+async def test_query_calls_statements_do_not_grow_with_the_page(
+    api: Api, recorder: StatementRecorder, server: RunningServer, state: str
+) -> None:
+    """QueryCalls with a user token (own_capabilities from the user's member roles and permission
+    overrides) runs as many statements for 25 calls as for 2: a page costs a fixed number of
+    statements, never one per call. "first read": the calls' members are read from the database;
+    "read again": the page was read once before (the call cache serves the members)."""
+    counts: dict[int, Trace] = {}
+    for size in (2, 25):
+        (reader,) = await api.new_users(1)
+        async with channel(server.target, user_token(reader)) as user_channel:
+            query = await _user_page(api, reader, user_channel, size)
+            if state == "read again":
+                await query([])
+            _, counts[size] = await recorder.measure(query)
+        assert counts[size].reached
+    print(f"QueryCalls as a user ({state}): {counts[25].counts}")
+    assert counts[25].counts == counts[2].counts, (
+        f"2 calls:\n{counts[2].describe()}\n25:\n{counts[25].describe()}"
+    )

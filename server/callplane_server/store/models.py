@@ -110,13 +110,34 @@ class UserTeamRow(Base):
 
 class CallRow(Base):
     __tablename__ = "calls"
-    __table_args__ = (UniqueConstraint("type", "id"),)
+    __table_args__ = (
+        UniqueConstraint("type", "id"),
+        # QueryCalls sorts by a time, newest first by default, with `cid` ascending as the keyset tiebreak:
+        # an index in exactly that order lets a LIMIT query walk it and stop after the page (no sort of
+        # every matching row, even when a broad filter matches most calls). Scanned backwards it also
+        # serves the ascending sort (the tiebreak's ties then take a small sort of equal times only).
+        Index("ix_calls_created_at_cid", text("created_at DESC"), "cid"),
+        Index("ix_calls_updated_at_cid", text("updated_at DESC"), "cid"),
+        # Only soft-deleted calls / calls with a team: every query reads live calls (`deleted_at IS NULL`)
+        # and a user's reads add `team IS NULL` (calls of no team); full indexes would tempt the planner
+        # to fetch all such calls through them instead of walking the sort index. A partial index still
+        # serves `team = ...` and `team IN (...)`, which imply NOT NULL.
+        *(
+            Index(
+                f"ix_calls_{column}",
+                column,
+                sqlite_where=text(f"{column} IS NOT NULL"),
+                postgresql_where=text(f"{column} IS NOT NULL"),
+            )
+            for column in ("deleted_at", "team")
+        ),
+    )
 
     cid: Mapped[str] = mapped_column(String(129), primary_key=True)
     type: Mapped[str] = mapped_column(String(64), ForeignKey("call_types.name"), nullable=False, index=True)
     id: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
     created_by_user_id: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
-    team: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    team: Mapped[str | None] = mapped_column(String(64), nullable=True)
     custom: Mapped[dict[str, Any]] = mapped_column(JSONDocument, nullable=False, default=dict)
     settings_override: Mapped[dict[str, Any]] = mapped_column(JSONDocument, nullable=False, default=dict)
     backstage: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, index=True)
@@ -127,11 +148,11 @@ class CallRow(Base):
     # Per-call event sequence: incremented under the call's row lock in the writing transaction, so
     # event seqs are gap-free and in commit order on every dialect.
     last_seq: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     starts_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
-    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # The running session, if any (sessions keep their own history rows).
     current_session_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     # Ordered pins: [{"participant_session_id", "user_id", "pinned_at"}].

@@ -8,7 +8,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Select, String, Table, any_, bindparam, delete, func, select, update
+from sqlalchemy import Integer, Select, String, Table, any_, bindparam, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -35,6 +35,7 @@ from callplane_server.store.models import (
     UserTeamRow,
 )
 from callplane_server.store.query import CALLS, MEMBERS, USERS, CursorSigner, fetch_page
+from callplane_server.store.query.pagination import mentions_custom
 from callplane_server.store.visibility import CallReader, calls_with_capability, users_visible_to
 
 # The hot lookups, built once with bound parameters over Core columns: executing them skips statement
@@ -91,6 +92,11 @@ _CREATE_CALL = (
     )
     .returning(_CALLS.c.last_seq)
 )
+# Whether calls has an index on custom data (SQLite: a declared custom index; they are created at run time).
+_CUSTOM_DATA_INDEX = text(
+    "SELECT 1 AS found FROM sqlite_master "
+    "WHERE type = 'index' AND tbl_name = 'calls' AND sql LIKE '%custom%' LIMIT 1"
+).columns(found=Integer)
 _CALL_TYPES = select(CallTypeRow.__table__).order_by(CallTypeRow.__table__.c.name)
 _CALL_TYPE_BY_NAME = select(CallTypeRow.__table__).where(CallTypeRow.__table__.c.name == bindparam("name"))
 _USERS_BY_ID = select(UserRow.__table__).where(UserRow.__table__.c.id.in_(bindparam("ids", expanding=True)))
@@ -457,9 +463,26 @@ class CallRepository:
         if reader is not None:
             base = base.where(calls_with_capability(reader, "read-call"))
         rows, next_cursor, prev_cursor = await fetch_page(
-            self._session, base, CALLS, page, self._signer, whole_rows=True
+            self._session,
+            base,
+            CALLS,
+            page,
+            self._signer,
+            whole_rows=True,
+            walk_first=await self._walk_first(page),
         )
         return Page([_call_record(row) for row in rows], next_cursor, prev_cursor)
+
+    async def _walk_first(self, page: PageRequest) -> tuple[str, ...]:
+        """The sorts whose index QueryCalls walks first (see fetch_page): on SQLite, when the page filters on
+        custom data and an index on custom data exists, which SQLite's planner would pick to fetch every
+        match, then sort them all, however many. PostgreSQL has statistics on indexed expressions and walks
+        the sort index by itself when the filter is broad."""
+        if self._session.get_bind().dialect.name != "sqlite" or not mentions_custom(page.filter_conditions):
+            return ()
+        if (await self._statements.execute(_CUSTOM_DATA_INDEX)).first() is None:
+            return ()
+        return ("created_at", "updated_at")  # ix_calls_created_at_cid, ix_calls_updated_at_cid
 
 
 def _call_columns(record: CallRecord) -> dict[str, Any]:

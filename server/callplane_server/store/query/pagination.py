@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Select, and_, false, literal, or_
+from sqlalchemy import ColumnElement, Select, and_, false, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.sql.elements import UnaryExpression
+from sqlalchemy.sql.util import ClauseAdapter
 
 from callplane_server.domain.records import PageRequest, SortInput
 from callplane_server.errors import InvalidArgument, ViolationCollector
@@ -47,6 +48,8 @@ SORT_REASON = "INVALID_SORT"
 CURSOR_REASON = "INVALID_CURSOR"
 MAX_LIMIT = 100
 MAX_CURSOR_CHARS = 64 * 1024
+# A page read by walking the sort index first looks at this many rows per row of the page (see fetch_page).
+WALK_ROWS_PER_PAGE_ROW = 8
 _MAC_BYTES = 16
 _CURSOR_VERSION = 1
 
@@ -233,6 +236,18 @@ class CursorSigner:
         return payload if isinstance(payload, dict) else None
 
 
+def mentions_custom(conditions: Any) -> bool:
+    """Whether a filter names a custom-data field anywhere."""
+    if isinstance(conditions, dict):
+        return any(
+            (isinstance(key, str) and key.startswith(CUSTOM_PREFIX)) or mentions_custom(value)
+            for key, value in conditions.items()
+        )
+    if isinstance(conditions, list):
+        return any(mentions_custom(item) for item in conditions)
+    return False
+
+
 def query_fingerprint(
     entity: EntitySpec, scope: str, conditions: dict[str, Any] | None, sort: ResolvedSort
 ) -> str:
@@ -297,6 +312,7 @@ async def fetch_page(
     *,
     scope: str = "",
     whole_rows: bool = False,
+    walk_first: Sequence[str] = (),
 ) -> tuple[list[Any], str, str]:
     """One page of `base` (a `select(Model)` with the caller's own WHERE), filtered, sorted and cut at
     the cursor: returns (ORM objects in display order, next cursor or "", prev cursor or "").
@@ -305,6 +321,13 @@ async def fetch_page(
     not eager-load collections with joins. `scope` (e.g. the call cid for members) is bound into cursors.
     With `whole_rows`, `base` selects the model's table instead (`select(Model.__table__)`, skipping ORM
     loading) and the items are the result rows, whose columns read like the model's attributes.
+
+    `walk_first` (with `whole_rows`): sort fields with an index in exactly the keyset order. When the page
+    is sorted by one of them and filters on custom data, the page is first looked for among the next
+    WALK_ROWS_PER_PAGE_ROW x (limit + 1) rows of that index: a broad filter (say a fifth of the rows) finds
+    its page there, reading a bounded number of rows whatever index the planner would have chosen (SQLite
+    picks an index on the filtered custom field, then sorts every match). Only when the window holds less
+    than a page (a selective filter) does the query run as is, for the planner to serve from its indexes.
     """
     if not 1 <= page.limit <= MAX_LIMIT:
         raise InvalidArgument.for_field("limit", f"must be between 1 and {MAX_LIMIT}")
@@ -323,16 +346,35 @@ async def fetch_page(
     backwards = direction == "prev"
 
     statement = base.where(condition)
-    if boundary is not None:
-        statement = statement.where(
-            keyset_condition(keys, boundary.values, reverse=backwards, inclusive=boundary.inclusive)
-        )
-    statement = (
-        statement.add_columns(*(key.expression.label(f"cp_sort_{i}") for i, key in enumerate(keys)))
-        .order_by(*(key.order_clause(reverse=backwards) for key in keys))
-        .limit(page.limit + 1)  # one extra row tells whether another page exists
+    keyset = (
+        None
+        if boundary is None
+        else keyset_condition(keys, boundary.values, reverse=backwards, inclusive=boundary.inclusive)
     )
-    rows = list((await session.execute(statement)).all())
+    order = [key.order_clause(reverse=backwards) for key in keys]
+
+    def ordered(query: Select[Any]) -> Select[Any]:
+        return (
+            query.add_columns(*(key.expression.label(f"cp_sort_{i}") for i, key in enumerate(keys)))
+            .order_by(*order)
+            .limit(page.limit + 1)  # one extra row tells whether another page exists
+        )
+
+    rows: list[Any] = []
+    walked = whole_rows and keys[0].field in walk_first and mentions_custom(page.filter_conditions)
+    if walked:
+        # The window: the next rows in sort order, by the sort index alone. The page's own conditions
+        # apply to the window's rows (the adapter moves every reference to the table onto the window).
+        window = select(entity.model.__table__)
+        if keyset is not None:
+            window = window.where(keyset)
+        window_rows = window.order_by(*order).limit(WALK_ROWS_PER_PAGE_ROW * (page.limit + 1))
+        within = ClauseAdapter(window_rows.subquery("cp_window")).traverse(ordered(statement))
+        rows = list((await session.execute(within)).all())
+    if not walked or len(rows) <= page.limit:  # else the window held a page and one more row
+        rows = list(
+            (await session.execute(ordered(statement if keyset is None else statement.where(keyset)))).all()
+        )
     more = len(rows) > page.limit
     rows = rows[: page.limit]
     if backwards:
