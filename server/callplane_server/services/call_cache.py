@@ -5,7 +5,9 @@ Two modes, by who else may change the database:
 - **Trusted** (the store is the database's sole writer: an embedded SQLite file this process holds the
   lock of): every change is a commit of this process, and the store tells the cache which calls it
   changed before the change is acknowledged, so an entry is used with no statement at all. A read that
-  raced a write does not fill the cache (the generation moved on while it read).
+  raced a write of the same call (or a write that may have changed anything) does not fill the cache;
+  writes of other calls do not keep it from filling, so a steady flow of writes does not turn every
+  read of an unchanged call into a database read.
 - **Validated** (PostgreSQL, where other replicas write too): an entry is used only after one statement
   shows it is current: the call's last_seq (every change to a call, its members or their permissions
   bumps it) and the directory version (every change to users or call types bumps it) as committed now,
@@ -71,7 +73,17 @@ class CallCache:
         self._directory_version = -1
         self._types: dict[str, CallTypeRecord] | None = None
         self._callers: dict[Principal, Caller] = {}
+        # The generation of each recent change, by call (oldest first, at most RECENT_CHANGES), and the
+        # generation below which a read may have missed a change no longer remembered (or one to any call).
+        self._changed_at: dict[str, int] = {}
+        self._floor = 0
         store.change_listeners.append(self._changed)
+
+    RECENT_CHANGES = 4096
+
+    def unchanged_since(self, cid: str, generation: int) -> bool:
+        """True if no change that may concern `cid` was recorded since `self.generation` was `generation`."""
+        return generation >= self._floor and self._changed_at.get(cid, -1) <= generation
 
     async def current(self, cid: str) -> CachedCall | None:
         """The entry of the call if it is its current state (checked with one statement unless trusted)."""
@@ -141,8 +153,8 @@ class CallCache:
         return entry
 
     def put(self, cid: str, entry: CachedCall, read_at_generation: int) -> None:
-        """Keeps `entry` unless anything changed since the read that made it began."""
-        if read_at_generation == self.generation:
+        """Keeps `entry` unless the call (or anything) changed since the read that made it began."""
+        if self.unchanged_since(cid, read_at_generation):
             self._keep(cid, entry)
 
     def put_committed(self, cid: str, entry: CachedCall) -> None:
@@ -208,6 +220,13 @@ class CallCache:
             self._entries.clear()
             self._directory_changes += 1
             self._types, self._callers = None, {}
+            self._changed_at.clear()
+            self._floor = self.generation
             return
         for cid in cids:
             self._entries.pop(cid, None)
+            self._changed_at.pop(cid, None)  # re-inserted last: the dict stays in generation order
+            self._changed_at[cid] = self.generation
+        while len(self._changed_at) > self.RECENT_CHANGES:
+            oldest = next(iter(self._changed_at))
+            self._floor = max(self._floor, self._changed_at.pop(oldest))

@@ -391,7 +391,7 @@ class CallService:
             full, have, directory = loaded
             if (
                 cached is None
-                or generation != self._cache.generation
+                or not self._cache.unchanged_since(cid, generation)
                 or (not self._cache.trusted and cached.stamp != (full.call.last_seq, directory))
             ):
                 cached = CachedCall(full.call, full.settings, full.members, directory=directory)
@@ -680,7 +680,7 @@ class CallService:
         if found is None:
             generation = self._cache.generation
             found = await self._store.read(members_page)
-            if generation == self._cache.generation:
+            if self._cache.unchanged_since(cid, generation):
                 cached.keep_member_page(key, found)
         return found
 
