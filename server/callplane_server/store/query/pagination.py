@@ -360,6 +360,9 @@ async def fetch_page(
             .limit(page.limit + 1)  # one extra row tells whether another page exists
         )
 
+    # Whole rows are read through the transaction's connection: Core execution, without the ORM session's
+    # per-statement work (its compile state and result set-up), which cost more than SQLite's own.
+    execute = (await session.connection()).execute if whole_rows else session.execute
     rows: list[Any] = []
     walked = whole_rows and keys[0].field in walk_first and mentions_custom(page.filter_conditions)
     if walked:
@@ -370,10 +373,10 @@ async def fetch_page(
             window = window.where(keyset)
         window_rows = window.order_by(*order).limit(WALK_ROWS_PER_PAGE_ROW * (page.limit + 1))
         within = ClauseAdapter(window_rows.subquery("cp_window")).traverse(ordered(statement))
-        rows = list((await session.execute(within)).all())
+        rows = list((await execute(within)).all())
     if not walked or len(rows) <= page.limit:  # else the window held a page and one more row
         rows = list(
-            (await session.execute(ordered(statement if keyset is None else statement.where(keyset)))).all()
+            (await execute(ordered(statement if keyset is None else statement.where(keyset)))).all()
         )
     more = len(rows) > page.limit
     rows = rows[: page.limit]
