@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Sequence
 
 from callplane.v1 import call_service_pb2, user_pb2
+from callplane_server.domain.records import CallStamp
 from callplane_server.services.call_cache import CachedCall, CallCache
 from callplane_server.store import Store
 from tests.support import RunningServer, struct
@@ -21,7 +22,7 @@ async def _cache_of(server: RunningServer, call_ids: list[str]) -> tuple[CallCac
     checks: list[list[str]] = []
     original = store.call_stamps
 
-    async def counted(cids: Sequence[str]) -> dict[str, tuple[int, int]]:
+    async def counted(cids: Sequence[str]) -> dict[str, CallStamp]:
         checks.append(sorted(cids))
         return await original(cids)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 JSONDict = dict[str, Any]
 
@@ -77,6 +77,16 @@ class CallRecord:
         # Includes the creation instant so a hard-deleted and recreated call never reuses an etag.
         identity = f"{self.cid}|{self.created_at.isoformat()}|{self.version}"
         return hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()
+
+
+class CallStamp(NamedTuple):
+    """What a cached call's freshness is judged by: the call's last_seq (bumped by every change to it, its
+    members, permissions or blocks), its creation instant (a call recreated under the same cid is another
+    call) and the directory version (bumped by every change to users or call types)."""
+
+    last_seq: int
+    created_at: datetime
+    directory: int
 
 
 @dataclass

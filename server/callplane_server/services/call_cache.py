@@ -9,11 +9,12 @@ Two modes, by who else may change the database:
   writes of other calls do not keep it from filling, so a steady flow of writes does not turn every
   read of an unchanged call into a database read.
 - **Validated** (PostgreSQL, where other replicas write too): an entry is used only after one statement
-  shows it is current: the call's last_seq (every change to a call, its members or their permissions
-  bumps it) and the directory version (every change to users or call types bumps it) as committed now,
-  equal to those the entry was read at. The statement runs after the request arrived, so a change
-  acknowledged by any replica before it is seen (read-your-writes across replicas). An entry's parts are
-  read stamp first, so a part can only be newer than its stamp, never older: a race costs a miss.
+  shows it is current: the call's stamp as committed now (CallStamp: its last_seq, which every change to
+  a call, its members or their permissions bumps, its creation instant, and the directory version, which
+  every change to users or call types bumps), equal to the one the entry was read at. The statement
+  runs after the request arrived, so a change acknowledged by any replica before it is seen
+  (read-your-writes across replicas). An entry's parts are read stamp first, so a part can only be
+  newer than its stamp, never older: a race costs a miss.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 from callplane_server.auth.context import current_principal
 from callplane_server.auth.tokens import Principal
 from callplane_server.domain.caller import Caller
-from callplane_server.domain.records import CallRecord, CallTypeRecord, MemberRecord, Page
+from callplane_server.domain.records import CallRecord, CallStamp, CallTypeRecord, MemberRecord, Page
 from callplane_server.services.authz import load_caller
 from callplane_server.store import Store, Transaction
 
@@ -52,8 +53,8 @@ class CachedCall:
         self.member_pages[key] = page
 
     @property
-    def stamp(self) -> tuple[int, int]:
-        return (self.call.last_seq, self.directory)
+    def stamp(self) -> CallStamp:
+        return CallStamp(self.call.last_seq, self.call.created_at, self.directory)
 
 
 class CallCache:
@@ -65,7 +66,7 @@ class CallCache:
         self._entries: dict[str, CachedCall] = {}
         self.generation = 0
         # Calls whose stamps were asked for since the next check was scheduled (validated mode).
-        self._wanted: dict[str, asyncio.Future[tuple[int, int] | None]] = {}
+        self._wanted: dict[str, asyncio.Future[CallStamp | None]] = {}
         self._wanted_by = contextvars.Context()
         self._checking: asyncio.Task[None] | None = None
         # The call types and callers of the newest directory version seen (see `directory`).
@@ -96,7 +97,7 @@ class CallCache:
             del self._entries[cid]
         return None
 
-    async def _stamp(self, cid: str) -> tuple[int, int] | None:
+    async def _stamp(self, cid: str) -> CallStamp | None:
         """The call's stamp as committed after this request arrived. Checks are grouped, as commits are in
         group commit: while one check runs, the requests that arrive wait for the next, which then reads
         the stamps of all their calls in one statement. Each statement is sent after every request it
@@ -119,10 +120,10 @@ class CallCache:
                 self._check(wanted), context=self._wanted_by
             )
 
-    async def _check(self, wanted: dict[str, asyncio.Future[tuple[int, int] | None]]) -> None:
+    async def _check(self, wanted: dict[str, asyncio.Future[CallStamp | None]]) -> None:
         try:
             cids = list(wanted)
-            stamps: dict[str, tuple[int, int]] = {}
+            stamps: dict[str, CallStamp] = {}
             for start in range(0, len(cids), self.MAX_CHECKED):
                 stamps.update(await self._store.call_stamps(cids[start : start + self.MAX_CHECKED]))
         except Exception as error:

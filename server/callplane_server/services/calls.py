@@ -392,7 +392,10 @@ class CallService:
             if (
                 cached is None
                 or not self._cache.unchanged_since(cid, generation)
-                or (not self._cache.trusted and cached.stamp != (full.call.last_seq, directory))
+                or (
+                    not self._cache.trusted
+                    and cached.stamp != (full.call.last_seq, full.call.created_at, directory)
+                )
             ):
                 cached = CachedCall(full.call, full.settings, full.members, directory=directory)
             # else the cached state is still current: it only lacked this principal's capabilities.

@@ -119,10 +119,11 @@ _BUMP_DIRECTORY = (
     update(_COUNTERS).where(_COUNTERS.c.name == DIRECTORY_COUNTER).values(value=_COUNTERS.c.value + 1)
 )
 _FIRST_DIRECTORY_VERSION = _COUNTERS.insert().values(name=DIRECTORY_COUNTER, value=1)
-#: Cached calls' freshness check, one statement for many calls, by dialect: (cid, the call's last_seq,
-#: the directory version) of each call that exists. PostgreSQL takes the cids as one array parameter, so
-#: the statement's text (and asyncpg's prepared statement) is the same whatever their number.
-_STAMPS = select(_CALLS.c.cid, _CALLS.c.last_seq, _DIRECTORY_VERSION.scalar_subquery())
+#: Cached calls' freshness check, one statement for many calls, by dialect: (cid, last_seq, created_at,
+#: the directory version) of each call that exists (see CallStamp). PostgreSQL takes the cids as one
+#: array parameter, so the statement's text (and asyncpg's prepared statement) is the same whatever
+#: their number.
+_STAMPS = select(_CALLS.c.cid, _CALLS.c.last_seq, _CALLS.c.created_at, _DIRECTORY_VERSION.scalar_subquery())
 CALL_STAMPS = {
     "postgresql": _STAMPS.where(_CALLS.c.cid == any_(bindparam("cids", type_=ARRAY(String)))),
     "sqlite": _STAMPS.where(_CALLS.c.cid.in_(bindparam("cids", expanding=True))),

@@ -9,7 +9,7 @@ from typing import TypeVar
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from callplane_server.domain.events import DomainEvent
-from callplane_server.domain.records import CallRecord
+from callplane_server.domain.records import CallRecord, CallStamp
 from callplane_server.errors import CallplaneError, Unavailable
 from callplane_server.store.custom_indexes import CustomIndex, ensure_custom_indexes
 from callplane_server.store.database import GROUP_SCOPE, Database, GroupScope
@@ -147,11 +147,11 @@ class Store:
             raise RuntimeError("store not opened")
         return self._signer
 
-    async def call_stamps(self, cids: Sequence[str]) -> dict[str, tuple[int, int]]:
-        """cid → (the call's last_seq, the directory version) as committed now, for each of the calls that
-        exists, in one statement outside any transaction. A cached call read at its stamp is current."""
+    async def call_stamps(self, cids: Sequence[str]) -> dict[str, CallStamp]:
+        """cid → its stamp as committed now, for each of the calls that exists, in one statement outside
+        any transaction. A cached call read at its stamp is current."""
         rows = await self.database.probe(CALL_STAMPS[self.database.dialect], {"cids": list(cids)})
-        return {row[0]: (int(row[1]), int(row[2] or 0)) for row in rows}
+        return {row[0]: CallStamp(int(row[1]), row[2], int(row[3] or 0)) for row in rows}
 
     async def read(self, work: Callable[[Transaction], Awaitable[T]]) -> T:
         return await self.database.run(lambda session: work(Transaction(session, self.signer)), write=False)

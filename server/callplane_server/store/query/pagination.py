@@ -375,9 +375,7 @@ async def fetch_page(
         within = ClauseAdapter(window_rows.subquery("cp_window")).traverse(ordered(statement))
         rows = list((await execute(within)).all())
     if not walked or len(rows) <= page.limit:  # else the window held a page and one more row
-        rows = list(
-            (await execute(ordered(statement if keyset is None else statement.where(keyset)))).all()
-        )
+        rows = list((await execute(ordered(statement if keyset is None else statement.where(keyset)))).all())
     more = len(rows) > page.limit
     rows = rows[: page.limit]
     if backwards:
