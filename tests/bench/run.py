@@ -363,7 +363,10 @@ async def mixed_load(bench: Bench, target: str, clients: int, calls: int, users:
     with the writers (each first in turn); the writers' events checked in the events table, the reads-only
     phase checked to append none. Medians of the runs, and GetCall's p99 with ÷ without the writers."""
     settings = mixed.MixSettings(
-        clients=clients, seconds=bench.args.seconds, warm_up_seconds=bench.args.warm_up, cpu=bench.load_cpu
+        clients=clients,
+        seconds=bench.args.mixed_seconds,
+        warm_up_seconds=bench.args.warm_up,
+        cpu=bench.load_cpu,
     )
     phases: dict[str, list[dict[str, Any]]] = {"reads_only": [], "with_writers": []}
     methods = {
@@ -390,6 +393,7 @@ async def mixed_load(bench: Bench, target: str, clients: int, calls: int, users:
                 unchanged=() if writers else workloads.READS_WRITE_NOTHING,
             )
             keys = workloads.event_keys(check)
+            await bench.drain(list(methods.values()))
             events_before = await bench.counter.counts(keys)
             before = bench.handled()
             result = await asyncio.to_thread(
@@ -731,6 +735,9 @@ def main(argv: list[str] | None = None) -> int:
         help="reads under writes: concurrent clients of the mixed load (0: not measured)",
     )
     parser.add_argument(
+        "--mixed-seconds", type=float, default=10.0, help="mixed load: measured seconds of each phase"
+    )
+    parser.add_argument(
         "--mixed-backends",
         default="sqlite,postgres",
         help="backends the mixed load runs on (comma-separated)",
@@ -800,6 +807,7 @@ def main(argv: list[str] | None = None) -> int:
             "fanout_seconds": args.fanout_seconds,
             "idle_streams": args.idle_streams,
             "mixed_clients": args.mixed_clients,
+            "mixed_seconds": args.mixed_seconds,
         },
         "backends": {},
     }

@@ -41,8 +41,9 @@ def cache_folder() -> Path:
     return base / "callplane-bench"
 
 
-def alembic_heads(folder: Path = MIGRATIONS) -> list[str]:
+def alembic_heads(folder: Path | None = None) -> list[str]:
     """The schema's head revision(s): revisions no other revision names as its down_revision."""
+    folder = folder or MIGRATIONS
     revisions: set[str] = set()
     downs: set[str] = set()
     for path in folder.glob("*.py"):
