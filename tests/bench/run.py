@@ -1,7 +1,8 @@
 """`make bench`: Callplane against the transport's own limit, on SQLite and PostgreSQL.
 
-For each backend: a fresh database seeded through the API (10,000 calls with 5 members and custom data,
-1,000 users), then the rows of tests/bench/workloads.py, interleaved with the reference server (bare
+For each backend: a database seeded through the API (100,000 calls with 5 members and custom data, 1,000
+users; the seed cached and reused while the same, see tests/bench/seeding.py), then the rows of
+tests/bench/workloads.py, interleaved with the reference server (bare
 grpc.aio answering fixed replies), 3 runs each, median reported, with the servers pinned to CPU 0 and the
 load on CPU 1. Reads, SendCallEvent and the no-op UpdateCall go through h2load (one body, repeated);
 writes whose every request must differ (UpdateCall, UpdateParticipantCustom, GetOrCreateCall creating a
@@ -9,7 +10,10 @@ call, JoinCall + LeaveCall) through tests/bench/generator.py, which also runs ag
 the same run to show it is not the limit. Every ratio is to the reference under h2load -c16 -m16 (GetCall);
 generator rows also show their ratio to the reference under the same generator. Every reply must be OK by
 the server's own count (/metrics), and each write row must have appended the events its OK replies owe
-(counted in the `events` table); the no-op and the reads must append none. Then event fan-out (1,000
+(counted in the `events` table); the no-op and the reads must append none. On PostgreSQL, GetCall and the
+broad QueryCalls again with a second server on the same database and the load split over both. Then the
+mixed load (tests/bench/mixed.py): GetCall's p99 under reads and writes ÷ under the reads alone. Then
+event fan-out (1,000
 WatchCall streams on one call, 100 UpdateCalls/s for 10 s) and server RSS with 10,000 idle watch
 streams. Then the live-capacity scenario (tests/bench/capacity.py: connected participants holding presence
 with WatchCall, idle cost, join rate, an activity profile, one big join), on a fresh database with its own
@@ -724,7 +728,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"a quick check: --calls 500 --users 100 --runs 1 --seconds 3 --skip-streams --no-readme, and "
+        help=f"a quick check: --calls 500 --users 100 --runs 1 --seconds 3 --mixed-seconds 3 --skip-streams "
+        "--no-readme, and "
         f"capacity with 200 and 500 participants and shorter windows; results in {QUICK_OUTPUT} unless "
         "--output says otherwise",
     )
@@ -757,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README's results")
     args = parser.parse_args(argv)
     if args.quick:
-        args.calls, args.users, args.runs, args.seconds = 500, 100, 1, 3.0
+        args.calls, args.users, args.runs, args.seconds, args.mixed_seconds = 500, 100, 1, 3.0, 3.0
         args.skip_streams = args.no_readme = True
         if args.output == RESULTS_DIR:
             args.output = QUICK_OUTPUT
