@@ -80,12 +80,12 @@ def _entry(ratio: float) -> dict[str, Any]:
     return {"requests_per_second": 1000 * ratio, "p50_ms": 1.0, "p99_ms": 2.0, "ratio": ratio, "runs": []}
 
 
-def _mix(ratio: float) -> dict[str, Any]:
+def _mix(ratio: float | None) -> dict[str, Any]:
     figures = {"requests_per_second": 100.0, "p50_ms": 5.0, "p99_ms": 10.0}
     return {
         "clients": 50,
         "reads_only": {m: figures for m in mixed.READS},
-        "with_writers": {m: {**figures, "p99_ms": 10.0 * ratio} for m in mixed.MIX},
+        "with_writers": {m: {**figures, "p99_ms": 10.0 * (ratio or 0)} for m in mixed.MIX},
         "get_call_p99_ratio": ratio,
     }
 
@@ -142,6 +142,9 @@ def test_report_shows_the_issue_13_rows_and_the_mixed_load(tmp_path: Path) -> No
         assert report.ROW_LABELS[name] in text
     assert "| **GetCall p99 with the writers ÷ reads only** | ≤ 2 (SQLite) | **3.00** | **1.50** |" in text
     missed = report.missed_targets(results)
+    unmeasured = {**results, "backends": {"sqlite": {"rpcs": rows, "mixed": _mix(None)}}}
+    assert "not measured (no GetCall answered" in report.markdown(unmeasured)
+    assert any("p99 not measured" in m for m in report.missed_targets(unmeasured))
     assert "SQLite QueryCalls broad 0.050 < 0.1" in missed
     assert any(m.startswith("mixed load: SQLite GetCall p99") for m in missed)
     assert report._rows(results)[:6] == [
