@@ -143,7 +143,7 @@ def test_report_shows_the_issue_13_rows_and_the_mixed_load(tmp_path: Path) -> No
     assert "| **GetCall p99 with the writers ÷ reads only** | ≤ 2 (SQLite) | **3.00** | **1.50** |" in text
     missed = report.missed_targets(results)
     unmeasured = {**results, "backends": {"sqlite": {"rpcs": rows, "mixed": _mix(None)}}}
-    assert "not measured (no GetCall answered" in report.markdown(unmeasured)
+    assert "not measured (too few GetCalls answered" in report.markdown(unmeasured)
     assert any("p99 not measured" in m for m in report.missed_targets(unmeasured))
     assert "SQLite QueryCalls broad 0.050 < 0.1" in missed
     assert any(m.startswith("mixed load: SQLite GetCall p99") for m in missed)

@@ -362,7 +362,7 @@ def mixed_markdown(results: dict[str, Any], backends: list[str]) -> list[str]:
         + " | ".join(
             f"**{m['get_call_p99_ratio']:.2f}**"
             if m.get("get_call_p99_ratio") is not None
-            else "not measured (no GetCall answered within a phase's window)"
+            else "not measured (too few GetCalls answered within a phase's window)"
             for m in mixes
         )
         + " |"
@@ -565,7 +565,7 @@ def missed_targets(results: dict[str, Any]) -> list[str]:
         return missed
     mix = sqlite.get("mixed")
     if mix and mix.get("get_call_p99_ratio") is None:
-        missed.append("mixed load: SQLite GetCall p99 not measured (no GetCall answered within a window)")
+        missed.append("mixed load: SQLite GetCall p99 not measured (too few GetCalls answered in a window)")
     elif mix and mix["get_call_p99_ratio"] > MIXED_P99_RATIO_TARGET:
         missed.append(
             f"mixed load: SQLite GetCall p99 with writers {mix['get_call_p99_ratio']:.2f}x the reads-only p99"
