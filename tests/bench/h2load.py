@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from google.protobuf.message import Message
@@ -70,20 +70,15 @@ _REQUESTS = re.compile(
 )
 
 
-def run(
+def _command(
     target: str,
     method: str,
-    body: bytes,
+    body_path: Path,
+    log_path: Path,
     token: str | None,
     settings: LoadSettings,
-    folder: Path,
-    cpu: str | None = None,
-) -> LoadResult:
-    """One h2load run against http://target/method (on the given CPUs, `taskset -c`, if any)."""
-    body_path = folder / f"{method.strip('/').replace('/', '.')}.body"
-    body_path.write_bytes(body)
-    log_path = folder / "h2load-requests.log"
-    log_path.unlink(missing_ok=True)
+    cpu: str | None,
+) -> list[str]:
     command = [
         *(["taskset", "-c", cpu] if cpu else []),
         ensure_h2load(),
@@ -109,16 +104,63 @@ def run(
     if token:
         command += ["-H", f"authorization: Bearer {token}"]
     command.append(f"http://{target}{method}")
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    output = completed.stdout
+    return command
+
+
+def _counts(returncode: int, output: str, errors: str) -> tuple[float, tuple[int, ...]]:
     finished = _FINISHED.search(output)
     counts = _REQUESTS.search(output)
-    if completed.returncode != 0 or not finished or not counts:
-        raise RuntimeError(f"h2load failed ({completed.returncode}):\n{output}\n{completed.stderr}")
-    durations = sorted(_durations_ms(log_path))
-    total, _started, _done, succeeded, failed, errored = (int(v) for v in counts.groups())
+    if returncode != 0 or not finished or not counts:
+        raise RuntimeError(f"h2load failed ({returncode}):\n{output}\n{errors}")
+    return float(finished.group(1)), tuple(int(v) for v in counts.groups())
+
+
+def run(
+    target: str,
+    method: str,
+    body: bytes,
+    token: str | None,
+    settings: LoadSettings,
+    folder: Path,
+    cpu: str | None = None,
+) -> LoadResult:
+    """One h2load run against http://target/method (on the given CPUs, `taskset -c`, if any)."""
+    return run_split([target], method, body, token, settings, folder, cpu)
+
+
+def run_split(
+    targets: list[str],
+    method: str,
+    body: bytes,
+    token: str | None,
+    settings: LoadSettings,
+    folder: Path,
+    cpu: str | None = None,
+) -> LoadResult:
+    """h2load against each target at the same time, `settings.clients` split evenly between them (one
+    h2load process each): the rates summed, the latencies of all requests together."""
+    if settings.clients % len(targets):
+        raise ValueError(f"{settings.clients} h2load clients do not split evenly over {len(targets)} servers")
+    share = replace(settings, clients=settings.clients // len(targets))
+    body_path = folder / f"{method.strip('/').replace('/', '.')}.body"
+    body_path.write_bytes(body)
+    logs = [folder / f"h2load-requests-{index}.log" for index in range(len(targets))]
+    processes = []
+    for target, log_path in zip(targets, logs, strict=True):
+        log_path.unlink(missing_ok=True)
+        command = _command(target, method, body_path, log_path, token, share, cpu)
+        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    rate = 0.0
+    totals = [0, 0, 0, 0, 0, 0]
+    for process in processes:
+        output, errors = process.communicate()
+        one_rate, counts = _counts(process.returncode, output, errors)
+        rate += one_rate
+        totals = [a + b for a, b in zip(totals, counts, strict=True)]
+    durations = sorted(d for log_path in logs for d in _durations_ms(log_path))
+    total, _started, _done, succeeded, failed, errored = totals
     return LoadResult(
-        requests_per_second=float(finished.group(1)),
+        requests_per_second=rate,
         requests=total,
         succeeded=succeeded,
         failed=failed,

@@ -12,7 +12,12 @@ RPCS = (
     "GetCall",
     "GetOrCreateCall",
     "QueryCalls",
+    "QueryCalls broad",
+    "QueryCalls selective",
+    "QueryCalls selective indexed",
     "QueryMembers",
+    "GetCall (2 replicas)",
+    "QueryCalls broad (2 replicas)",
     "SendCallEvent",
     "UpdateCall",
     "UpdateParticipantCustom",
@@ -22,6 +27,16 @@ RPCS = (
 )
 ROW_LABELS = {
     "GetOrCreateCall": "GetOrCreateCall (existing call)",
+    "QueryCalls": "QueryCalls region eu, priority ≥ 5 by priority desc (declared index region,priority)",
+    "QueryCalls broad": "QueryCalls region eu (20 %) by created_at desc, 25 (no declared index)",
+    "QueryCalls selective": "QueryCalls owner team-42 (0.1 %) by created_at desc, 25 (no declared index)",
+    "QueryCalls selective indexed": (
+        "QueryCalls team t-42 (0.1 %) by created_at desc, 25 (declared index team)"
+    ),
+    "GetCall (2 replicas)": "GetCall on 2 replicas (load split; both servers share CPU 0 when pinned)",
+    "QueryCalls broad (2 replicas)": (
+        "QueryCalls broad on 2 replicas (load split; both servers share CPU 0 when pinned)"
+    ),
     "SendCallEvent": "SendCallEvent (to everyone)",
     "UpdateCall": "UpdateCall (a new set_custom value each time)",
     "UpdateParticipantCustom": "UpdateParticipantCustom (a new value each time)",
@@ -31,18 +46,27 @@ ROW_LABELS = {
 }
 CHART_LABELS = {
     "GetOrCreateCall": "GetOrCreate\n(existing)",
+    "QueryCalls": "QueryCalls\n(indexed sort)",
+    "QueryCalls broad": "QueryCalls\nbroad",
+    "QueryCalls selective": "QueryCalls\nselective",
+    "QueryCalls selective indexed": "QueryCalls\nsel. indexed",
+    "GetCall (2 replicas)": "GetCall\n(2 replicas)",
+    "QueryCalls broad (2 replicas)": "QueryCalls broad\n(2 replicas)",
     "SendCallEvent": "SendCall\nEvent",
     "UpdateParticipantCustom": "UpdatePart.\nCustom",
     "GetOrCreateCall create": "GetOrCreate\n(create, 5 m.)",
     "JoinCall+LeaveCall": "Join+Leave\n(pairs)",
     "UpdateCall no-op": "UpdateCall\n(no-op)",
 }
-# Ratio to the reference server per backend: reads from issue 5 (SQLite only), writes from issue 11.
+# Ratio to the reference server per backend: reads from issue 5 (SQLite) and issue 13 (PostgreSQL, the
+# QueryCalls rows at 100,000 calls), writes from issue 11.
 TARGETS: dict[str, dict[str, float]] = {
-    "GetCall": {"sqlite": 0.6},
-    "GetOrCreateCall": {"sqlite": 0.5},
+    "GetCall": {"sqlite": 0.6, "postgres": 0.4},
+    "GetOrCreateCall": {"sqlite": 0.5, "postgres": 0.35},
     "QueryCalls": {"sqlite": 0.15},
-    "QueryMembers": {"sqlite": 0.2},
+    "QueryCalls broad": {"sqlite": 0.1, "postgres": 0.1},
+    "QueryCalls selective indexed": {"sqlite": 0.15, "postgres": 0.15},
+    "QueryMembers": {"sqlite": 0.2, "postgres": 0.3},
     "SendCallEvent": {"sqlite": 0.30, "postgres": 0.20},
     "UpdateCall": {"sqlite": 0.30, "postgres": 0.20},
     "UpdateParticipantCustom": {"sqlite": 0.25, "postgres": 0.15},
@@ -51,6 +75,8 @@ TARGETS: dict[str, dict[str, float]] = {
     "UpdateCall no-op": {"sqlite": 0.6, "postgres": 0.4},
 }
 FANOUT_P99_TARGET_MS = 50.0
+# Issue 13, goal 3: GetCall's p99 under the mixed load with writers ÷ without them (SQLite).
+MIXED_P99_RATIO_TARGET = 2.0
 IDLE_RSS_TARGET_MB = 300.0
 # Issue 12's goals (SQLite, one server process).
 CAPACITY_POPULATION_TARGET = 10_000
@@ -157,7 +183,8 @@ def _rpc_markdown(results: dict[str, Any]) -> list[str]:
         f"grpcio {machine['grpcio']}, SQLite {machine['sqlite']}, {machine['event_loop']}; {pinned}. "
         f"{load['seconds']:g} s measured after {load['warm_up_seconds']:g} s warm-up, "
         f"median of {settings['runs']} runs; "
-        f"{settings['calls']:,} calls x {settings['members_per_call']} members, {settings['users']:,} users. "
+        f"{settings['calls']:,} calls x {settings['members_per_call']} members, {settings['users']:,} users, "
+        "seeded through the API (a cached seed reused when the same). "
         f"Load `h2load`: h2load -c {load['clients']} -m {load['streams']} -t {load['threads']}, one request "
         f"body repeated. Load `generator`: tests/bench/generator.py, a new value in every request "
         f"(grpc.aio, raw-bytes bodies, {gen.get('in_flight', '?')} in flight, "
@@ -227,6 +254,7 @@ def _rpc_markdown(results: dict[str, Any]) -> list[str]:
                 ]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    lines += mixed_markdown(results, backends)
     if any("fanout" in results["backends"][b] for b in backends):
         lines.append("| streams | target | " + " | ".join(LABELS.get(b, b) for b in backends) + " |")
         lines.append("|---|---|" + "---|" * len(backends))
@@ -289,6 +317,57 @@ def _rpc_markdown(results: dict[str, Any]) -> list[str]:
             + " |"
         )
         lines.append("")
+    return lines
+
+
+def mixed_markdown(results: dict[str, Any], backends: list[str]) -> list[str]:
+    """The mixed load (reads under writes): GetCall's latency with and without the writers."""
+    measured = [b for b in backends if "mixed" in results["backends"][b]]
+    if not measured:
+        return []
+    mixes = [results["backends"][b]["mixed"] for b in measured]
+    clients = mixes[0]["clients"]
+    lines = [
+        f"Reads under writes: {clients} clients, each sending one request after the other, cycling through "
+        "GetCall, UpdateCall (a new custom value), QueryCalls (team t-n by created_at desc), "
+        "UpdateCallMembers (a new member custom value) and QueryMembers on calls spread over the seeded "
+        "ones; then the same clients sending only the three reads. Writes checked in the events table.",
+        "",
+        "| mixed load | target | " + " | ".join(LABELS.get(b, b) for b in measured) + " |",
+        "|---|---|" + "---|" * len(measured),
+    ]
+
+    def cell(mix: dict[str, Any], phase: str, method: str) -> str:
+        figures = mix[phase].get(method)
+        if not figures:
+            return "–"
+        return (
+            f"{figures['p50_ms']:.1f} / {figures['p99_ms']:.1f} ms ({figures['requests_per_second']:,.0f}/s)"
+        )
+
+    for method in ("GetCall", "QueryCalls", "QueryMembers"):
+        lines.append(
+            f"| {method} p50 / p99, reads only | – | "
+            + " | ".join(cell(m, "reads_only", method) for m in mixes)
+            + " |"
+        )
+    for method in ("GetCall", "QueryCalls", "QueryMembers", "UpdateCall", "UpdateCallMembers"):
+        lines.append(
+            f"| {method} p50 / p99, with the writers | – | "
+            + " | ".join(cell(m, "with_writers", method) for m in mixes)
+            + " |"
+        )
+    lines.append(
+        f"| **GetCall p99 with the writers ÷ reads only** | ≤ {MIXED_P99_RATIO_TARGET:g} (SQLite) | "
+        + " | ".join(
+            f"**{m['get_call_p99_ratio']:.2f}**"
+            if m.get("get_call_p99_ratio") is not None
+            else "not measured (too few GetCalls answered within a phase's window)"
+            for m in mixes
+        )
+        + " |"
+    )
+    lines.append("")
     return lines
 
 
@@ -484,6 +563,13 @@ def missed_targets(results: dict[str, Any]) -> list[str]:
     sqlite = results.get("backends", {}).get("sqlite")
     if sqlite is None:
         return missed
+    mix = sqlite.get("mixed")
+    if mix and mix.get("get_call_p99_ratio") is None:
+        missed.append("mixed load: SQLite GetCall p99 not measured (too few GetCalls answered in a window)")
+    elif mix and mix["get_call_p99_ratio"] > MIXED_P99_RATIO_TARGET:
+        missed.append(
+            f"mixed load: SQLite GetCall p99 with writers {mix['get_call_p99_ratio']:.2f}x the reads-only p99"
+        )
     fan = sqlite.get("fanout")
     if fan and (fan["latency_ms"]["p99"] > FANOUT_P99_TARGET_MS or fan["missing"] or not fan["all_acked"]):
         missed.append(
@@ -606,6 +692,22 @@ def _ratio_panel(axes: Any, results: dict[str, Any]) -> None:
     axes.set_title(f"Callplane vs the transport's limit ({results['date']}; dashed: each backend's target)")
     axes.axhline(1.0, color="grey", linewidth=0.8)
     axes.legend(loc="upper left")
+    mixes = [
+        f"{LABELS.get(b, b)} {results['backends'][b]['mixed']['get_call_p99_ratio']:.2f}x"
+        for b in backends
+        if results["backends"][b].get("mixed", {}).get("get_call_p99_ratio") is not None
+    ]
+    if mixes:
+        axes.text(
+            0.99,
+            0.97,
+            "mixed load: GetCall p99 with writers ÷ reads only (target ≤ "
+            f"{MIXED_P99_RATIO_TARGET:g}): " + ", ".join(mixes),
+            transform=axes.transAxes,
+            horizontalalignment="right",
+            verticalalignment="top",
+            fontsize=8,
+        )
 
 
 def write(results: dict[str, Any], folder: Path) -> list[Path]:

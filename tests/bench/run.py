@@ -1,7 +1,8 @@
 """`make bench`: Callplane against the transport's own limit, on SQLite and PostgreSQL.
 
-For each backend: a fresh database seeded through the API (10,000 calls with 5 members and custom data,
-1,000 users), then the rows of tests/bench/workloads.py, interleaved with the reference server (bare
+For each backend: a database seeded through the API (100,000 calls with 5 members and custom data, 1,000
+users; the seed cached and reused while the same, see tests/bench/seeding.py), then the rows of
+tests/bench/workloads.py, interleaved with the reference server (bare
 grpc.aio answering fixed replies), 3 runs each, median reported, with the servers pinned to CPU 0 and the
 load on CPU 1. Reads, SendCallEvent and the no-op UpdateCall go through h2load (one body, repeated);
 writes whose every request must differ (UpdateCall, UpdateParticipantCustom, GetOrCreateCall creating a
@@ -9,7 +10,10 @@ call, JoinCall + LeaveCall) through tests/bench/generator.py, which also runs ag
 the same run to show it is not the limit. Every ratio is to the reference under h2load -c16 -m16 (GetCall);
 generator rows also show their ratio to the reference under the same generator. Every reply must be OK by
 the server's own count (/metrics), and each write row must have appended the events its OK replies owe
-(counted in the `events` table); the no-op and the reads must append none. Then event fan-out (1,000
+(counted in the `events` table); the no-op and the reads must append none. On PostgreSQL, GetCall and the
+broad QueryCalls again with a second server on the same database and the load split over both. Then the
+mixed load (tests/bench/mixed.py): GetCall's p99 under reads and writes ÷ under the reads alone. Then
+event fan-out (1,000
 WatchCall streams on one call, 100 UpdateCalls/s for 10 s) and server RSS with 10,000 idle watch
 streams. Then the live-capacity scenario (tests/bench/capacity.py: connected participants holding presence
 with WatchCall, idle cost, join rate, an activity profile, one big join), on a fresh database with its own
@@ -40,7 +44,7 @@ import grpc
 
 from callplane.v1 import call_service_pb2, call_service_pb2_grpc
 from callplane_server import runtime
-from tests.bench import capacity, fanout, generator, h2load, report, workloads
+from tests.bench import capacity, fanout, generator, h2load, mixed, report, seeding, workloads
 from tests.bench.servers import (
     CALL_TYPE,
     REPO,
@@ -50,18 +54,17 @@ from tests.bench.servers import (
     handled_counts,
     pin,
     reference,
-    seed,
     server_token,
     wait_serving,
 )
 from tests.bench.stats import proc_status
-from tests.support import new_database
 
 RESULTS_DIR = REPO / "tests" / "bench" / "results"
 #: What `--only` can choose: the RPC rows with fan-out and idle streams, and the live-capacity scenario.
 PARTS = ("rpcs", "capacity")
 #: Where --quick writes (small runs never overwrite the committed results).
 QUICK_OUTPUT = Path(tempfile.gettempdir()) / "callplane-bench-quick"
+MEMBERS_PER_CALL = 5
 
 
 def _non_ok(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float], method: str) -> dict:
@@ -87,6 +90,31 @@ class Bench:
     counter: workloads.EventCounter
     load_cpu: str | None
     numbers: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    #: More servers on the same database (PostgreSQL): h2load rows split their clients over all of them.
+    replicas: tuple[tuple[str, int], ...] = ()
+
+    async def drain(self, methods: list[str], within: float = 300.0) -> float:
+        """Waits until the server has answered what it was still working on when the load ended (h2load
+        closes its connections with requests in flight, which a slow server goes on handling): until its
+        count of completed `methods` stays the same for half a second. Returns the seconds waited."""
+        started = time.monotonic()
+        previous = None
+        while time.monotonic() - started < within:
+            counts = self.handled()
+            now = sum(v for (method, _), v in counts.items() if method in methods)
+            if now == previous:
+                break
+            previous = now
+            await asyncio.sleep(0.5)
+        return max(time.monotonic() - started - 0.5, 0.0)
+
+    def handled(self) -> dict[tuple[str, str], float]:
+        """Completed RPCs by (method, code), summed over the servers."""
+        total: dict[tuple[str, str], float] = {}
+        for port in (self.metrics_port, *(port for _, port in self.replicas)):
+            for key, value in handled_counts(port).items():
+                total[key] = total.get(key, 0.0) + value
+        return total
 
     def h2load_settings(self) -> h2load.LoadSettings:
         args = self.args
@@ -144,13 +172,13 @@ class Bench:
         the events its OK replies owe appended (nothing appended by a row that must not write)."""
         keys = workloads.event_keys(workload)
         events_before = await self.counter.counts(keys)
-        before = handled_counts(self.metrics_port)
+        before = self.handled()
         measured: dict[str, Any]
         if workload.loader == "h2load":
             (only,) = workload.steps
             load = await asyncio.to_thread(
-                h2load.run,
-                self.callplane_target,
+                h2load.run_split,
+                [self.callplane_target, *(target for target, _ in self.replicas)],
                 only.method,
                 workload.h2load_body(),
                 self.token,
@@ -176,7 +204,14 @@ class Bench:
             client_errors = f"generator {result.requests_total} OK, non-OK {result.non_ok or 'none'}" + (
                 f" (first: {result.first_error})" if result.first_error else ""
             )
-        after = handled_counts(self.metrics_port)
+        measured["drain_seconds"] = await self.drain(workload.methods)
+        if measured["drain_seconds"] >= 1.0:
+            print(
+                f"  [{self.backend}] {workload.name}: the server was still busy "
+                f"{measured['drain_seconds']:.0f} s after the load ended (waited before the next row)",
+                flush=True,
+            )
+        after = self.handled()
         events_after = await self.counter.counts(keys)
         ok: dict[str, float] = {}
         non_ok: dict[str, dict[str, float]] = {}
@@ -208,19 +243,29 @@ class Bench:
         return measured
 
 
-async def load_rpcs(bench: Bench) -> dict[str, Any]:
-    rows = workloads.workloads(bench.stage)
-    runs: dict[str, list[dict[str, Any]]] = {"reference": [], **{w.name: [] for w in rows}}
+async def load_rpcs(
+    bench: Bench, rows: list[workloads.Workload] | None = None, reference_rps: float | None = None
+) -> dict[str, Any]:
+    """Each row `args.runs` times, medians, ratios to the reference: measured in each run before the
+    rows, or `reference_rps` when given (rows measured after the reference of the same bench)."""
+    if rows is None:
+        rows = workloads.workloads(bench.stage)
+    runs: dict[str, list[dict[str, Any]]] = {
+        **({"reference": []} if reference_rps is None else {}),
+        **{w.name: [] for w in rows},
+    }
     generator_references: dict[str, list[dict[str, Any]]] = {
         w.name: [] for w in rows if w.loader == "generator"
     }
     tag = bench.backend
     for run_index in range(bench.args.runs):
-        result = await bench.reference()
-        runs["reference"].append(result)
-        print(
-            f"  [{tag} run {run_index + 1}] reference: {result['requests_per_second']:,.0f} req/s", flush=True
-        )
+        if reference_rps is None:
+            result = await bench.reference()
+            runs["reference"].append(result)
+            print(
+                f"  [{tag} run {run_index + 1}] reference: {result['requests_per_second']:,.0f} req/s",
+                flush=True,
+            )
         for workload in rows:
             if workload.loader == "generator":
                 on_reference = await bench.generator_reference(workload)
@@ -251,7 +296,8 @@ async def load_rpcs(bench: Bench) -> dict[str, Any]:
                 + ")",
                 flush=True,
             )
-    reference_rps = statistics.median(r["requests_per_second"] for r in runs["reference"])
+    if reference_rps is None:
+        reference_rps = statistics.median(r["requests_per_second"] for r in runs["reference"])
     summary: dict[str, Any] = {}
     loaders = {w.name: w for w in rows}
     for name, results in runs.items():
@@ -281,22 +327,172 @@ async def load_rpcs(bench: Bench) -> dict[str, Any]:
     return summary
 
 
+#: The rows measured again with the load split over two servers on one PostgreSQL database.
+REPLICA_ROWS = ("GetCall", "QueryCalls broad")
+REPLICA_SUFFIX = " (2 replicas)"
+
+
+async def two_replicas(bench: Bench, database_url: str, server_cpu: str | None, reference_rps: float) -> dict:
+    """REPLICA_ROWS with a second server process on the same database: two h2load processes at once, half
+    the clients each (the rates summed), both servers on the servers' CPU."""
+    metrics_port = free_port()
+    with callplane(database_url, bench.folder, metrics_port, log_name="callplane-replica.log") as second:
+        await wait_serving(second)
+        if server_cpu:
+            pin(second.pid, server_cpu)
+        print(
+            f"[{bench.backend}] two replicas: a second server on the same database"
+            + (f", both pinned to CPU {server_cpu}" if server_cpu else ""),
+            flush=True,
+        )
+        rows = [
+            replace(
+                w,
+                name=w.name + REPLICA_SUFFIX,
+                description=w.description + "; h2load split over 2 servers on one database",
+            )
+            for w in workloads.workloads(bench.stage)
+            if w.name in REPLICA_ROWS
+        ]
+        split = replace(bench, replicas=((second.target, metrics_port),))
+        summary = await load_rpcs(split, rows, reference_rps)
+    for entry in summary.values():
+        entry["replicas"] = 2
+        entry["servers_cpu"] = server_cpu
+    return summary
+
+
+#: GetCalls a mixed-load phase must have answered within its window for its p99 to count.
+MIXED_MIN_GETCALLS = 20
+
+
+async def mixed_load(bench: Bench, target: str, clients: int, calls: int, users: int) -> dict[str, Any]:
+    """Reads under writes (tests/bench/mixed.py): per run, the clients sending only the reads and the mix
+    with the writers (each first in turn); the writers' events checked in the events table, the reads-only
+    phase checked to append none. Medians of the runs, and GetCall's p99 with ÷ without the writers."""
+    settings = mixed.MixSettings(
+        clients=clients,
+        seconds=bench.args.mixed_seconds,
+        warm_up_seconds=bench.args.warm_up,
+        cpu=bench.load_cpu,
+    )
+    phases: dict[str, list[dict[str, Any]]] = {"reads_only": [], "with_writers": []}
+    methods = {
+        "UpdateCall": workloads.UPDATE_CALL,
+        "UpdateCallMembers": workloads.UPDATE_CALL_MEMBERS,
+        **{m: workloads.CALL_SERVICE + m for m in mixed.READS},
+    }
+    for run_index in range(bench.args.runs):
+        order = [("reads_only", False), ("with_writers", True)]
+        for phase, writers in order if run_index % 2 == 0 else order[::-1]:  # neither always first
+            check = workloads.Workload(
+                f"mixed load ({phase})",
+                "mixed",
+                (),
+                "",
+                expects=(
+                    (
+                        workloads.Expect(workloads.UPDATE_CALL, "call.updated"),
+                        workloads.Expect(workloads.UPDATE_CALL_MEMBERS, "call.member_updated"),
+                    )
+                    if writers
+                    else ()
+                ),
+                unchanged=() if writers else workloads.READS_WRITE_NOTHING,
+            )
+            keys = workloads.event_keys(check)
+            await bench.drain(list(methods.values()))
+            events_before = await bench.counter.counts(keys)
+            before = bench.handled()
+            result = await asyncio.to_thread(
+                mixed.run_mix,
+                target,
+                bench.token,
+                calls=calls,
+                users=users,
+                writers=writers,
+                base=bench.fresh_base(),
+                settings=settings,
+                log=bench.folder / "mixed.log",
+            )
+            after = bench.handled()
+            events_after = await bench.counter.counts(keys)
+            if result["non_ok"]:
+                raise SystemExit(
+                    f"mixed load on {bench.backend}: non-OK replies {result['non_ok']} "
+                    f"({result['first_error']})"
+                )
+            ok = {}
+            for name, method in methods.items():
+                replies = _non_ok(before, after, method)
+                ok[method] = replies.pop("OK", 0.0)
+                if replies or ok[method] < result["ok_total"].get(name, 0):
+                    raise SystemExit(
+                        f"mixed load on {bench.backend}: {name}: the server counted {ok[method]:.0f} OK and "
+                        f"{replies or 'no'} non-OK, the clients {result['ok_total'].get(name, 0)} OK"
+                    )
+            result["events"] = workloads.check_events(
+                check.name, bench.backend, check, ok, events_before, events_after
+            )
+            phases[phase].append(result)
+            figures = ", ".join(
+                f"{name} {m['requests_per_second']:,.0f}/s p50 {m['p50_ms']:.1f} p99 {m['p99_ms']:.1f} ms"
+                for name, m in result["methods"].items()
+            )
+            events = "; ".join(f"{label}: +{f['appended']:,}" for label, f in result["events"].items())
+            print(
+                f"  [{bench.backend} run {run_index + 1}] mixed load, {clients} clients, {phase}: {figures} "
+                f"(events {events})",
+                flush=True,
+            )
+    summary: dict[str, Any] = {"clients": clients, "mix": list(mixed.MIX), "reads": list(mixed.READS)}
+    for phase, results in phases.items():
+        summary[phase] = {
+            name: {
+                figure: statistics.median(r["methods"][name][figure] for r in results)
+                for figure in ("requests_per_second", "p50_ms", "p99_ms")
+            }
+            for name in results[0]["methods"]
+        }
+        summary[phase + "_runs"] = results
+    without = summary["reads_only"]["GetCall"]["p99_ms"]
+    with_writers = summary["with_writers"]["GetCall"]["p99_ms"]
+    measured = all(
+        r["methods"]["GetCall"]["ok"] >= MIXED_MIN_GETCALLS for results in phases.values() for r in results
+    )
+    # None: some phase had too few GetCalls answered within its window for a p99 to compare.
+    summary["get_call_p99_ratio"] = with_writers / without if measured and without else None
+    print(
+        f"[{bench.backend}] mixed load: GetCall p99 {with_writers:.1f} ms with writers, {without:.1f} ms "
+        "reads only: "
+        + (
+            f"{summary['get_call_p99_ratio']:.2f}x (target <= 2)"
+            if summary["get_call_p99_ratio"] is not None
+            else f"not measured (a phase had fewer than {MIXED_MIN_GETCALLS} GetCalls answered in its window)"
+        ),
+        flush=True,
+    )
+    return summary
+
+
 async def bench_backend(backend: str, args: Any, postgres_url: str) -> dict[str, Any]:
     token = server_token()
     server_cpu, load_cpu = _cpus(args)
     with tempfile.TemporaryDirectory(prefix=f"callplane-bench-{backend}-") as tmp:
         folder = Path(tmp)
-        async with new_database(backend, folder, postgres_url, prefix="callplane_bench") as database_url:
+        async with seeding.seeded_database(
+            backend,
+            folder,
+            postgres_url,
+            token,
+            calls=args.calls,
+            users=args.users,
+            members_per_call=MEMBERS_PER_CALL,
+            reuse=not args.no_seed_cache,
+        ) as database_url:
             metrics_port = free_port()
             with callplane(database_url, folder, metrics_port) as server:
                 await wait_serving(server)
-                started = time.monotonic()
-                await seed(server.target, token, calls=args.calls, users=args.users, members_per_call=5)
-                print(
-                    f"[{backend}] seeded {args.calls:,} calls x 5 members and {args.users:,} users "
-                    f"in {time.monotonic() - started:.0f} s",
-                    flush=True,
-                )
                 stage = workloads.Stage(calls=args.calls, users=args.users)
                 await workloads.prepare(server.target, token, stage)
                 with reference(stage.replies, folder, server_cpu) as reference_server:
@@ -305,27 +501,42 @@ async def bench_backend(backend: str, args: Any, postgres_url: str) -> dict[str,
                         pin(server.pid, server_cpu)
                     profiler = _start_profiler(server.pid, backend, args)
                     try:
+                        bench = Bench(
+                            backend=backend,
+                            callplane_target=server.target,
+                            reference_target=reference_server.target,
+                            metrics_port=metrics_port,
+                            token=token,
+                            args=args,
+                            folder=folder,
+                            stage=stage,
+                            counter=workloads.EventCounter(database_url),
+                            load_cpu=load_cpu,
+                        )
                         async with workloads.keep_alive(server.target, token, stage):
-                            rpcs = await load_rpcs(
-                                Bench(
-                                    backend=backend,
-                                    callplane_target=server.target,
-                                    reference_target=reference_server.target,
-                                    metrics_port=metrics_port,
-                                    token=token,
-                                    args=args,
-                                    folder=folder,
-                                    stage=stage,
-                                    counter=workloads.EventCounter(database_url),
-                                    load_cpu=load_cpu,
+                            rpcs = await load_rpcs(bench)
+                            if backend == "postgres" and not args.no_replicas:
+                                rpcs.update(
+                                    await two_replicas(
+                                        bench,
+                                        database_url,
+                                        server_cpu,
+                                        rpcs["reference"]["requests_per_second"],
+                                    )
                                 )
-                            )
+                            mix = None
+                            if args.mixed_clients and backend in args.mixed_backends.split(","):
+                                mix = await mixed_load(
+                                    bench, server.target, args.mixed_clients, args.calls, args.users
+                                )
                     finally:
                         _stop_profiler(profiler)
                         if server_cpu:
                             pin(server.pid, f"0-{(os.cpu_count() or 1) - 1}")
                 reply = stage.replies[workloads.GET_CALL]
                 result: dict[str, Any] = {"rpcs": rpcs, "reply_bytes": len(reply)}
+                if mix is not None:
+                    result["mixed"] = mix
                 if not args.skip_streams:
                     async with grpc.aio.insecure_channel(server.target) as channel:
                         await call_service_pb2_grpc.CallServiceStub(channel).GetOrCreateCall(
@@ -462,7 +673,13 @@ def main(argv: list[str] | None = None) -> int:
             "CALLPLANE_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
         ),
     )
-    parser.add_argument("--calls", type=int, default=10_000)
+    parser.add_argument(
+        "--calls",
+        type=int,
+        default=100_000,
+        help="calls seeded (with 5 members each); the seeded database is cached and reused (see "
+        "tests/bench/seeding.py)",
+    )
     parser.add_argument("--users", type=int, default=1_000)
     parser.add_argument("--clients", type=int, default=16, help="h2load -c")
     parser.add_argument("--streams", type=int, default=16, help="h2load -m")
@@ -524,15 +741,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"a quick check: --calls 500 --users 100 --runs 1 --seconds 3 --skip-streams --no-readme, and "
+        help=f"a quick check: --calls 500 --users 100 --runs 1 --seconds 3 --mixed-seconds 3 --skip-streams "
+        "--no-readme, and "
         f"capacity with 200 and 500 participants and shorter windows; results in {QUICK_OUTPUT} unless "
         "--output says otherwise",
+    )
+    parser.add_argument(
+        "--mixed-clients",
+        type=int,
+        default=50,
+        help="reads under writes: concurrent clients of the mixed load (0: not measured)",
+    )
+    parser.add_argument(
+        "--mixed-seconds", type=float, default=10.0, help="mixed load: measured seconds of each phase"
+    )
+    parser.add_argument(
+        "--mixed-backends",
+        default="sqlite,postgres",
+        help="backends the mixed load runs on (comma-separated)",
+    )
+    parser.add_argument(
+        "--no-replicas",
+        action="store_true",
+        help="PostgreSQL: skip the rows with the load split over two servers",
+    )
+    parser.add_argument(
+        "--no-seed-cache",
+        action="store_true",
+        help=f"seed a fresh database through the API and keep nothing (default: reuse the seed cached in "
+        f"{seeding.cache_folder()} / a PostgreSQL template database when the seed is the same)",
     )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR)
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README's results")
     args = parser.parse_args(argv)
     if args.quick:
-        args.calls, args.users, args.runs, args.seconds = 500, 100, 1, 3.0
+        args.calls, args.users, args.runs, args.seconds, args.mixed_seconds = 500, 100, 1, 3.0, 3.0
         args.skip_streams = args.no_readme = True
         if args.output == RESULTS_DIR:
             args.output = QUICK_OUTPUT
@@ -573,11 +816,16 @@ def main(argv: list[str] | None = None) -> int:
             "runs": args.runs,
             "calls": args.calls,
             "users": args.users,
-            "members_per_call": 5,
+            "members_per_call": MEMBERS_PER_CALL,
+            "seed_key": seeding.seed_key(
+                calls=args.calls, users=args.users, members_per_call=MEMBERS_PER_CALL
+            ),
             "watchers": args.watchers,
             "updates_per_second": args.rate,
             "fanout_seconds": args.fanout_seconds,
             "idle_streams": args.idle_streams,
+            "mixed_clients": args.mixed_clients,
+            "mixed_seconds": args.mixed_seconds,
         },
         "backends": {},
     }

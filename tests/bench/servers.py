@@ -28,8 +28,14 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 SECRET = "callplane-bench-secret-" + "0" * 48
 CALL_TYPE = "default"
-REGIONS = ("eu", "us", "ap", "sa")
-QUERY_CALLS_INDEX = "region:string,priority:number:desc"
+#: Five regions: `{"custom.region": "eu"}` matches 20 % of the seeded calls.
+REGIONS = ("eu", "us", "ap", "sa", "af")
+#: Distinct `custom.owner` (`team-<n>`) and `custom.team` (`t-<n>`) values: one of each matches 0.1 %.
+OWNERS = 1_000
+#: The custom indexes the bench server declares, as an operator would (`--custom-index`, repeated): the
+#: compound index the "QueryCalls" row's filter and sort follow, and `team` for "QueryCalls selective
+#: indexed". `owner` has none ("QueryCalls selective"), nor has `region` alone sorted by created_at.
+CUSTOM_INDEXES = ("region:string,priority:number:desc", "team:string")
 TOPICS = ("standup", "support", "sales", "interview", "town-hall")
 
 
@@ -129,9 +135,7 @@ def callplane(
         database_url,
         "--metrics-listen",
         f"127.0.0.1:{metrics_port}",
-        # The compound index QueryCalls' filter and sort follow, declared as an operator would.
-        "--custom-index",
-        QUERY_CALLS_INDEX,
+        *(flag for spec in CUSTOM_INDEXES for flag in ("--custom-index", spec)),
     ]
     with _process(command, f"127.0.0.1:{port}", folder / log_name, env) as process:
         yield process
@@ -181,6 +185,9 @@ def custom_for(index: int) -> struct_pb2.Struct:
     custom.update(
         {
             "region": REGIONS[index % len(REGIONS)],
+            "owner": f"team-{index % OWNERS}",
+            # Another permutation of the same 1,000 values than owner's (7 is prime to 1,000).
+            "team": f"t-{index * 7 % OWNERS}",
             "topic": TOPICS[index % len(TOPICS)],
             "priority": index % 10,
             "tags": ["bench", f"cohort-{index % 50}"],
@@ -190,35 +197,73 @@ def custom_for(index: int) -> struct_pb2.Struct:
     return custom
 
 
-async def seed(target: str, token: str, *, calls: int, users: int, members_per_call: int) -> None:
-    """Users, then calls with members and custom data, through the public API (as clients would)."""
+#: Seeding's concurrency: calls created at once, spread over this many connections.
+SEED_IN_FLIGHT = 256
+SEED_CHANNELS = 4
+
+
+#: What the seed holds (users, calls, members, custom data): bump when seed() stores something else, so
+#: cached seeds are not reused (tests/bench/seeding.py also hashes custom_for and the ids).
+SEED_FORMAT = 2
+
+
+async def seed(
+    targets: list[str], token: str, *, calls: int, users: int, members_per_call: int, label: str = ""
+) -> float:
+    """Users, then calls with members and custom data, through the public API (as clients would; spread
+    over the given servers, replicas on one database), printing progress every 5 %. Returns the calls
+    created per second."""
     metadata = (("authorization", f"Bearer {token}"),)
-    async with grpc.aio.insecure_channel(target) as channel:
-        user_stub = user_pb2_grpc.UserServiceStub(channel)
+    channels = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for target in targets
+        for _ in range(SEED_CHANNELS)
+    ]
+    try:
+        user_stub = user_pb2_grpc.UserServiceStub(channels[0])
         for start in range(0, users, 100):
             batch = [
                 user_pb2.UserRequest(id=user_id(i), name=f"User {i}", teams=[])
                 for i in range(start, min(start + 100, users))
             ]
             await user_stub.UpsertUsers(user_pb2.UpsertUsersRequest(users=batch), metadata=metadata)
-        call_stub = call_service_pb2_grpc.CallServiceStub(channel)
-        limit = asyncio.Semaphore(128)
+        stubs = [call_service_pb2_grpc.CallServiceStub(channel) for channel in channels]
+        indexes = iter(range(calls))
+        step = max(calls // 20, 1)
+        done = 0
+        started = time.monotonic()
 
-        async def create(index: int) -> None:
+        def request(index: int) -> call_service_pb2.GetOrCreateCallRequest:
             members = [
                 call_pb2.MemberRequest(
                     user_id=user_id((index * members_per_call + k) % users), role="host" if k == 0 else "user"
                 )
                 for k in range(members_per_call)
             ]
-            request = call_service_pb2.GetOrCreateCallRequest(
+            return call_service_pb2.GetOrCreateCallRequest(
                 type=CALL_TYPE,
                 id=call_id(index),
                 data=call_service_pb2.CallData(
                     created_by_id=members[0].user_id, members=members, custom=custom_for(index)
                 ),
             )
-            async with limit:
-                await call_stub.GetOrCreateCall(request, metadata=metadata)
 
-        await asyncio.gather(*(create(i) for i in range(calls)))
+        async def worker(number: int) -> None:
+            nonlocal done
+            stub = stubs[number % len(stubs)]
+            for index in indexes:
+                await stub.GetOrCreateCall(request(index), metadata=metadata, timeout=120)
+                done += 1
+                if done % step == 0 or done == calls:
+                    elapsed = time.monotonic() - started
+                    print(
+                        f"{label}seeding: {done:,} of {calls:,} calls ({done / calls:.0%}), "
+                        f"{done / elapsed:,.0f} calls/s, {elapsed:.0f} s",
+                        flush=True,
+                    )
+
+        await asyncio.gather(*(worker(n) for n in range(min(SEED_IN_FLIGHT, calls))))
+        return calls / max(time.monotonic() - started, 1e-9)
+    finally:
+        for channel in channels:
+            await channel.close()
