@@ -145,11 +145,14 @@ class CallCache:
         """The entry of the call without checking it: only when trusted (else None)."""
         return self._entries.get(cid) if self.trusted else None
 
-    def matching(self, record: CallRecord, directory: int) -> CachedCall | None:
-        """The entry for exactly this state of the call, read in the caller's transaction along with the
-        directory version (so no further check is needed)."""
-        entry = self._entries.get(record.cid)
-        if entry is None or entry.call != record or (not self.trusted and entry.directory != directory):
+    def matching(self, cid: str, stamp: CallStamp) -> CachedCall | None:
+        """The entry for exactly this state of the call, whose stamp the caller read in its transaction
+        (so no further check is needed). Trusted, the directory part is not compared: the store tells the
+        cache of every change."""
+        entry = self._entries.get(cid)
+        if entry is None:
+            return None
+        if entry.stamp[:2] != stamp[:2] or (not self.trusted and entry.directory != stamp.directory):
             return None
         return entry
 

@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from callplane_server.auth.context import current_principal
 from callplane_server.domain.call import Call, Update, backstage_enabled, ordered_capabilities
@@ -20,6 +20,7 @@ from callplane_server.domain.events import (
 )
 from callplane_server.domain.records import (
     CallRecord,
+    CallStamp,
     CallView,
     MemberInput,
     MemberRecord,
@@ -563,6 +564,8 @@ class CallService:
         async def query_calls(
             tx: Transaction,
         ) -> tuple[Page[CallView], dict[str, CachedCall], dict[str, frozenset[str]]]:
+            """The page, the entries to keep for the caller (new ones, and those that lacked its
+            capabilities), and the caller's capabilities in each listed call."""
             # First, so that nothing read after it is older than it (see call_cache).
             directory = await self._cache.directory(tx)
             caller = await self._cache.caller(tx, directory)
@@ -578,36 +581,45 @@ class CallService:
                     call_cids=caller.principal.call_cids,
                     grants=grants,
                 )
-            calls = await tx.calls.query(page, reader=reader)
-            # A cached entry equal to the row just read is that very state (every change bumps
-            # last_seq), so its members, settings and renderings serve; only the other calls are read.
+            # The page as stamps: a cached entry of the same stamp is that very state (every change
+            # bumps last_seq), so its record, members, settings and renderings serve; only the other
+            # calls are read.
+            stamps = await tx.calls.query_stamps(page, reader=reader)
             entries: dict[str, CachedCall] = {}
             fresh: dict[str, CachedCall] = {}
-            for call in calls.items:
-                entry = self._cache.matching(call, directory)
+            for cid, last_seq, created_at in stamps.items:
+                entry = self._cache.matching(cid, CallStamp(last_seq, created_at, directory))
                 if entry is not None:
-                    entries[call.cid] = entry
-            missing = [call for call in calls.items if call.cid not in entries]
+                    entries[cid] = entry
+            missing = await tx.calls.get_many([cid for cid, *_ in stamps.items if cid not in entries])
             # As many members as any read may ask for, so they can fill the cache.
-            members = await tx.members.first([call.cid for call in missing], MAX_MEMBERS_LIMIT)
-            for call in missing:
+            members = await tx.members.first(list(missing), MAX_MEMBERS_LIMIT)
+            for cid, call in missing.items():
                 type_settings = types[call.type].settings if call.type in types else {}
                 settings = merge_settings(type_settings, call.settings_override)
-                entries[call.cid] = fresh[call.cid] = CachedCall(
-                    call, settings, members[call.cid], directory=directory
-                )
-            capabilities = await capabilities_for_calls(tx, caller, calls.items, grants)
-            # The entry's record (equal to the row): replies rendered for that state are reused.
+                entries[cid] = fresh[cid] = CachedCall(call, settings, members[cid], directory=directory)
+            # (A call hard-deleted between the two reads, on PostgreSQL, is left out of the page.)
+            listed = [entries[cid] for cid, *_ in stamps.items if cid in entries]
+            # What the caller may do in each: kept with the entries when it read them before.
+            principal = current_principal()
+            known = {entry.call.cid: entry.capabilities.get(principal) for entry in listed}
+            if None in known.values():
+                capabilities = await capabilities_for_calls(tx, caller, [e.call for e in listed], grants)
+                # Kept with the entries that lacked them (below), as with the new ones.
+                fresh.update((cid, entries[cid]) for cid, have in known.items() if have is None)
+            else:
+                capabilities = cast(dict[str, frozenset[str]], known)
+            # The entry's record: replies rendered for that state are reused.
             views = [
                 CallView(
-                    entries[call.cid].call,
-                    entries[call.cid].settings,
-                    entries[call.cid].members[:limit],
-                    own_capabilities=ordered_capabilities(capabilities[call.cid]),
+                    entry.call,
+                    entry.settings,
+                    entry.members[:limit],
+                    own_capabilities=ordered_capabilities(capabilities[entry.call.cid]),
                 )
-                for call in calls.items
+                for entry in listed
             ]
-            return Page(views, calls.next, calls.prev), fresh, capabilities
+            return Page(views, stamps.next, stamps.prev), fresh, capabilities
 
         generation = self._cache.generation
         found, fresh, capabilities = await self._store.read(query_calls)
