@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -218,3 +220,35 @@ async def eventually(check: Callable[[], Any], seconds: float = 5.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+async def serve_subprocess(data_dir: Path, *args: str) -> asyncio.subprocess.Process:
+    """`callplane serve` in a process of its own on a free port, with `args` (read the port with
+    serving_port; stderr is piped)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "callplane_server",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(data_dir),
+        *args,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "CALLPLANE_API_SECRET": TEST_SECRET},
+    )
+
+
+async def serving_port(process: asyncio.subprocess.Process) -> tuple[int, list[str]]:
+    """The port a serve_subprocess server listens on, once it serves, and its log lines until then."""
+    assert process.stderr is not None
+    lines: list[str] = []
+    while True:
+        line = (await asyncio.wait_for(process.stderr.readline(), timeout=60)).decode()
+        if not line:
+            raise AssertionError("server exited before serving:\n" + "".join(lines))
+        lines.append(line)
+        match = re.search(r"serving on port (\d+)", line)
+        if match:
+            return int(match.group(1)), lines

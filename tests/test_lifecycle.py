@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from callplane.v1 import call_service_pb2, call_service_pb2_grpc
 from callplane_server.app import CallplaneServer
 from callplane_server.config import Config
-from tests.support import BACKENDS, TEST_SECRET, TestClock, fresh_database
+from tests.support import BACKENDS, TEST_SECRET, TestClock, fresh_database, serve_subprocess, serving_port
 from tests.support import channel as authed_channel
 
 
@@ -42,35 +39,8 @@ async def test_restart_migrates_idempotently_and_keeps_data(backend: str, tmp_pa
 async def _serve(
     data_dir: Path, *, shutdown_grace: float, extra: tuple[str, ...] = ()
 ) -> asyncio.subprocess.Process:
-    """`callplane serve` in a process of its own, on a free port (read it with _wait_for_port)."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "callplane_server",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        str(data_dir),
-        "--shutdown-grace",
-        str(shutdown_grace),
-        *extra,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "CALLPLANE_API_SECRET": TEST_SECRET},
-    )
-
-
-async def _wait_for_port(process: asyncio.subprocess.Process) -> tuple[int, list[str]]:
-    assert process.stderr is not None
-    lines: list[str] = []
-    while True:
-        line = (await asyncio.wait_for(process.stderr.readline(), timeout=60)).decode()
-        if not line:
-            raise AssertionError("server exited before serving:\n" + "".join(lines))
-        lines.append(line)
-        match = re.search(r"serving on port (\d+)", line)
-        if match:
-            return int(match.group(1)), lines
+    """`callplane serve` in a process of its own, on a free port (read it with serving_port)."""
+    return await serve_subprocess(data_dir, "--shutdown-grace", str(shutdown_grace), *extra)
 
 
 @pytest.mark.parametrize("log_requests", [True, False], ids=["--log-requests", "default"])
@@ -78,7 +48,7 @@ async def test_sigterm_drains_logs_and_exits_zero(tmp_path: Path, log_requests: 
     """Also: a successful unary RPC is logged at INFO only with --log-requests (refusals always are)."""
     process = await _serve(tmp_path, shutdown_grace=5, extra=("--log-requests",) if log_requests else ())
     try:
-        port, lines = await _wait_for_port(process)
+        port, lines = await serving_port(process)
         async with authed_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             reply = await health.Check(health_pb2.HealthCheckRequest(service="callplane.v1.CallService"))
@@ -108,7 +78,7 @@ async def test_sigterm_with_a_health_watch_open_exits_without_waiting_the_grace(
     server does not wait its shutdown grace (60 s here) for it."""
     process = await _serve(tmp_path, shutdown_grace=60)
     try:
-        port, _lines = await _wait_for_port(process)
+        port, _lines = await serving_port(process)
         async with authed_channel(f"127.0.0.1:{port}") as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING

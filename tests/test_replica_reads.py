@@ -12,9 +12,6 @@ writes before the read); they hold because B checks each entry with one statemen
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,37 +33,17 @@ from callplane.v1 import (
     user_pb2,
     user_pb2_grpc,
 )
-from tests.support import TEST_SECRET, channel, fresh_database, struct, user_token
+from tests.support import channel, fresh_database, serve_subprocess, serving_port, struct, user_token
 
 
 async def _serve(database_url: str, data_dir: Path) -> tuple[asyncio.subprocess.Process, int]:
-    """`callplane serve` in a process of its own on a free port."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "callplane_server",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        str(data_dir),
-        "--database-url",
-        database_url,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "CALLPLANE_API_SECRET": TEST_SECRET},
-    )
+    """`callplane serve` on the database in a process of its own, and its port."""
+    process = await serve_subprocess(data_dir, "--database-url", database_url)
+    port, _lines = await serving_port(process)
     assert process.stderr is not None
-    lines: list[str] = []
-    while True:
-        line = (await asyncio.wait_for(process.stderr.readline(), timeout=60)).decode()
-        if not line:
-            raise AssertionError("server exited before serving:\n" + "".join(lines))
-        lines.append(line)
-        match = re.search(r"serving on port (\d+)", line)
-        if match:
-            # Keep reading its log, or the pipe fills and the server blocks on writing it.
-            asyncio.get_running_loop().create_task(_drain(process.stderr))
-            return process, int(match.group(1))
+    # Keep reading its log, or the pipe fills and the server blocks on writing it.
+    asyncio.get_running_loop().create_task(_drain(process.stderr))
+    return process, port
 
 
 async def _drain(stream: asyncio.StreamReader) -> None:
