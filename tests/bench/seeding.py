@@ -194,6 +194,15 @@ async def _postgres_seeded(
         finally:
             await connection.close()
 
+    async def analyze(database: str) -> None:
+        connection = await asyncpg.connect(
+            base.set(drivername="postgresql", database=database).render_as_string(hide_password=False)
+        )
+        try:
+            await connection.execute("ANALYZE")
+        finally:
+            await connection.close()
+
     def url(database: str) -> str:
         return base.set(database=database).render_as_string(hide_password=False)
 
@@ -208,6 +217,9 @@ async def _postgres_seeded(
                 await admin(f'CREATE DATABASE "{partial}"')
                 try:
                     await _seed_with_server(url(partial), folder, token, label, **params)
+                    # Statistics, as autovacuum would gather after such a load (it may not have yet):
+                    # without them PostgreSQL's planner guesses the selectivity of custom-data filters.
+                    await analyze(partial)
                     await admin(f'ALTER DATABASE "{partial}" RENAME TO "{template}"')
                 except BaseException:
                     await admin(f'DROP DATABASE IF EXISTS "{partial}" WITH (FORCE)')

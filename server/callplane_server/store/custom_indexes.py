@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, get_args
 
+from sqlalchemy import text
 from sqlalchemy.engine import Dialect
 
 from callplane_server.domain.records import SortInput
@@ -100,11 +101,29 @@ def create_statement(index: CustomIndex, dialect: Dialect, *, concurrently: bool
     return f"CREATE INDEX {how}IF NOT EXISTS {index.name} ON calls ({', '.join(columns)})"
 
 
+#: PostgreSQL gathers statistics on an index's expressions only when the table is analyzed. Until then
+#: (autovacuum's next analyze) its planner guesses how many calls match a custom field, and may fetch and
+#: sort every match through the new index where walking the sort index would stop after a few rows.
+ANALYZE_CALLS = "ANALYZE calls"
+
+
 async def ensure_custom_indexes(database: Database, indexes: Sequence[CustomIndex]) -> None:
     """Creates the declared indexes that do not exist yet (undeclaring one does not drop it)."""
-    if indexes:
-        dialect = database.write_engine.dialect
-        await database.run_ddl([create_statement(index, dialect) for index in indexes])
+    if not indexes:
+        return
+    dialect = database.write_engine.dialect
+    statements = [create_statement(index, dialect) for index in indexes]
+    if database.dialect == "postgresql":
+        async with database.write_engine.connect() as connection:
+            missing = [
+                index
+                for index in indexes
+                if await connection.scalar(text("SELECT to_regclass(:name)"), {"name": index.name}) is None
+            ]
+            await connection.rollback()
+        if missing:
+            statements.append(ANALYZE_CALLS)
+    await database.run_ddl(statements)
 
 
 # --- which declared index serves a query ------------------------------------------------------------

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from callplane_server.domain.records import CustomIndexStatus, PageRequest
 from callplane_server.errors import FailedPrecondition
 from callplane_server.store.custom_indexes import (
+    ANALYZE_CALLS,
     Conjunction,
     CustomIndex,
     create_statement,
@@ -338,6 +339,7 @@ class IndexManager:
         if self._database.dialect == "postgresql":
             await self._drop_invalid(index.name)
             await self._autocommit(create_statement(index, dialect, concurrently=True))
+            await self._autocommit(ANALYZE_CALLS)
             return 0.0
         statement = create_statement(index, dialect)
         began = 0.0
