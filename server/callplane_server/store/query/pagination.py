@@ -303,6 +303,51 @@ def _encode_cursor(
     return signer.sign(payload)
 
 
+class _WindowOutcomes:
+    """Whether the sort-index window (see fetch_page) held a page, by query shape (fields, operators and
+    sort, not values), as MongoDB's plan cache keeps the winning plan per shape: a shape whose window
+    came up short (a selective filter, which the planner serves well from its indexes) skips it for the
+    next RETRY_AFTER pages, then tries it again (the data, or the values asked for, may have changed)."""
+
+    RETRY_AFTER = 64
+    MAX_SHAPES = 1024
+
+    def __init__(self) -> None:
+        self._skips: dict[str, int] = {}
+
+    def worth_trying(self, shape: str) -> bool:
+        left = self._skips.get(shape, 0)
+        if left <= 0:
+            return True
+        self._skips[shape] = left - 1
+        return False
+
+    def record(self, shape: str, *, found: bool) -> None:
+        if found:
+            self._skips.pop(shape, None)
+            return
+        if len(self._skips) >= self.MAX_SHAPES:
+            self._skips.clear()
+        self._skips[shape] = self.RETRY_AFTER
+
+
+_WINDOWS = _WindowOutcomes()
+
+
+def _query_shape(entity: EntitySpec, scope: str, conditions: Any, sort: ResolvedSort) -> str:
+    """The page's query without its values (see _WindowOutcomes)."""
+    shape = [entity.name, scope, _without_values(conditions), [list(key) for key in sort.normalized]]
+    return json.dumps(shape, sort_keys=True, separators=(",", ":"))
+
+
+def _without_values(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _without_values(item) for key, item in value.items()}
+    if isinstance(value, list) and any(isinstance(item, dict) for item in value):  # $and / $or / $nor
+        return [_without_values(item) for item in value]
+    return type(value).__name__
+
+
 async def fetch_page(
     session: AsyncSession,
     base: Select[Any],
@@ -365,6 +410,10 @@ async def fetch_page(
     execute = (await session.connection()).execute if whole_rows else session.execute
     rows: list[Any] = []
     walked = whole_rows and keys[0].field in walk_first and mentions_custom(page.filter_conditions)
+    shape = ""
+    if walked:
+        shape = _query_shape(entity, scope, page.filter_conditions, sort)
+        walked = _WINDOWS.worth_trying(shape)
     if walked:
         # The window: the next rows in sort order, by the sort index alone. The page's own conditions
         # apply to the window's rows (the adapter moves every reference to the table onto the window).
@@ -374,6 +423,7 @@ async def fetch_page(
         window_rows = window.order_by(*order).limit(WALK_ROWS_PER_PAGE_ROW * (page.limit + 1))
         within = ClauseAdapter(window_rows.subquery("cp_window")).traverse(ordered(statement))
         rows = list((await execute(within)).all())
+        _WINDOWS.record(shape, found=len(rows) > page.limit)
     if not walked or len(rows) <= page.limit:  # else the window held a page and one more row
         rows = list((await execute(ordered(statement if keyset is None else statement.where(keyset)))).all())
     more = len(rows) > page.limit
