@@ -553,7 +553,9 @@ async def bench_backend(backend: str, args: Any, postgres_url: str) -> dict[str,
                         seconds=args.fanout_seconds,
                     )
                     print(f"[{backend}] fan-out: {json.dumps(result['fanout'])}", flush=True)
-                    idle_calls = [(CALL_TYPE, call_id(i)) for i in range(args.calls)]
+                    # One call per stream at most: the children get the calls on their command line, and
+                    # 100,000 of them are more than an argument list may hold.
+                    idle_calls = [(CALL_TYPE, call_id(i)) for i in range(min(args.calls, args.idle_streams))]
                     result["idle_watches"] = await fanout.measure_idle_rss(
                         server.target, token, server.pid, idle_calls, streams=args.idle_streams
                     )
