@@ -204,7 +204,7 @@ async def _plan(server: RunningServer, page: PageRequest) -> str:
     event.listen(engine, "before_cursor_execute", capture)
     try:
         await store.database.run(
-            lambda session: Transaction(session, store.signer).calls.query(page), write=False
+            lambda session: Transaction(session, store.signer).calls.query_stamps(page), write=False
         )
     finally:
         event.remove(engine, "before_cursor_execute", capture)

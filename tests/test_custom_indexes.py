@@ -131,7 +131,7 @@ async def test_a_query_that_follows_the_index_reads_it_in_order(tmp_path: Path) 
                     sort=(SortInput("custom.priority", "desc", "number"),),
                     limit=10,
                 )
-                await tx.calls.query(page)
+                await tx.calls.query_stamps(page)
             finally:
                 connection.driver_connection.sqlite.set_trace_callback(None)
 

@@ -4,7 +4,7 @@ A broad custom-data equality (a fifth of the calls) sorted by `created_at desc` 
 must walk the sort index and stop after the page: SQLite's plan scans `ix_calls_created_at_cid` with no
 temporary B-tree for the ORDER BY; PostgreSQL's (with statistics, on enough rows that a sequential scan
 is a real alternative) is a Limit over an Index Scan of that index, with no Sort node. The statement is
-the one `CallRepository.query` executes, for a server token and for a user token (whose visibility
+the one `CallRepository.query_stamps` executes, for a server token and for a user token (whose visibility
 conditions ride along as filters). With an index on the filtered field, SQLite's planner would read and
 sort every match: there the page is read from a bounded window of the sort index first.
 """
@@ -117,11 +117,11 @@ class PlannedCalls(CallRepository):
 
 
 async def plan(engine: AsyncEngine, reader: CallReader | None) -> tuple[int, Any]:
-    """(rows returned, plan) of the statement CallRepository.query runs for BROAD, as planned."""
+    """(rows returned, plan) of the statement CallRepository.query_stamps runs for BROAD, as planned."""
     async with AsyncSession(engine) as session:
         repository = PlannedCalls(session, CursorSigner(b"plan-test-secret-0123456789"), Statements(session))
         with captured(engine) as statements:
-            page = await repository.query(BROAD, reader=reader)
+            page = await repository.query_stamps(BROAD, reader=reader)
         ((sql, parameters),) = statements
         connection = await session.connection()
         if engine.dialect.name == "sqlite":
@@ -130,6 +130,11 @@ async def plan(engine: AsyncEngine, reader: CallReader | None) -> tuple[int, Any
         rows = await connection.exec_driver_sql("EXPLAIN (FORMAT JSON) " + sql, parameters)
         document = rows.scalar_one()
         return len(page.items), (json.loads(document) if isinstance(document, str) else document)[0]["Plan"]
+
+
+def _id(cid: str) -> str:
+    """The call id of a cid (`type:id`)."""
+    return cid.split(":", 1)[1]
 
 
 def _nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -218,10 +223,10 @@ async def test_broad_filter_walks_the_sort_index_despite_an_index_on_the_field(
                 session, CursorSigner(b"plan-test-secret-0123456789"), Statements(session)
             )
             with captured(engine) as statements:
-                first = await repository.query(BROAD)
+                first = await repository.query_stamps(BROAD)
             ((sql, parameters),) = _of_calls(statements)
             with captured(engine) as statements:
-                second = await repository.query(replace(BROAD, next=first.next))
+                second = await repository.query_stamps(replace(BROAD, next=first.next))
             assert len(_of_calls(statements)) == 1
             connection = await session.connection()
             if backend == "sqlite":
@@ -238,8 +243,8 @@ async def test_broad_filter_walks_the_sort_index_despite_an_index_on_the_field(
                 scans = [node for node in _nodes(plan) if node.get("Relation Name") == "calls"]
                 assert [node.get("Index Name") for node in scans] == [SORT_INDEX], plan
         eu = _expected(lambda i: REGIONS[i % 5] == "eu")
-        assert [call.id for call in first.items] == eu[:25]
-        assert [call.id for call in second.items] == eu[25:50]
+        assert [_id(cid) for cid, *_ in first.items] == eu[:25]
+        assert [_id(cid) for cid, *_ in second.items] == eu[25:50]
     finally:
         await _drop(engine, name)
 
@@ -257,8 +262,8 @@ async def test_selective_filter_pages(engine: AsyncEngine, declared: bool) -> No
             request = replace(BROAD, filter_conditions={"custom.owner": "team-42"}, limit=7)
             pages, cursor = [], ""
             while True:
-                page = await repository.query(replace(request, next=cursor))
-                pages.append([call.id for call in page.items])
+                page = await repository.query_stamps(replace(request, next=cursor))
+                pages.append([_id(cid) for cid, *_ in page.items])
                 if not page.next:
                     break
                 cursor = page.next

@@ -461,28 +461,15 @@ class CallRepository:
         await self._session.execute(delete(CallMemberRow).where(CallMemberRow.call_cid == cid))
         await self._session.execute(delete(CallRow).where(CallRow.cid == cid))
 
-    async def query(self, page: PageRequest, *, reader: CallReader | None = None) -> Page[CallRecord]:
-        """Live calls; with `reader` (a user token) only those it may read (read-call)."""
-        rows = await self._page(select(_CALLS), page, reader)
-        return Page([_call_record(row) for row in rows.items], rows.next, rows.prev)
-
     async def query_stamps(
         self, page: PageRequest, *, reader: CallReader | None = None
     ) -> Page[tuple[str, int, datetime]]:
-        """`query`'s page as (cid, last_seq, created_at) of each call: what a cache holding some of them
-        needs to know which it holds (`get_many` reads the others)."""
-        rows = await self._page(select(_CALLS.c.cid, _CALLS.c.last_seq, _CALLS.c.created_at), page, reader)
-        return Page([(row.cid, row.last_seq, row.created_at) for row in rows.items], rows.next, rows.prev)
-
-    async def get_many(self, cids: Sequence[str]) -> dict[str, CallRecord]:
-        """The calls that exist among `cids` (soft-deleted too), by cid."""
-        if not cids:
-            return {}
-        rows = await self._statements.execute(_CALLS_BY_CID, {"cids": list(cids)})
-        return {row.cid: _call_record(row) for row in rows}
-
-    async def _page(self, base: Select[Any], page: PageRequest, reader: CallReader | None) -> Page[Any]:
-        base = base.where(_CALLS.c.deleted_at.is_(None))
+        """Live calls, with `reader` (a user token) only those it may read (read-call), as (cid, last_seq,
+        created_at) of each: what a cache holding some of them needs to know which it holds (`get_many`
+        reads the others)."""
+        base = select(_CALLS.c.cid, _CALLS.c.last_seq, _CALLS.c.created_at).where(
+            _CALLS.c.deleted_at.is_(None)
+        )
         if reader is not None:
             base = base.where(calls_with_capability(reader, "read-call"))
         rows, next_cursor, prev_cursor = await fetch_page(
@@ -494,7 +481,14 @@ class CallRepository:
             whole_rows=True,
             walk_first=await self._walk_first(page),
         )
-        return Page(rows, next_cursor, prev_cursor)
+        return Page([(row.cid, row.last_seq, row.created_at) for row in rows], next_cursor, prev_cursor)
+
+    async def get_many(self, cids: Sequence[str]) -> dict[str, CallRecord]:
+        """The calls that exist among `cids` (soft-deleted too), by cid."""
+        if not cids:
+            return {}
+        rows = await self._statements.execute(_CALLS_BY_CID, {"cids": list(cids)})
+        return {row.cid: _call_record(row) for row in rows}
 
     async def _walk_first(self, page: PageRequest) -> tuple[str, ...]:
         """The sorts whose index QueryCalls walks first (see fetch_page): on SQLite, when the page filters on

@@ -364,8 +364,9 @@ async def fetch_page(
 
     `base` must select exactly the entity's model, unaliased (the array filters correlate on it), and must
     not eager-load collections with joins. `scope` (e.g. the call cid for members) is bound into cursors.
-    With `whole_rows`, `base` selects the model's table instead (`select(Model.__table__)`, skipping ORM
-    loading) and the items are the result rows, whose columns read like the model's attributes.
+    With `whole_rows`, `base` selects columns of the model's table instead (`select(Model.__table__)` or
+    some of its columns, skipping ORM loading) and the items are the result rows, whose columns read like
+    the model's attributes.
 
     `walk_first` (with `whole_rows`): sort fields with an index in exactly the keyset order. When the page
     is sorted by one of them and filters on custom data, the page is first looked for among the next
