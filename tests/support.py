@@ -173,6 +173,8 @@ class RunningServer:
 async def running_server(backend: str, folder: Path, **config: object) -> AsyncIterator[RunningServer]:
     # Timers fire only when a test calls server.timers.run_due() after moving the clock.
     config.setdefault("run_timers", False)
+    # Webhook delivery runs only where a test asks for it (its lease rounds would be writes of their own).
+    config.setdefault("run_webhooks", False)
     config.setdefault("api_secret", TEST_SECRET)
     async with fresh_database(backend, folder) as url:
         clock = TestClock()

@@ -30,6 +30,8 @@ from callplane.v1 import (
     session_service_pb2_grpc,
     user_pb2,
     user_pb2_grpc,
+    webhook_service_pb2,
+    webhook_service_pb2_grpc,
 )
 from callplane_server import runtime
 from callplane_server.api.call_data_servicer import CallDataServicer
@@ -41,6 +43,7 @@ from callplane_server.api.moderation_servicer import ModerationServicer
 from callplane_server.api.ring_servicer import RingServicer
 from callplane_server.api.servicers import CallServicer, CallTypeServicer, UserServicer
 from callplane_server.api.session_servicer import SessionServicer
+from callplane_server.api.webhook_servicer import WebhookServicer
 from callplane_server.auth.context import authority_context
 from callplane_server.auth.tokens import SERVER, load_or_create_secret
 from callplane_server.config import Config
@@ -55,7 +58,10 @@ from callplane_server.services.sessions import SessionService
 from callplane_server.services.streams import EventStreamService
 from callplane_server.services.timers import TimerRunner
 from callplane_server.services.users import UserService
+from callplane_server.services.webhooks import WebhookService
 from callplane_server.store import Store, Transaction
+from callplane_server.webhooks.delivery import DeliverySettings, WebhookDispatcher
+from callplane_server.webhooks.signing import SecretBox
 
 log = logging.getLogger("callplane")
 
@@ -68,6 +74,7 @@ SERVICE_NAMES = (
     ring_service_pb2.DESCRIPTOR.services_by_name["RingService"].full_name,
     call_data_service_pb2.DESCRIPTOR.services_by_name["CallDataService"].full_name,
     moderation_service_pb2.DESCRIPTOR.services_by_name["ModerationService"].full_name,
+    webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
 )
 COMPACTION_INTERVAL_SECONDS = 60.0
 
@@ -89,6 +96,7 @@ class CallplaneServer:
         self.ringing: RingingService | None = None
         self.call_data: CallDataService | None = None
         self.moderation: ModerationService | None = None
+        self.webhooks: WebhookDispatcher | None = None
         self.api_secret = ""
         self.metrics = RpcMetrics()
         self.metrics_port = 0
@@ -128,6 +136,21 @@ class CallplaneServer:
         self.moderation = ModerationService(self.store, self.clock, self.sessions)
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
         self.api_secret = self.config.api_secret or load_or_create_secret(self.config.data_dir)
+        box = SecretBox(self.api_secret)
+        if self.config.run_webhooks:
+            self.webhooks = WebhookDispatcher(
+                self.store,
+                self.hub,
+                self.clock,
+                box,
+                DeliverySettings(
+                    retry_period=timedelta(seconds=self.config.webhook_retry_period_seconds),
+                    timeout=self.config.webhook_timeout_seconds,
+                    concurrency=self.config.webhook_concurrency,
+                    lease_seconds=self.config.webhook_lease_seconds,
+                    allow_private=self.config.webhook_allow_private,
+                ),
+            )
         grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *self._keepalive_options()])
         # Typed as the server it stands in for: the add_*_to_server functions below only call the two
         # registration methods WrappingRegistrar provides.
@@ -153,6 +176,18 @@ class CallplaneServer:
         )
         moderation_service_pb2_grpc.add_ModerationServiceServicer_to_server(
             ModerationServicer(self.moderation), server
+        )
+        webhook_service_pb2_grpc.add_WebhookServiceServicer_to_server(
+            WebhookServicer(
+                WebhookService(
+                    self.store,
+                    self.clock,
+                    box,
+                    self.webhooks,
+                    allow_private=self.config.webhook_allow_private,
+                )
+            ),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if self.config.reflection:
@@ -190,6 +225,8 @@ class CallplaneServer:
         )
         if self.config.run_timers:
             self.timers.start()
+        if self.webhooks is not None:
+            await self.webhooks.start()
         log.info(
             "callplane serving on port %d (%s, %s)",
             self.port,
@@ -221,7 +258,9 @@ class CallplaneServer:
         async def compact(tx: Transaction) -> int:
             # Idempotency keys live as long as the events they point at.
             await tx.idempotency.compact(cutoff)
-            return await tx.events.compact(cutoff)
+            await tx.webhooks.compact_deliveries(cutoff)
+            # Events an enabled webhook endpoint still has to get are kept for it.
+            return await tx.events.compact(cutoff, keep_after=await tx.webhooks.oldest_held_position())
 
         return await self.store.write(compact)
 
@@ -242,6 +281,8 @@ class CallplaneServer:
             task.cancel()
         if self.timers is not None:
             await _bounded("timers", self.timers.close())
+        if self.webhooks is not None:
+            await _bounded("webhooks", self.webhooks.close())
         # Before the streams end: a stream ended by shutdown must not count as its participant leaving.
         if self.sessions is not None:
             await _bounded("sessions", self.sessions.close())

@@ -49,6 +49,18 @@ class Config:
     # Refuse QueryCalls requests on custom data that no READY index serves (FAILED_PRECONDITION
     # INDEX_REQUIRED) instead of only logging them.
     require_indexes: bool = False
+    # Webhooks (see webhook_service.proto): deliver to loopback/private/link-local targets too.
+    webhook_allow_private: bool = False
+    # An event not delivered within this long of its first attempt makes its endpoint FAILING.
+    webhook_retry_period_seconds: float = 86_400.0
+    # Each delivery attempt gives up after this long.
+    webhook_timeout_seconds: float = 10.0
+    # Attempts in flight per endpoint (events of different calls).
+    webhook_concurrency: int = 16
+    # A replica's hold on the endpoints it delivers (PostgreSQL: another takes over this long after it died).
+    webhook_lease_seconds: float = 15.0
+    # Tests turn delivery off where they only manage endpoints.
+    run_webhooks: bool = True
 
     @property
     def resolved_database_url(self) -> str:
@@ -95,6 +107,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="refuse QueryCalls filters and sorts on custom data that no declared, READY index serves, "
         "with FAILED_PRECONDITION INDEX_REQUIRED naming the index to declare (CALLPLANE_REQUIRE_INDEXES=1; "
         "by default such queries run, reading every call, and are logged once per shape)",
+    )
+    parser.add_argument(
+        "--webhook-allow-private",
+        action="store_true",
+        default=None,
+        help="let webhooks target loopback, private and link-local addresses "
+        "(CALLPLANE_WEBHOOK_ALLOW_PRIVATE=1; by default such URLs are refused when created and at every "
+        "connection: SSRF)",
+    )
+    parser.add_argument(
+        "--webhook-retry-period",
+        type=float,
+        help="seconds an event is retried before its endpoint is marked FAILING "
+        "(CALLPLANE_WEBHOOK_RETRY_PERIOD_SECONDS; default 86400)",
+    )
+    parser.add_argument(
+        "--webhook-timeout",
+        type=float,
+        help="seconds one delivery attempt may take (CALLPLANE_WEBHOOK_TIMEOUT_SECONDS; default 10)",
+    )
+    parser.add_argument(
+        "--webhook-concurrency",
+        type=int,
+        help="attempts in flight per endpoint, for events of different calls "
+        "(CALLPLANE_WEBHOOK_CONCURRENCY; default 16)",
     )
     parser.add_argument("--shutdown-grace", type=float, help="seconds to drain on SIGTERM (default 10)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (CALLPLANE_LOG_LEVEL; default INFO)")
@@ -168,6 +205,22 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         api_secret=_secret(pick("api_secret_file", "CALLPLANE_API_SECRET_FILE"), env),
         custom_indexes=_custom_indexes(args, env),
         require_indexes=_bool(pick("require_indexes", "CALLPLANE_REQUIRE_INDEXES") or "false"),
+        webhook_allow_private=_bool(
+            pick("webhook_allow_private", "CALLPLANE_WEBHOOK_ALLOW_PRIVATE") or "false"
+        ),
+        webhook_retry_period_seconds=float(
+            pick("webhook_retry_period", "CALLPLANE_WEBHOOK_RETRY_PERIOD_SECONDS")
+            or defaults.webhook_retry_period_seconds
+        ),
+        webhook_timeout_seconds=float(
+            pick("webhook_timeout", "CALLPLANE_WEBHOOK_TIMEOUT_SECONDS") or defaults.webhook_timeout_seconds
+        ),
+        webhook_concurrency=int(
+            pick("webhook_concurrency", "CALLPLANE_WEBHOOK_CONCURRENCY") or defaults.webhook_concurrency
+        ),
+        webhook_lease_seconds=float(
+            env.get("CALLPLANE_WEBHOOK_LEASE_SECONDS") or defaults.webhook_lease_seconds
+        ),
     )
 
 

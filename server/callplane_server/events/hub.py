@@ -152,6 +152,9 @@ class EventHub:
         self._stop_listening: Callable[[], Awaitable[None]] | None = None
         self.last_position = 0
         self.closed = False
+        # Called with the new last position whenever the tailer moves past committed events (webhook
+        # workers' doorbell: they read the log themselves).
+        self.position_listeners: list[Callable[[int], None]] = []
 
     async def start(self) -> None:
         _, self.last_position = await self._store.read(lambda tx: tx.events.position_bounds())
@@ -194,6 +197,12 @@ class EventHub:
                 if item is not None:
                     subscription.offer(item)
             self.last_position = stored.position
+        if batch:
+            self._moved()
+
+    def _moved(self) -> None:
+        for listener in self.position_listeners:
+            listener(self.last_position)
 
     def _interested(self, stored: StoredEvent, addressed: Recipients) -> list[Subscription]:
         interested = [*self._by_call.get(stored.call_cid, ()), *self._firehose]
@@ -291,7 +300,9 @@ class EventHub:
         last = await self._store.read(lambda tx: tx.events.last_position())
         if self._subscriptions:
             return False
-        self.last_position = max(self.last_position, last)
+        if last > self.last_position:
+            self.last_position = last
+            self._moved()
         return True
 
     async def poll(self) -> int:

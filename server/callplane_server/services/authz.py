@@ -72,6 +72,15 @@ RPC_RULES: dict[str, str] = {
     "ModerationService/BlockUser": "block-users",
     "ModerationService/UnblockUser": "block-users",
     "ModerationService/KickUser": "kick-user (+ block-users with block)",
+    "WebhookService/CreateWebhook": SERVER_OR_ADMIN,
+    "WebhookService/GetWebhook": SERVER_OR_ADMIN,
+    "WebhookService/ListWebhooks": SERVER_OR_ADMIN,
+    "WebhookService/UpdateWebhook": SERVER_OR_ADMIN,
+    "WebhookService/DeleteWebhook": SERVER_OR_ADMIN,
+    "WebhookService/RotateWebhookSecret": SERVER_OR_ADMIN,
+    "WebhookService/ResumeWebhook": SERVER_OR_ADMIN,
+    "WebhookService/ListWebhookDeliveries": SERVER_OR_ADMIN,
+    "WebhookService/RedeliverWebhook": SERVER_OR_ADMIN,
 }
 
 

@@ -325,11 +325,14 @@ class EventRepository:
         earliest = await self._session.scalar(select(func.min(EventRow.position)))
         return (int(earliest) if earliest is not None else last + 1, last)
 
-    async def compact(self, older_than: datetime) -> int:
-        """Deletes events (and their recipient rows) created before `older_than`; returns how many."""
+    async def compact(self, older_than: datetime, *, keep_after: int | None = None) -> int:
+        """Deletes events (and their recipient rows) created before `older_than`, but none after
+        position `keep_after`; returns how many."""
         newest_old = await self._session.scalar(
             select(func.max(EventRow.position)).where(EventRow.created_at < older_than)
         )
+        if newest_old is not None and keep_after is not None:
+            newest_old = min(newest_old, keep_after)
         if newest_old is None:
             return 0
         await self._session.execute(delete(EventRecipientRow).where(EventRecipientRow.position <= newest_old))

@@ -333,3 +333,58 @@ class PermissionOverrideRow(Base):
     user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     granted: Mapped[list[str]] = mapped_column(JSONDocument, nullable=False, default=list)
     revoked: Mapped[list[str]] = mapped_column(JSONDocument, nullable=False, default=list)
+
+
+class WebhookRow(Base):
+    """A webhook endpoint, its delivery cursor and the lease of the replica delivering it."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    description: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    event_types: Mapped[list[str]] = mapped_column(JSONDocument, nullable=False)
+    call_types: Mapped[list[str]] = mapped_column(JSONDocument, nullable=False)
+    enabled: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    # ACTIVE or FAILING.
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    # Every event up to this position was delivered (or skipped by the filters).
+    delivered_position: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # Signing secrets sealed with a key derived from the API secret (not stored here).
+    secret: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    previous_secret: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    failing_since: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    # Bumped by every API change (the delivering replica reloads the endpoint)...
+    version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    # ...and `epoch` by those that move its progress (redeliver, resume): a worker's writes name the
+    # epoch they were made in and are refused after it changed.
+    epoch: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    claimed_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class WebhookDeliveryRow(Base):
+    """One event's delivery to one endpoint: the delivery log, and the retry state a restart resumes."""
+
+    __tablename__ = "webhook_deliveries"
+
+    webhook_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("webhooks.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    call_cid: Mapped[str] = mapped_column(String(129), nullable=False)
+    seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    event_type: Mapped[str] = mapped_column(String(64), nullable=False)
+    # PENDING, SUCCEEDED or FAILED.
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    last_status_code: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    last_latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    first_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

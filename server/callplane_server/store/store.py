@@ -31,6 +31,7 @@ from callplane_server.store.repositories import (
 from callplane_server.store.rings import RingRepository
 from callplane_server.store.sessions import SessionRepository
 from callplane_server.store.timers import TimerRepository
+from callplane_server.store.webhooks import WebhookRepository
 
 T = TypeVar("T")
 
@@ -59,6 +60,7 @@ class Transaction:
         self.rings = RingRepository(session)
         self.idempotency = IdempotencyRepository(session, statements)
         self.custom_indexes = CustomIndexRepository(session)
+        self.webhooks = WebhookRepository(session)
 
     def _record(
         self, call: CallRecord, event: DomainEvent, at: datetime, recipients: tuple[str, ...]
@@ -156,7 +158,13 @@ class Store:
     async def read(self, work: Callable[[Transaction], Awaitable[T]]) -> T:
         return await self.database.run(lambda session: work(Transaction(session, self.signer)), write=False)
 
-    async def write(self, work: Callable[[Transaction], Awaitable[T]], *, upkeep: bool = False) -> T:
+    async def write(
+        self,
+        work: Callable[[Transaction], Awaitable[T]],
+        *,
+        upkeep: bool = False,
+        touches_calls: bool = True,
+    ) -> T:
         """Runs `work` in a write transaction; it may be retried whole on a transient conflict. Events
         emitted by `work` are numbered and written last, in the same transaction. `upkeep`: the
         server's own upkeep (its replica lease), which must not wait behind RPC writes for a
@@ -177,7 +185,7 @@ class Store:
             # A transaction that opened calls changed only what belongs to them (members, sessions,
             # participants, permissions...); one that did not may have changed anything (users, types),
             # unless it is the server's upkeep (its lease and holds: nothing a call's state shows).
-            changed = cids if tx.calls.opened_any or upkeep else cids or None
+            changed = cids if tx.calls.opened_any or upkeep or not touches_calls else cids or None
             group: GroupScope | None = session.info.get(GROUP_SCOPE)
             if changed is None and group is not None:
                 group.forget_all()
