@@ -109,7 +109,7 @@ class EndpointWorker:
         self._url = ""
         self._refused_host: str | None = None
         self._signer = Signer([])
-        self._secrets_until: datetime | None = None
+        self._overlap: tuple[Signer, datetime] | None = None
         self._pending_records: dict[int, DeliveryRecord] = {}
         self._requeued_records: list[DeliveryRecord] = []
         self.stopped = asyncio.Event()
@@ -138,12 +138,14 @@ class EndpointWorker:
         """Takes the endpoint's current URL, filters and secrets (a change within one epoch applies to
         the next attempts; events already read stay)."""
         box = self._dispatcher.box
-        secrets = [box.open(webhook.id, webhook.sealed_secret)]
+        current = box.open(webhook.id, webhook.sealed_secret)
+        self._signer = Signer([current])
+        # A rotated secret signs too until its overlap ends (by the injected clock).
+        self._overlap = None
         expires = webhook.previous_secret_expires_at
-        if webhook.sealed_previous_secret is not None and expires is not None and expires > self._now():
-            secrets.append(box.open(webhook.id, webhook.sealed_previous_secret))
-        self._signer = Signer(secrets)
-        self._secrets_until = expires if len(secrets) > 1 else None
+        if webhook.sealed_previous_secret is not None and expires is not None:
+            previous = box.open(webhook.id, webhook.sealed_previous_secret)
+            self._overlap = (Signer([current, previous]), expires)
         self._filter = webhook.filter
         self._url = webhook.url
         host = urlsplit(webhook.url).hostname or ""
@@ -153,6 +155,11 @@ class EndpointWorker:
             if literal is not None and not self._dispatcher.settings.allow_private and not is_public(literal)
             else None
         )
+
+    def _signer_now(self, now: datetime) -> Signer:
+        if self._overlap is not None and now < self._overlap[1]:
+            return self._overlap[0]
+        return self._signer
 
     def _now(self) -> datetime:
         return self._dispatcher.clock()
@@ -276,7 +283,9 @@ class EndpointWorker:
                 error = f"refused: {self._refused_host} is not a public address (--webhook-allow-private)"
             else:
                 body = json_format.MessageToJson(item.event.event, indent=None)
-                headers = self._signer.headers(message_id(item.event.position), datetime.now(UTC), body)
+                headers = self._signer_now(started_at).headers(
+                    message_id(item.event.position), datetime.now(UTC), body
+                )
                 timeout = self._dispatcher.settings.timeout
                 try:
                     async with self._dispatcher.http.post(
@@ -398,8 +407,6 @@ class EndpointWorker:
             ]
             if waiting:
                 timeout = min(timeout, max(0.0, (min(waiting) - now).total_seconds()))
-        if self._secrets_until is not None and self._secrets_until <= now:
-            self._dispatcher.refresh()  # the rotated secret stops signing: reload the endpoint
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._doorbell.wait(), timeout)
 
