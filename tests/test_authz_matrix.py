@@ -51,6 +51,8 @@ from callplane.v1 import (
     session_service_pb2_grpc,
     user_pb2,
     user_pb2_grpc,
+    webhook_service_pb2,
+    webhook_service_pb2_grpc,
 )
 from callplane_server.auth.tokens import create_token
 from callplane_server.domain.call_types import BUILTIN_CALL_TYPES
@@ -144,6 +146,7 @@ class Stubs:
     data: call_data_service_pb2_grpc.CallDataServiceStub
     events: event_service_pb2_grpc.EventServiceStub
     moderation: moderation_service_pb2_grpc.ModerationServiceStub
+    webhooks: webhook_service_pb2_grpc.WebhookServiceStub
 
     @classmethod
     def on(cls, ch: grpc.aio.Channel) -> Stubs:
@@ -156,6 +159,7 @@ class Stubs:
             call_data_service_pb2_grpc.CallDataServiceStub(ch),
             event_service_pb2_grpc.EventServiceStub(ch),
             moderation_service_pb2_grpc.ModerationServiceStub(ch),
+            webhook_service_pb2_grpc.WebhookServiceStub(ch),
         )
 
 
@@ -289,6 +293,15 @@ class Cell:
                 )
             )
         return user_id
+
+    async def fresh_webhook(self) -> str:
+        """A new endpoint (a public address: the matrix server allows no private targets)."""
+        if self.dry:
+            return "wh_dry"
+        created = await self.setup(
+            self.srv.webhooks.CreateWebhook(webhook_service_pb2.CreateWebhookRequest(url=WEBHOOK_URL))
+        )
+        return str(created.webhook.id)
 
     async def fresh_call_type(self) -> str:
         name = new_id("mx-type")
@@ -1075,6 +1088,80 @@ def _describe(expected: Expected) -> str:
         capability = f" ({expected.capability})" if expected.capability else ""
         return f"PERMISSION_DENIED {'/'.join(expected.reasons)}{capability}"
     return expected.name
+
+
+# WebhookService -----------------------------------------------------------------------------------------
+
+WEBHOOK_URL = "https://93.184.216.34/hooks"  # never contacted: the matrix server delivers nothing
+
+
+@row("WebhookService", "CreateWebhook", **admins_only())
+async def _(cx: Cell) -> Any:
+    return await cx.s.webhooks.CreateWebhook(webhook_service_pb2.CreateWebhookRequest(url=WEBHOOK_URL))
+
+
+@row("WebhookService", "GetWebhook", **admins_only())
+async def _(cx: Cell) -> Any:
+    webhook_id = await cx.fresh_webhook()
+    return await cx.s.webhooks.GetWebhook(webhook_service_pb2.GetWebhookRequest(id=webhook_id))
+
+
+@row("WebhookService", "ListWebhooks", **admins_only())
+async def _(cx: Cell) -> Any:
+    return await cx.s.webhooks.ListWebhooks(webhook_service_pb2.ListWebhooksRequest())
+
+
+@row("WebhookService", "UpdateWebhook", **admins_only())
+async def _(cx: Cell) -> Any:
+    webhook_id = await cx.fresh_webhook()
+    return await cx.s.webhooks.UpdateWebhook(
+        webhook_service_pb2.UpdateWebhookRequest(id=webhook_id, description="changed")
+    )
+
+
+@row("WebhookService", "DeleteWebhook", **admins_only())
+async def _(cx: Cell) -> Any:
+    webhook_id = await cx.fresh_webhook()
+    return await cx.s.webhooks.DeleteWebhook(webhook_service_pb2.DeleteWebhookRequest(id=webhook_id))
+
+
+@row("WebhookService", "RotateWebhookSecret", **admins_only())
+async def _(cx: Cell) -> Any:
+    webhook_id = await cx.fresh_webhook()
+    return await cx.s.webhooks.RotateWebhookSecret(
+        webhook_service_pb2.RotateWebhookSecretRequest(id=webhook_id)
+    )
+
+
+# An ACTIVE endpoint: whoever may resume it learns that it is not FAILING.
+@row(
+    "WebhookService",
+    "ResumeWebhook",
+    **{
+        **admins_only(),
+        "server": grpc.StatusCode.FAILED_PRECONDITION,
+        "admin": grpc.StatusCode.FAILED_PRECONDITION,
+    },
+)
+async def _(cx: Cell) -> Any:
+    webhook_id = await cx.fresh_webhook()
+    return await cx.s.webhooks.ResumeWebhook(webhook_service_pb2.ResumeWebhookRequest(id=webhook_id))
+
+
+@row("WebhookService", "ListWebhookDeliveries", **admins_only())
+async def _(cx: Cell) -> Any:
+    webhook_id = await cx.fresh_webhook()
+    return await cx.s.webhooks.ListWebhookDeliveries(
+        webhook_service_pb2.ListWebhookDeliveriesRequest(webhook_id=webhook_id)
+    )
+
+
+@row("WebhookService", "RedeliverWebhook", **admins_only())
+async def _(cx: Cell) -> Any:
+    webhook_id = await cx.fresh_webhook()
+    return await cx.s.webhooks.RedeliverWebhook(
+        webhook_service_pb2.RedeliverWebhookRequest(id=webhook_id, after_position=0)
+    )
 
 
 @pytest.mark.parametrize("principal", PRINCIPALS)
