@@ -713,3 +713,61 @@ async def test_private_targets_are_refused_without_the_flag(url: str, backend: s
         )
         assert "--webhook-allow-private" in details.message
         assert (await stub.ListWebhooks(W.ListWebhooksRequest())).webhooks == []
+
+
+async def test_a_stored_private_target_is_refused_at_connection_time(
+    backend: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    """A target that turns private after its check (here: changed behind the API's back, as DNS
+    rebinding would) is refused when connecting, by name and by address."""
+    async with running_server(backend, tmp_path, run_webhooks=True) as strict:
+        stub = webhook_service_pb2_grpc.WebhookServiceStub(strict.channel)
+        created = await stub.CreateWebhook(W.CreateWebhookRequest(url="https://93.184.216.34/hooks"))
+        key = f"rebind{uuid.uuid4().hex[:8]}"
+        port = receiver.server.port
+        calls = call_service_pb2_grpc.CallServiceStub(strict.channel)
+        assert strict.server.store is not None
+        database = strict.server.store.database
+        change = text("UPDATE webhooks SET url = :url, version = version + 1 WHERE id = :id")
+        for index, url in enumerate(
+            (f"http://localhost:{port}/hooks/{key}", f"http://127.0.0.1:{port}/hooks/{key}")
+        ):
+            await database.run(
+                lambda session, url=url: session.execute(change, {"url": url, "id": created.webhook.id}),
+                write=True,
+            )
+            assert strict.server.webhooks is not None
+            strict.server.webhooks.refresh()
+            await calls.GetOrCreateCall(call_service_pb2.GetOrCreateCallRequest(type="default", id=key))
+            await calls.UpdateCall(
+                call_service_pb2.UpdateCallRequest(type="default", id=key, set_custom=struct({"i": index}))
+            )
+
+            async def refused() -> bool:
+                found = await stub.ListWebhookDeliveries(
+                    W.ListWebhookDeliveriesRequest(webhook_id=created.webhook.id)
+                )
+                return any("refused" in d.last_error for d in found.deliveries)
+
+            await eventually(refused, WAIT)
+        assert receiver.got(key) == []
+
+
+async def test_a_dead_endpoint_does_not_hold_up_a_healthy_one(scene: Scene) -> None:
+    async def hang(_received: Received) -> web.StreamResponse:
+        await asyncio.sleep(3)  # past the 0.5 s attempt timeout, every time
+        return web.Response(status=204)
+
+    scene.receiver.behaviour[scene.key + "-dead"] = hang
+    dead = await scene.create(url=scene.receiver.url(scene.key + "-dead"))
+    await scene.create()
+    calls, updates = 4, 10
+    for value in range(updates):
+        for index in range(calls):
+            await scene.call_event(f"iso{index}", value)
+    await scene.received(calls * updates)
+    # The dead one only ever had the head of each call in flight, and holds no more than its window.
+    assert {item.event["seq"] for item in scene.receiver.got(scene.key + "-dead")} == {"1"}
+    assert scene.server.server.webhooks is not None
+    worker = scene.server.server.webhooks.workers[dead.webhook.id]
+    assert len(worker._window) <= scene.server.server.webhooks.settings.window

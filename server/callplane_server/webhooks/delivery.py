@@ -303,6 +303,9 @@ class EndpointWorker:
                             )
                 except TimeoutError:
                     error = f"timed out after {timeout:g} s"
+                except aiohttp.ClientConnectorError as failure:
+                    # Its own text drops the cause's message (e.g. our resolver's refusal).
+                    error = f"cannot connect to {failure.host}:{failure.port}: {failure.os_error}"
                 except (aiohttp.ClientError, OSError) as failure:
                     error = f"{type(failure).__name__}: {failure}"
         finally:
