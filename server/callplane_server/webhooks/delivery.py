@@ -64,6 +64,8 @@ class DeliverySettings:
     concurrency: int = 16
     #: Events one endpoint's worker holds at most (read from the log, not yet delivered).
     window: int = 1000
+    #: ...and at most about this many bytes of them (stored payloads; one event may pass it).
+    window_bytes: int = 8 * 1024 * 1024
     #: A replica's hold on the endpoints it delivers lasts this long unless renewed (every third of it).
     lease_seconds: float = 15.0
     #: Allow targets on loopback, private and link-local addresses.
@@ -94,6 +96,7 @@ class EndpointWorker:
         self.webhook_id = lease.webhook_id
         self._doorbell = asyncio.Event()
         self._window: dict[int, _Item] = {}
+        self._window_bytes = 0
         self._by_call: dict[str, deque[int]] = {}
         self._requeued: dict[int, _Item] = {}
         self._skip: set[int] = set()
@@ -127,12 +130,15 @@ class EndpointWorker:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
-        for attempt in list(self._attempts):
-            attempt.cancel()
+        self._cancel_attempts()
         self.stopped.set()
 
     def wake(self) -> None:
         self._doorbell.set()
+
+    def _cancel_attempts(self) -> None:
+        for attempt in list(self._attempts):
+            attempt.cancel()
 
     def configure(self, webhook: WebhookRecord) -> None:
         """Takes the endpoint's current URL, filters and secrets (a change within one epoch applies to
@@ -173,11 +179,16 @@ class EndpointWorker:
             while True:
                 self._doorbell.clear()
                 if not await self._flush():
+                    self._cancel_attempts()  # another replica (or epoch) goes on from the recorded state
                     return
                 if self._failing is not None:
-                    return  # recorded: the endpoint is FAILING, nothing more is sent
-                await self._fill()
-                self._dispatch()
+                    # Recorded: the endpoint is FAILING and nothing more is sent; the attempts still in
+                    # flight (heads of other calls) are recorded too before the worker ends.
+                    if not self._in_flight:
+                        return
+                else:
+                    await self._fill()
+                    self._dispatch()
                 await self._wait()
         except asyncio.CancelledError:
             raise
@@ -206,9 +217,16 @@ class EndpointWorker:
         dispatcher = self._dispatcher
         if self._requeued_records:
             await self._load_requeued()
-        while len(self._window) < dispatcher.settings.window and self._scanned < dispatcher.hub.last_position:
-            room = min(dispatcher.settings.window - len(self._window), READ_BATCH)
-            batch = await dispatcher.store.read(partial(_events_after, self._scanned, room))
+        settings = dispatcher.settings
+        while (
+            len(self._window) < settings.window
+            and self._window_bytes < settings.window_bytes
+            and self._scanned < dispatcher.hub.last_position
+        ):
+            room = min(settings.window - len(self._window), READ_BATCH)
+            batch = await dispatcher.store.read(
+                partial(_events_after, self._scanned, room, settings.window_bytes - self._window_bytes)
+            )
             after = self._scanned
             if not batch:
                 return
@@ -230,6 +248,7 @@ class EndpointWorker:
                     self.webhook_id, stored
                 )
                 self._window[stored.position] = _Item(stored, record)
+                self._window_bytes += stored.size
                 self._by_call.setdefault(stored.call_cid, deque()).append(stored.position)
 
     async def _load_requeued(self) -> None:
@@ -330,6 +349,7 @@ class EndpointWorker:
             record.next_attempt_at = None
             if item.ordered:
                 self._window.pop(position, None)
+                self._window_bytes -= item.event.size
                 queue = self._by_call[item.event.call_cid]
                 queue.popleft()
                 if not queue:
@@ -414,8 +434,8 @@ class EndpointWorker:
             await asyncio.wait_for(self._doorbell.wait(), timeout)
 
 
-async def _events_after(after: int, limit: int, tx: Transaction) -> list[StoredEvent]:
-    return await tx.events.events_after_position(after, limit)
+async def _events_after(after: int, limit: int, max_bytes: int, tx: Transaction) -> list[StoredEvent]:
+    return await tx.events.events_after_position(after, limit, max_bytes=max_bytes)
 
 
 async def _unclaimed(me: str, now: float, tx: Transaction) -> tuple[list[Lease], bool]:
