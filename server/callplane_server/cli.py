@@ -1,4 +1,4 @@
-"""`callplane` command line: `callplane serve [flags]`."""
+"""`callplane` command line: `callplane serve [flags]`, `callplane token`, `callplane webhook verify`."""
 
 from __future__ import annotations
 
@@ -40,7 +40,21 @@ def main(argv: list[str] | None = None) -> int:
     token_parser.add_argument(
         "--api-secret-file", help="file holding the secret (CALLPLANE_API_SECRET[_FILE])"
     )
+    webhook_parser = commands.add_parser("webhook", help="webhook helpers")
+    webhook_commands = webhook_parser.add_subparsers(dest="webhook_command", required=True)
+    verify_parser = webhook_commands.add_parser(
+        "verify",
+        help="check a received webhook request's signature with the endpoint's secret (exit 1 if it fails)",
+    )
+    verify_parser.add_argument("--secret", help="the endpoint's secret, whsec_... (or WEBHOOK_SECRET)")
+    verify_parser.add_argument(
+        "--headers-file", required=True, help="the request's headers: a JSON object or `Name: value` lines"
+    )
+    verify_parser.add_argument("--body-file", required=True, help="the request's body, byte for byte")
     args = parser.parse_args(argv)
+
+    if args.command == "webhook":
+        return _verify_webhook(args)
 
     if args.command == "token":
         config = config_module.load(args)
@@ -71,6 +85,27 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def _verify_webhook(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    from callplane_server.webhooks.verification import parse_headers, verify_request
+
+    secret = args.secret or os.environ.get("WEBHOOK_SECRET", "")
+    if not secret:
+        print("callplane: pass --secret whsec_... or set WEBHOOK_SECRET", file=sys.stderr)
+        return 2
+    try:
+        headers = parse_headers(Path(args.headers_file).read_text())
+        body = Path(args.body_file).read_bytes()
+        result = verify_request(secret, headers, body)
+    except (OSError, ValueError) as error:  # exit 2: not a verdict on the request (1 is "not verified")
+        print(f"callplane: {error}", file=sys.stderr)
+        return 2
+    print(result.report(datetime.now(UTC)))
+    return 0 if result.verified else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

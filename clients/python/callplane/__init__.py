@@ -25,6 +25,10 @@ from callplane.client import (
     SentEvent,
     SessionInfo,
     UserInfo,
+    WebhookDeliveryInfo,
+    WebhookInfo,
+    WebhookRedelivery,
+    WebhookSecret,
 )
 
 __all__ = [
@@ -52,4 +56,8 @@ __all__ = [
     "SentEvent",
     "SessionInfo",
     "UserInfo",
+    "WebhookDeliveryInfo",
+    "WebhookInfo",
+    "WebhookRedelivery",
+    "WebhookSecret",
 ]

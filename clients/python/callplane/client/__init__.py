@@ -34,6 +34,10 @@ from callplane.client.models import (
     SessionInfo,
     StreamMessage,
     UserInfo,
+    WebhookDeliveryInfo,
+    WebhookInfo,
+    WebhookRedelivery,
+    WebhookSecret,
 )
 from callplane.client.streams import EventStream, Reconnect
 
@@ -65,6 +69,10 @@ __all__ = [
     "StreamMessage",
     "TokenProvider",
     "UserInfo",
+    "WebhookDeliveryInfo",
+    "WebhookInfo",
+    "WebhookRedelivery",
+    "WebhookSecret",
     "dict_to_struct",
     "from_plain",
     "from_timestamp",

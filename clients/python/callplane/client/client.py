@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -14,6 +15,8 @@ from callplane.client.convert import (
     SettingsLike,
     SortLike,
     dict_to_struct,
+    to_delivery_status,
+    to_duration,
     to_grants,
     to_partial_updates,
     to_settings,
@@ -21,7 +24,16 @@ from callplane.client.convert import (
     to_user_requests,
 )
 from callplane.client.errors import CallplaneError
-from callplane.client.models import CallState, CallTypeInfo, QueryPage, UserInfo
+from callplane.client.models import (
+    CallState,
+    CallTypeInfo,
+    QueryPage,
+    UserInfo,
+    WebhookDeliveryInfo,
+    WebhookInfo,
+    WebhookRedelivery,
+    WebhookSecret,
+)
 from callplane.client.streams import EventStream, Reconnect, set_progress_interval
 from callplane.v1 import (
     call_data_service_pb2_grpc,
@@ -35,6 +47,8 @@ from callplane.v1 import (
     session_service_pb2_grpc,
     user_pb2,
     user_pb2_grpc,
+    webhook_service_pb2,
+    webhook_service_pb2_grpc,
 )
 
 __all__ = ["DEFAULT_TIMEOUT", "CallplaneClient", "TokenProvider"]
@@ -91,6 +105,7 @@ class CallplaneClient:
         self.ring_service = ring_service_pb2_grpc.RingServiceStub(channel)
         self.call_data_service = call_data_service_pb2_grpc.CallDataServiceStub(channel)
         self.event_service = event_service_pb2_grpc.EventServiceStub(channel)
+        self.webhook_service = webhook_service_pb2_grpc.WebhookServiceStub(channel)
 
     async def __aenter__(self) -> CallplaneClient:
         return self
@@ -356,6 +371,143 @@ class CallplaneClient:
             reconnect=reconnect or self.reconnect,
             include_progress=include_progress,
         )
+
+    # Webhooks (server tokens and global admins only)
+
+    async def create_webhook(
+        self,
+        url: str,
+        *,
+        event_types: Iterable[str] | None = None,
+        call_types: Iterable[str] | None = None,
+        description: str = "",
+        enabled: bool = True,
+    ) -> WebhookSecret:
+        """Create an endpoint every matching event is POSTed to; returns it with its signing secret
+        (`whsec_...`, shown only now). `event_types`: exact names (`call.ended`) or prefixes ending in `*`
+        (`call.*`); `call_types`: only calls of these types; both empty: every event."""
+        request = webhook_service_pb2.CreateWebhookRequest(
+            url=url,
+            event_types=_as_list(event_types),
+            call_types=_as_list(call_types),
+            description=description,
+            disabled=not enabled,
+        )
+        response = await self._rpc(self.webhook_service.CreateWebhook, request)
+        return WebhookSecret.from_proto(response)
+
+    async def get_webhook(self, webhook_id: str) -> WebhookInfo:
+        """One endpoint (never its secret)."""
+        request = webhook_service_pb2.GetWebhookRequest(id=webhook_id)
+        response = await self._rpc(self.webhook_service.GetWebhook, request)
+        return WebhookInfo.from_proto(response.webhook)
+
+    async def list_webhooks(self) -> list[WebhookInfo]:
+        """Every endpoint, oldest first."""
+        response = await self._rpc(
+            self.webhook_service.ListWebhooks, webhook_service_pb2.ListWebhooksRequest()
+        )
+        return [WebhookInfo.from_proto(w) for w in response.webhooks]
+
+    async def update_webhook(
+        self,
+        webhook_id: str,
+        *,
+        url: str | None = None,
+        event_types: Iterable[str] | None = None,
+        call_types: Iterable[str] | None = None,
+        description: str | None = None,
+        enabled: bool | None = None,
+    ) -> WebhookInfo:
+        """Change the fields given (None keeps a field; an empty list removes a filter). Turning a
+        FAILING endpoint off and on again does not resume it: see `resume_webhook`."""
+        request = webhook_service_pb2.UpdateWebhookRequest(id=webhook_id)
+        if url is not None:
+            request.url = url
+        if event_types is not None:
+            request.event_types.SetInParent()
+            request.event_types.values.extend(_as_list(event_types))
+        if call_types is not None:
+            request.call_types.SetInParent()
+            request.call_types.values.extend(_as_list(call_types))
+        if description is not None:
+            request.description = description
+        if enabled is not None:
+            request.enabled = enabled
+        response = await self._rpc(self.webhook_service.UpdateWebhook, request)
+        return WebhookInfo.from_proto(response.webhook)
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        """Delete an endpoint and its delivery log (an attempt in flight may still arrive)."""
+        request = webhook_service_pb2.DeleteWebhookRequest(id=webhook_id)
+        await self._rpc(self.webhook_service.DeleteWebhook, request)
+
+    async def rotate_webhook_secret(
+        self, webhook_id: str, *, overlap: _dt.timedelta | float | None = None
+    ) -> WebhookSecret:
+        """Replace the signing secret; returns the new one (shown only now). The previous secret keeps
+        signing too for `overlap` (a timedelta or seconds, 0 to 7 days; None: the server's 24 hours)."""
+        request = webhook_service_pb2.RotateWebhookSecretRequest(
+            id=webhook_id, overlap=to_duration(overlap, path="overlap")
+        )
+        response = await self._rpc(self.webhook_service.RotateWebhookSecret, request)
+        return WebhookSecret.from_proto(response)
+
+    async def resume_webhook(self, webhook_id: str) -> WebhookInfo:
+        """Resume a FAILING endpoint: the event it gave up on is retried at once, with a new retry period."""
+        request = webhook_service_pb2.ResumeWebhookRequest(id=webhook_id)
+        response = await self._rpc(self.webhook_service.ResumeWebhook, request)
+        return WebhookInfo.from_proto(response.webhook)
+
+    async def list_webhook_deliveries(
+        self,
+        webhook_id: str,
+        *,
+        status: str | int | None = None,
+        call_cid: str | None = None,
+        event_type: str | None = None,
+        limit: int | None = None,
+        next: str | None = None,
+    ) -> QueryPage[WebhookDeliveryInfo]:
+        """An endpoint's delivery log, newest event first: filter by `status` ("pending", "succeeded",
+        "failed"), `call_cid` and `event_type`; `limit` 1..100 (default 25); pass the page's `next` back
+        for the following page (None on the last)."""
+        request = webhook_service_pb2.ListWebhookDeliveriesRequest(
+            webhook_id=webhook_id,
+            status=to_delivery_status(status),
+            call_cid=call_cid or "",
+            event_type=event_type or "",
+            limit=limit or 0,
+            next=next or "",
+        )
+        response = await self._rpc(self.webhook_service.ListWebhookDeliveries, request)
+        return QueryPage(
+            [WebhookDeliveryInfo.from_proto(d) for d in response.deliveries],
+            response.next or None,
+            None,
+            response,
+        )
+
+    async def redeliver_webhook(
+        self,
+        webhook_id: str,
+        *,
+        after_position: int | None = None,
+        positions: Iterable[int] | None = None,
+    ) -> WebhookRedelivery:
+        """Send events again, one of: `after_position` (every matching event after that global position,
+        still retained, in order again: the endpoint's cursor moves back to it), or `positions` (these
+        events of the delivery log, at most 100, sent once more at once)."""
+        if (after_position is None) == (positions is None):
+            raise ValueError("redeliver_webhook: pass either after_position or positions")
+        request = webhook_service_pb2.RedeliverWebhookRequest(id=webhook_id)
+        if after_position is not None:
+            request.after_position = after_position
+        else:
+            request.positions.SetInParent()
+            request.positions.positions.extend(positions or ())
+        response = await self._rpc(self.webhook_service.RedeliverWebhook, request)
+        return WebhookRedelivery.from_proto(response)
 
 
 def _as_list(values: Iterable[str] | None) -> list[str]:

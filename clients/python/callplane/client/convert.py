@@ -9,11 +9,11 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from callplane.client.custom import CustomData
-from callplane.v1 import call_pb2, call_type_pb2, query_pb2, user_pb2
+from callplane.v1 import call_pb2, call_type_pb2, query_pb2, user_pb2, webhook_service_pb2
 
 __all__ = [
     "MAX_SAFE_INTEGER",
@@ -22,6 +22,8 @@ __all__ = [
     "grants_to_dict",
     "settings_to_dict",
     "struct_to_dict",
+    "to_delivery_status",
+    "to_duration",
     "to_grants",
     "to_member_requests",
     "to_partial_updates",
@@ -303,3 +305,40 @@ def to_grants(grants: Mapping[str, Iterable[str]] | None) -> dict[str, call_type
 def grants_to_dict(grants: Mapping[str, call_type_pb2.Capabilities]) -> dict[str, list[str]]:
     """Role → capability names, roles sorted."""
     return {role: list(grants[role].capabilities) for role in sorted(grants)}
+
+
+def to_duration(
+    value: _dt.timedelta | float | duration_pb2.Duration | None, *, path: str = "duration"
+) -> duration_pb2.Duration | None:
+    """Duration from a timedelta or a number of seconds; None stays None (field left unset)."""
+    if value is None or isinstance(value, duration_pb2.Duration):
+        return value
+    if isinstance(value, bool) or not isinstance(value, _dt.timedelta | int | float):
+        raise TypeError(f"{path}: expected a timedelta or seconds, got {type(value).__name__}")
+    if not isinstance(value, _dt.timedelta):
+        if not math.isfinite(value):
+            raise ValueError(f"{path}: {value!r} is not a number of seconds")
+        value = _dt.timedelta(seconds=value)
+    duration = duration_pb2.Duration()
+    duration.FromTimedelta(value)
+    return duration
+
+
+def to_delivery_status(
+    status: str | int | None, *, path: str = "status"
+) -> webhook_service_pb2.WebhookDeliveryStatus.ValueType:
+    """`"pending"` / `"succeeded"` / `"failed"` (any case, or the full enum name, or its number) → the
+    WebhookDeliveryStatus number; None → UNSPECIFIED (any status)."""
+    if status is None:
+        return webhook_service_pb2.WEBHOOK_DELIVERY_STATUS_UNSPECIFIED
+    if isinstance(status, int) and not isinstance(status, bool):
+        return status  # type: ignore[return-value]  # passed through: the server checks it
+    if not isinstance(status, str):
+        raise TypeError(f"{path}: expected a status name, got {type(status).__name__}")
+    name = status.upper()
+    if not name.startswith("WEBHOOK_DELIVERY_STATUS_"):
+        name = f"WEBHOOK_DELIVERY_STATUS_{name}"
+    try:
+        return webhook_service_pb2.WebhookDeliveryStatus.Value(name)
+    except ValueError:
+        raise ValueError(f"{path}: expected 'pending', 'succeeded' or 'failed', got {status!r}") from None

@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from callplane.client.convert import from_timestamp, grants_to_dict, settings_to_dict, struct_to_dict
 from callplane.client.custom import CustomData
-from callplane.v1 import call_pb2, call_type_pb2, event_pb2, session_pb2, user_pb2
+from callplane.v1 import call_pb2, call_type_pb2, event_pb2, session_pb2, user_pb2, webhook_service_pb2
 
 __all__ = [
     "CallInfo",
@@ -31,6 +31,10 @@ __all__ = [
     "SessionInfo",
     "StreamMessage",
     "UserInfo",
+    "WebhookDeliveryInfo",
+    "WebhookInfo",
+    "WebhookRedelivery",
+    "WebhookSecret",
     "to_track",
     "track_name",
 ]
@@ -476,3 +480,124 @@ class ProgressMessage:
 
 
 StreamMessage = CallSnapshotMessage | EventMessage | ProgressMessage
+
+
+# Webhooks
+
+
+@dataclass(frozen=True)
+class WebhookInfo:
+    """A webhook endpoint (never its secret). `state` is "ACTIVE", "FAILING" or "DISABLED"."""
+
+    id: str
+    url: str
+    event_types: list[str]
+    call_types: list[str]
+    description: str
+    enabled: bool
+    state: str
+    delivered_position: int
+    failing_since: _dt.datetime | None
+    last_error: str
+    previous_secret_expires_at: _dt.datetime | None
+    created_at: _dt.datetime | None
+    updated_at: _dt.datetime | None
+    proto: webhook_service_pb2.Webhook = field(repr=False, compare=False)
+
+    @property
+    def failing(self) -> bool:
+        """Whether delivery gave up on an event: nothing is sent until `resume_webhook`."""
+        return self.state == "FAILING"
+
+    @classmethod
+    def from_proto(cls, msg: webhook_service_pb2.Webhook) -> WebhookInfo:
+        return cls(
+            id=msg.id,
+            url=msg.url,
+            event_types=list(msg.event_types),
+            call_types=list(msg.call_types),
+            description=msg.description,
+            enabled=msg.enabled,
+            state=webhook_service_pb2.WebhookState.Name(msg.state).removeprefix("WEBHOOK_STATE_"),
+            delivered_position=msg.delivered_position,
+            failing_since=from_timestamp(msg, "failing_since"),
+            last_error=msg.last_error,
+            previous_secret_expires_at=from_timestamp(msg, "previous_secret_expires_at"),
+            created_at=from_timestamp(msg, "created_at"),
+            updated_at=from_timestamp(msg, "updated_at"),
+            proto=msg,
+        )
+
+
+@dataclass(frozen=True)
+class WebhookSecret:
+    """Result of `create_webhook` and `rotate_webhook_secret`: the endpoint and its new signing secret
+    (`whsec_...`), shown only this once: pass it as is to a Standard Webhooks library."""
+
+    webhook: WebhookInfo
+    secret: str = field(repr=False)
+    proto: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> WebhookSecret:
+        """From a CreateWebhookResponse or RotateWebhookSecretResponse."""
+        return cls(webhook=WebhookInfo.from_proto(msg.webhook), secret=msg.secret, proto=msg)
+
+
+@dataclass(frozen=True)
+class WebhookDeliveryInfo:
+    """One event's delivery to one endpoint. `status` is "PENDING", "SUCCEEDED" or "FAILED";
+    `message_id` is the `webhook-id` header sent (the same on every attempt); `last_status_code` 0 means
+    no answer (timeout or connection error)."""
+
+    webhook_id: str
+    position: int
+    message_id: str
+    call_cid: str
+    seq: int
+    event_type: str
+    status: str
+    attempts: int
+    last_status_code: int
+    last_latency: _dt.timedelta | None
+    last_error: str
+    first_attempt_at: _dt.datetime | None
+    last_attempt_at: _dt.datetime | None
+    next_attempt_at: _dt.datetime | None
+    proto: webhook_service_pb2.WebhookDelivery = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, msg: webhook_service_pb2.WebhookDelivery) -> WebhookDeliveryInfo:
+        return cls(
+            webhook_id=msg.webhook_id,
+            position=msg.position,
+            message_id=msg.message_id,
+            call_cid=msg.call_cid,
+            seq=msg.seq,
+            event_type=msg.event_type,
+            status=webhook_service_pb2.WebhookDeliveryStatus.Name(msg.status).removeprefix(
+                "WEBHOOK_DELIVERY_STATUS_"
+            ),
+            attempts=msg.attempts,
+            last_status_code=msg.last_status_code,
+            last_latency=msg.last_latency.ToTimedelta() if msg.HasField("last_latency") else None,
+            last_error=msg.last_error,
+            first_attempt_at=from_timestamp(msg, "first_attempt_at"),
+            last_attempt_at=from_timestamp(msg, "last_attempt_at"),
+            next_attempt_at=from_timestamp(msg, "next_attempt_at"),
+            proto=msg,
+        )
+
+
+@dataclass(frozen=True)
+class WebhookRedelivery:
+    """Result of `redeliver_webhook`: the endpoint (its `delivered_position` moved back for
+    `after_position`) and how many deliveries were queued (for `positions`)."""
+
+    webhook: WebhookInfo
+    queued: int
+    proto: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, msg: webhook_service_pb2.RedeliverWebhookResponse) -> WebhookRedelivery:
+        return cls(webhook=WebhookInfo.from_proto(msg.webhook), queued=msg.queued, proto=msg)
