@@ -149,6 +149,16 @@ class Scene:
         assert self.server.server.webhooks is not None
         self.server.server.webhooks.wake()
 
+    async def settled(self, webhook_id: str) -> None:
+        """Every request the receiver got for this test is in the delivery log (its answer handled and
+        its retry scheduled), so moving the clock now cannot race the scheduling."""
+
+        async def recorded() -> bool:
+            attempts = sum(d.attempts for d in await self.deliveries(webhook_id))
+            return attempts >= len(self.receiver.got(self.key))
+
+        await eventually(recorded, WAIT)
+
     async def webhook(self, webhook_id: str) -> webhook_service_pb2.Webhook:
         return (await self.hooks.GetWebhook(W.GetWebhookRequest(id=webhook_id))).webhook
 
@@ -212,6 +222,7 @@ async def test_signed_standard_webhook_with_the_events_proto3_json(scene: Scene)
     assert got[1].event["callUpdated"]["call"]["custom"] == {"n": 1.0}
     with pytest.raises(WebhookVerificationError):
         Webhook("whsec_" + "A" * 43 + "=").verify(got[0].body, got[0].headers)
+
     # The delivery log says the same (recorded right after the answers).
     async def logged() -> bool:
         found = await scene.deliveries(created.webhook.id)
@@ -294,9 +305,11 @@ async def test_receiver_down_then_back_delivers_everything_in_order(scene: Scene
     assert hook.delivered_position < int(scene.receiver.got(scene.key)[0].event["position"])
     # A few more rounds of refusals while down, each after its backoff.
     for _ in range(3):
+        await scene.settled(created.webhook.id)
         before = len(scene.receiver.got(scene.key))
         scene.wake(timedelta(hours=1))
         await scene.received(before + 2)
+    await scene.settled(created.webhook.id)
     down = False
     scene.wake(timedelta(hours=1))
     got = await scene.received(8 + 2 * 4)
@@ -409,11 +422,13 @@ async def test_failing_after_the_retry_period_then_resume(scene: Scene) -> None:
     created = await scene.create()
     await scene.call_event("failing", 1)
     await scene.received(1)
+
     # Past the 24 h retry period (each round waits out the backoff of the one before).
     async def failing() -> bool:
         return (await scene.webhook(created.webhook.id)).state == W.WEBHOOK_STATE_FAILING
 
     for _ in range(30):
+        await scene.settled(created.webhook.id)
         before = len(scene.receiver.got(scene.key))
         scene.wake(timedelta(hours=2))
 

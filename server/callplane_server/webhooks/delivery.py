@@ -42,6 +42,7 @@ from callplane_server.webhooks.targets import is_public, literal_address, resolv
 
 log = logging.getLogger(__name__)
 
+USER_AGENT = "Callplane-Webhooks/1"
 #: Bytes of an answer's body kept in the delivery log's `last_error`.
 ERROR_BODY_BYTES = 200
 #: A worker with nothing due looks at the log at least this often (its doorbell may have been missed).
@@ -305,6 +306,7 @@ class EndpointWorker:
                 headers = self._signer_now(started_at).headers(
                     message_id(item.event.position), datetime.now(UTC), body
                 )
+                headers["user-agent"] = USER_AGENT
                 timeout = self._dispatcher.settings.timeout
                 try:
                     async with self._dispatcher.http.post(
