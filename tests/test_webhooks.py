@@ -198,9 +198,13 @@ def per_call_seqs(received: list[Received]) -> dict[str, list[int]]:
 
 
 def assert_duplicates_identical(received: list[Received]) -> None:
+    """A repeated event comes with the same webhook-id and body; one event never has two ids."""
     first: dict[str, str] = {}
+    ids: dict[tuple[str, str], str] = {}
     for item in received:
         assert first.setdefault(item.message_id, item.body) == item.body, item.message_id
+        event = (item.event["callCid"], item.event["seq"])
+        assert ids.setdefault(event, item.message_id) == item.message_id, event
 
 
 # -- wire format --------------------------------------------------------------------------------------
