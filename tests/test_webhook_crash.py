@@ -57,6 +57,9 @@ MAX_AHEAD = 120
 MAX_UPDATES_PER_CALL = 150
 #: Updates per call written while the receiver holds every request (a backlog for after the crash).
 BACKLOG_PER_CALL = 10
+#: The first request for every event whose position is a multiple of this is answered 503 (a retry
+#: waits in the delivery log, across crashes too).
+REFUSE_EVERY = 19
 #: Whole test, every wait included.
 TEST_SECONDS = 240.0
 #: A PostgreSQL replica holds the endpoint this long unless renewed (short: handover is quick).
@@ -74,18 +77,22 @@ class Receipt:
     raw: bytes
     body: dict[str, Any]
     started: int  # tick when it arrived
+    status: int = 0  # what the receiver answered (0: not yet)
     answered: int | None = None  # tick when its handler returned 200 (None: it never did)
 
 
 class Receiver:
     """A Standard Webhooks endpoint on 127.0.0.1 that verifies signatures, records every request and
-    answers each after 10..50 ms (so deliveries are in flight most of the time)."""
+    answers each after 10..50 ms (so deliveries are in flight most of the time): 200, or 503 to the first
+    request for every REFUSE_EVERY-th position."""
 
     def __init__(self) -> None:
         self.secret = ""
         self.receipts: list[Receipt] = []
         self.first: dict[str, Receipt] = {}
-        self.refused: list[str] = []
+        self.bad_signatures: list[str] = []
+        self.delivered: set[int] = set()  # positions answered 200
+        self.refused: set[int] = set()  # positions answered 503 (once)
         self.in_flight = 0
         self.changed = asyncio.Condition()
         # Cleared: requests are held unanswered (in flight) until it is set again.
@@ -118,21 +125,28 @@ class Receiver:
         try:
             body = standardwebhooks.Webhook(self.secret).verify(raw, headers)
         except standardwebhooks.WebhookVerificationError as error:
-            self.refused.append(f"{headers.get('webhook-id')}: {error}")
+            self.bad_signatures.append(f"{headers.get('webhook-id')}: {error}")
             return web.Response(status=400, text="bad signature")
         receipt = Receipt(headers["webhook-id"], raw, body, started)
         self.receipts.append(receipt)
+        position = int(body["position"])
+        refuse = position % REFUSE_EVERY == 0 and receipt.message_id not in self.first
         self.first.setdefault(receipt.message_id, receipt)
         self.in_flight += 1
         try:
             await self.gate.wait()
             await asyncio.sleep(self._random.uniform(0.01, 0.05))
-            receipt.answered = next(self._ticks)
+            receipt.status = 503 if refuse else 200
+            if refuse:
+                self.refused.add(position)
+            else:
+                receipt.answered = next(self._ticks)
+                self.delivered.add(position)
         finally:
             self.in_flight -= 1
         async with self.changed:
             self.changed.notify_all()
-        return web.Response(status=200)
+        return web.Response(status=receipt.status, text="try again" if refuse else "")
 
     def distinct(self) -> int:
         return len(self.first)
@@ -324,9 +338,16 @@ async def _until(check: Callable[[], bool], seconds: float = 60.0) -> None:
 
 
 async def _deliveries_in_flight_after(receiver: Receiver, count: int) -> None:
-    """Returns (without yielding to the loop afterwards) once the receiver saw `count` distinct events and
-    is answering at least one: a kill that follows at once catches deliveries in flight."""
-    await _until(lambda: receiver.distinct() >= count and receiver.in_flight > 0)
+    """Returns (without yielding to the loop afterwards) once the receiver saw `count` distinct events, is
+    answering at least one, and refused one not yet delivered: a kill that follows at once catches
+    deliveries in flight and a retry waiting."""
+    await _until(
+        lambda: (
+            receiver.distinct() >= count
+            and receiver.in_flight > 0
+            and bool(receiver.refused - receiver.delivered)
+        )
+    )
 
 
 async def _more_deliveries(receiver: Receiver, count: int) -> None:
@@ -348,7 +369,7 @@ def _check(
     receiver: Receiver, log: list[event_pb2.Event], writers: Writers, created_after: int
 ) -> dict[str, int]:
     """The guarantees, checked on what the receiver got and what the log holds."""
-    assert not receiver.refused, receiver.refused[:5]
+    assert not receiver.bad_signatures, receiver.bad_signatures[:5]
     # Writes acknowledged before (and after) the kills are all in the log, each once.
     written = [
         (event.call_cid, int(event.call_updated.call.custom["n"]))
@@ -360,7 +381,7 @@ def _check(
 
     expected = [event for event in log if _matches(event, created_after)]
     by_position = {event.position: event for event in expected}
-    # Every event the filters match reached the receiver, and nothing else did.
+    # Every event the filters match was answered 200 at least once, and nothing else was sent.
     positions_of: dict[str, int] = {}
     for receipt in receiver.receipts:
         position = int(receipt.body["position"])
@@ -369,7 +390,7 @@ def _check(
         )
     received = set(positions_of.values())
     assert received <= set(by_position), sorted(received - set(by_position))[:5]
-    assert set(by_position) <= received, sorted(set(by_position) - received)[:5]
+    assert set(by_position) <= receiver.delivered, sorted(set(by_position) - receiver.delivered)[:5]
     assert len(set(positions_of)) == len(received), "one event under two webhook-ids"
     # Each body is the event's proto3 JSON, and a repeat is byte for byte the first one.
     for message_id, first in receiver.first.items():
@@ -397,6 +418,7 @@ def _check(
         "events": len(expected),
         "requests": len(receiver.receipts),
         "repeats": len(receiver.receipts) - len(receiver.first),
+        "refused": sum(1 for receipt in receiver.receipts if receipt.status == 503),
         "unacknowledged": len(writers.unacknowledged),
     }
 
@@ -428,7 +450,7 @@ async def _finish(
     log = await _read_log(server)
     matching = {event.position for event in log if _matches(event, created_after)}
     with contextlib.suppress(AssertionError):  # _check says what is missing
-        await _until(lambda: matching <= {int(r.body["position"]) for r in receiver.first.values()})
+        await _until(lambda: matching <= receiver.delivered)
     figures = _check(receiver, log, writers, created_after)
     last = log[-1].position
 
