@@ -1,11 +1,14 @@
 """Webhook delivery survives `kill -9` (issue 14, acceptance point 2).
 
 Real `callplane serve` processes deliver to a real HTTP receiver in the test process, which answers
-slowly so that deliveries are in flight when a server is killed:
+slowly (so that deliveries are in flight when a server is killed) and refuses some first attempts with a
+503 (so that retries wait in the delivery log when it is):
 - SQLite: the only server is killed while it delivers and writers write, then started again on the same
   database.
 - PostgreSQL: two replicas on one database; each is killed in turn (so whichever holds the endpoint's
   lease is killed once while it delivers) and started again, while writers go on through the other.
+- Both: killed once more with a backlog and every call's next event held in flight, then started again
+  with nothing written after (on PostgreSQL both replicas, so the dead holder's lease has to run out).
 Afterwards every event of the log that the endpoint's filters match reached the receiver at least once,
 in order per call (each event first sent only after an earlier event of its call was answered), every
 repeat carries the same `webhook-id` and body as the first, and every write acknowledged before a kill
