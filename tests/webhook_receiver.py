@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,22 +38,26 @@ class Delivery:
 
 class Receiver:
     """`async with Receiver() as receiver:` serves `receiver.url`; `await receiver.next()` is the next
-    request received. `status` is what it answers (200 unless a test changes it)."""
+    request received. `status` is what it answers (200 unless a test changes it), or `answer` decides
+    (a coroutine taking the delivery: it may wait, redirect, fail...)."""
 
     def __init__(self, path: str = "/hook") -> None:
         self.path = path
         self.status = 200
+        self.answer: Callable[[Delivery], Awaitable[web.StreamResponse]] | None = None
         self.received: list[Delivery] = []
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
         app = web.Application()
         app.router.add_post(path, self._handle)
         self._server = TestServer(app, host="127.0.0.1", port=0)
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         # Lower-cased names: HTTP header names are case-insensitive, and the libraries look them up so.
         delivery = Delivery({k.lower(): v for k, v in request.headers.items()}, await request.read())
         self.received.append(delivery)
         self._queue.put_nowait(delivery)
+        if self.answer is not None:
+            return await self.answer(delivery)
         return web.Response(status=self.status)
 
     async def __aenter__(self) -> Receiver:
