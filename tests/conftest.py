@@ -67,6 +67,17 @@ async def long_lease_server(
         yield running
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def delivering_server(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningServer]:
+    """Like `server`, delivering webhooks, to receivers on this machine too (--webhook-allow-private)."""
+    async with running_server(
+        backend, tmp_path_factory.mktemp(backend), run_webhooks=True, webhook_allow_private=True
+    ) as running:
+        yield running
+
+
 @pytest.fixture(scope="module")
 def grpc_target(server: RunningServer) -> str:
     return server.target

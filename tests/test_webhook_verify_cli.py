@@ -9,17 +9,15 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from standardwebhooks import Webhook
 
 from callplane import CallplaneClient
 from callplane_server.webhooks.verification import parse_headers, verify_request
-from tests.support import SERVER_TOKEN, RunningServer, running_server
+from tests.support import SERVER_TOKEN, RunningServer
 from tests.webhook_receiver import DELIVERY_TIMEOUT_S, Delivery, Receiver
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw" + "="  # 24 bytes, fixed: the unit tests sign with it
@@ -74,14 +72,6 @@ def test_report_names_the_matching_signature_and_an_old_timestamp() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningServer]:
-    async with running_server(
-        backend, tmp_path_factory.mktemp(backend), run_webhooks=True, webhook_allow_private=True
-    ) as running:
-        yield running
-
-
 async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         callplane_command(),
@@ -108,8 +98,11 @@ def save(delivery: Delivery, folder: Path, *, as_lines: bool = False) -> tuple[s
     return str(headers), str(body)
 
 
-async def test_verify_a_real_delivery(server: RunningServer, tmp_path: Path) -> None:
-    async with CallplaneClient(server.target, token=SERVER_TOKEN) as client, Receiver() as receiver:
+async def test_verify_a_real_delivery(delivering_server: RunningServer, tmp_path: Path) -> None:
+    async with (
+        CallplaneClient(delivering_server.target, token=SERVER_TOKEN) as client,
+        Receiver() as receiver,
+    ):
         await client.upsert_users([{"id": "alice"}])
         created = await client.create_webhook(receiver.url, event_types=["call.created"])
         call = client.call("default", f"cli-{uuid.uuid4().hex[:10]}")

@@ -24,7 +24,7 @@ import pytest
 import pytest_asyncio
 
 from callplane import CallplaneClient
-from tests.support import SERVER_TOKEN, RunningServer, in_ci, running_server
+from tests.support import SERVER_TOKEN, RunningServer, in_ci
 from tests.webhook_receiver import DELIVERY_TIMEOUT_S, Delivery, Receiver
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,16 +49,8 @@ def node_command() -> str:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningServer]:
-    async with running_server(
-        backend, tmp_path_factory.mktemp(backend), run_webhooks=True, webhook_allow_private=True
-    ) as running:
-        yield running
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def client(server: RunningServer) -> AsyncIterator[CallplaneClient]:
-    async with CallplaneClient(server.target, token=SERVER_TOKEN) as c:
+async def client(delivering_server: RunningServer) -> AsyncIterator[CallplaneClient]:
+    async with CallplaneClient(delivering_server.target, token=SERVER_TOKEN) as c:
         await c.upsert_users([{"id": "alice"}])
         yield c
 
