@@ -136,6 +136,7 @@ def _measured() -> dict[str, Any]:
         "paced": [_phase(150), _phase(600)],
         "full": _phase(1000),
         "replay": {"delivered_per_second": 1100.0, "events_received": 1000, "server_cpu_percent": 70.0},
+        "load_average": [0.5, 1.5],
     }
 
 
@@ -147,6 +148,7 @@ def test_report_renders_every_phase_per_backend() -> None:
     assert "paced 50/s" in text and "paced 200/s" in text
     assert "1,750 = 1,750; 0; 1,750; 0" in text
     assert "**1,100** (1,000 events)" in text
+    assert "| 0.5 / 1.5 |" in text
 
 
 def test_merge_keeps_the_webhooks_a_run_did_not_measure() -> None:

@@ -601,33 +601,6 @@ def webhooks_markdown(hooks: dict[str, Any], machine: str) -> list[str]:
     def row(label: str, cell: Any) -> None:
         lines.append(f"| {label} | " + " | ".join(cell(m) if m else "–" for m in measured) + " |")
 
-    row(
-        "writes/s without an endpoint (full speed): the write path's own rate",
-        lambda m: f"{m['no_endpoint']['writes_per_second']:,.0f}",
-    )
-    row("full speed with the endpoint: writes/s", lambda m: f"{m['full']['writes_per_second']:,.0f}")
-    row("full speed: **events delivered/s**", lambda m: f"**{m['full']['delivered_per_second']:,.0f}**")
-    row(
-        "full speed: ack → delivery p50 / p99 (createdAt → delivery p50 / p99)",
-        lambda m: _latency_cell(m["full"]["ack_to_delivery_ms"], m["full"]["created_to_delivery_ms"]),
-    )
-    row(
-        "full speed: backlog when the writes ended, drained in (its rate)",
-        lambda m: (
-            f"{m['full']['backlog_at_writes_end']:,} events, {m['full']['drain_seconds']:.1f} s "
-            f"({m['full'].get('drained_per_second', 0):,.0f}/s)"
-        ),
-    )
-    row(
-        "replay: the full-speed phase's events sent again (RedeliverWebhook), no writes: **events "
-        "delivered/s**, server CPU %",
-        lambda m: (
-            f"**{m['replay']['delivered_per_second']:,.0f}** ({m['replay']['events_received']:,} events), "
-            f"{m['replay']['server_cpu_percent']:.0f} %"
-            if "replay" in m
-            else "–"
-        ),
-    )
     for index, rate in enumerate(settings["rates"]):
 
         def paced(m: dict[str, Any], index: int = index) -> dict[str, Any]:
@@ -641,11 +614,36 @@ def webhooks_markdown(hooks: dict[str, Any], machine: str) -> list[str]:
             ),
         )
         row(
-            f"paced {rate:g}/s: ack → delivery p50 / p99 (createdAt → delivery p50 / p99)",
+            f"paced {rate:g}/s: ack → delivery p50 / **p99** (createdAt → delivery p50 / p99)",
             lambda m, paced=paced: _latency_cell(
                 paced(m)["ack_to_delivery_ms"], paced(m)["created_to_delivery_ms"]
             ),
         )
+    row(
+        "writes/s at full speed without an endpoint (the write path's own rate) / with it",
+        lambda m: f"{m['no_endpoint']['writes_per_second']:,.0f} / {m['full']['writes_per_second']:,.0f}",
+    )
+    row("full speed: **events delivered/s**", lambda m: f"**{m['full']['delivered_per_second']:,.0f}**")
+    row(
+        "full speed: ack → delivery p50 / **p99** (createdAt → delivery p50 / p99)",
+        lambda m: _latency_cell(m["full"]["ack_to_delivery_ms"], m["full"]["created_to_delivery_ms"]),
+    )
+    row(
+        "full speed: backlog when the writes ended, drained in (its rate)",
+        lambda m: (
+            f"{m['full']['backlog_at_writes_end']:,} events, {m['full']['drain_seconds']:.1f} s "
+            f"({m['full'].get('drained_per_second', 0):,.0f}/s)"
+        ),
+    )
+    row(
+        "replay: the full-speed phase's events sent again (RedeliverWebhook) while nothing is written: "
+        "**events delivered/s**",
+        lambda m: (
+            f"**{m['replay']['delivered_per_second']:,.0f}** ({m['replay']['events_received']:,} events)"
+            if "replay" in m
+            else "–"
+        ),
+    )
 
     def phases(m: dict[str, Any]) -> list[dict[str, Any]]:
         return [*m["paced"], m["full"]]  # the replay's events are the full phase's again
@@ -662,14 +660,21 @@ def webhooks_markdown(hooks: dict[str, Any], machine: str) -> list[str]:
             f"{total(m, 'out_of_order')}"
         ),
     )
+    rates = " / ".join(f"paced {rate:g}/s" for rate in settings["rates"])
     row(
-        "server CPU % of a core: no endpoint / paced / full; generator / receiver CPU % at full speed",
+        f"server CPU % of a core: no endpoint / {rates} / full speed / replay; generator / receiver CPU % "
+        "at full speed",
         lambda m: (
             f"{m['no_endpoint']['server_cpu_percent']:.0f} / "
             + " / ".join(f"{p['server_cpu_percent']:.0f}" for p in m["paced"])
-            + f" / {m['full']['server_cpu_percent']:.0f}; {m['full']['generator_cpu_percent']:.0f} / "
-            f"{m['full']['receiver_cpu_percent']:.0f}"
+            + f" / {m['full']['server_cpu_percent']:.0f} / "
+            + (f"{m['replay']['server_cpu_percent']:.0f}" if "replay" in m else "–")
+            + f"; {m['full']['generator_cpu_percent']:.0f} / {m['full']['receiver_cpu_percent']:.0f}"
         ),
+    )
+    row(
+        "the machine's load average (1 min) before / after (other work on the same 2 cores shows here)",
+        lambda m: f"{m['load_average'][0]:.1f} / {m['load_average'][1]:.1f}" if "load_average" in m else "–",
     )
     lines.append("")
     return lines

@@ -720,6 +720,7 @@ async def measure_backend(
     from tests.support import new_database
 
     token = server_token()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix=f"callplane-webhooks-{backend}-") as tmp:
         folder = Path(tmp)
         async with new_database(backend, folder, postgres_url, prefix="callplane_webhooks") as database_url:
@@ -774,6 +775,8 @@ async def measure_backend(
                     await asyncio.gather(*(child.kill() for child in children))
                     if server_cpu:
                         pin(server.pid, f"0-{(os.cpu_count() or 1) - 1}")
+    # Runnable processes, averaged over the last minute: well above 2 (cores) means others competed.
+    result["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return result
 
 
