@@ -126,8 +126,8 @@ def _backend_order(name: str) -> tuple[int, str]:
 
 def merge(results: dict[str, Any], previous: dict[str, Any] | None, parts: list[str]) -> dict[str, Any]:
     """This run's results, with the last results (`previous`) of what it did not measure: the RPC part
-    when it ran only the capacity scenario, the capacity scenario when it did not run it, and the
-    capacity of backends it did not run."""
+    when it did not run it, the capacity scenario and the webhook part when it did not run them, and
+    their backends it did not run."""
     if not previous:
         return results
     merged = dict(results)
@@ -135,14 +135,16 @@ def merge(results: dict[str, Any], previous: dict[str, Any] | None, parts: list[
         for key in ("date", "machine", "settings", "backends"):
             if key in previous:
                 merged[key] = previous[key]
-    before = previous.get("capacity")
-    if before:
-        if "capacity" not in parts:
-            merged["capacity"] = before
+    for part in ("capacity", "webhooks"):
+        before = previous.get(part)
+        if not before:
+            continue
+        if part not in parts:
+            merged[part] = before
         else:
-            now = results["capacity"]
+            now = results[part]
             backends = {**before.get("backends", {}), **now["backends"]}
-            merged["capacity"] = {
+            merged[part] = {
                 **now,
                 "backends": {name: backends[name] for name in sorted(backends, key=_backend_order)},
             }
@@ -162,6 +164,9 @@ def markdown(results: dict[str, Any]) -> str:
     live = results.get("capacity")
     if live and live.get("backends"):
         lines += capacity_markdown(live, _machine_line(live.get("machine", results["machine"])))
+    hooks = results.get("webhooks")
+    if hooks and hooks.get("backends"):
+        lines += webhooks_markdown(hooks, _machine_line(hooks.get("machine", results["machine"])))
     return "\n".join(lines)
 
 
@@ -547,6 +552,131 @@ def capacity_markdown(live: dict[str, Any], machine: str) -> list[str]:
             + " |"
         )
         lines.append("")
+    return lines
+
+
+def _latency_cell(spread: dict[str, float], created: dict[str, float]) -> str:
+    return (
+        f"{spread['p50']:.1f} / **{spread['p99']:.1f}** ms ({created['p50']:.1f} / {created['p99']:.1f} ms)"
+    )
+
+
+def webhooks_markdown(hooks: dict[str, Any], machine: str) -> list[str]:
+    """Webhook delivery (issue 14): throughput and commit → delivery latency per backend."""
+    backends = list(hooks["backends"])
+    first = hooks["backends"][backends[0]]
+    settings = first.get("settings", hooks["settings"])
+    dates = sorted({hooks["backends"][b].get("date", hooks.get("date", "?")) for b in backends})
+    pinned = (
+        "the server pinned to CPU 0, the load generator and the receiver to CPU 1 (`taskset`; PostgreSQL "
+        "itself is not pinned)"
+        if hooks.get("pinned")
+        else "nothing pinned"
+    )
+    lines = [
+        "**Webhooks** (issue 14): events delivered to a local receiver. "
+        f"Measured {' and '.join(dates)} on {machine}; {pinned}. Per backend a fresh database with "
+        f"{settings['calls']} calls and one endpoint (every event; the server's defaults: "
+        f"{settings['endpoint_concurrency']} attempts in flight per endpoint, a call's events one at a time "
+        "in order); the receiver, a separate process, is aiohttp.web answering 204 at once; the load is "
+        "SendCallEvent (one event each) round-robin over the calls from one grpc.aio process, at full "
+        f"speed ({settings['in_flight']} in flight) for {settings['seconds']:g} s and paced "
+        f"({' and '.join(f'{rate:g}' for rate in settings['rates'])}/s, open loop) for "
+        f"{settings['paced_seconds']:g} s each. Each phase is checked: "
+        "every reply OK (the generator's count and the server's /metrics), the `events` rows appended = the "
+        "OK replies = the distinct `webhook-id`s received (each `evt_<position>` of its body), every "
+        "request's signature verified with `standardwebhooks`, each call's events received in order, and "
+        "the endpoint's `delivered_position` at the phase's last event. **Delivered/s** = distinct events "
+        "received ÷ (first write acknowledged → last receipt). **Latency** per event at its first receipt: "
+        "from the write's OK reply (ack → delivery; the commit came before the reply, so commit → delivery "
+        "is at most this plus the reply's way back; 0 when the delivery came first), and in brackets from "
+        "the event's `createdAt` (the server's clock inside the write's transaction, just before the commit) "
+        "on the same machine's clock.",
+        "",
+        "| webhooks | " + " | ".join(LABELS.get(b, b) for b in backends) + " |",
+        "|---|" + "---|" * len(backends),
+    ]
+    measured = [hooks["backends"][b] for b in backends]
+
+    def row(label: str, cell: Any) -> None:
+        lines.append(f"| {label} | " + " | ".join(cell(m) if m else "–" for m in measured) + " |")
+
+    for index, rate in enumerate(settings["rates"]):
+
+        def paced(m: dict[str, Any], index: int = index) -> dict[str, Any]:
+            phase: dict[str, Any] = m["paced"][index]
+            return phase
+
+        row(
+            f"paced {rate:g}/s: writes/s, events delivered/s",
+            lambda m, paced=paced: (
+                f"{paced(m)['writes_per_second']:,.0f}, {paced(m)['delivered_per_second']:,.0f}"
+            ),
+        )
+        row(
+            f"paced {rate:g}/s: ack → delivery p50 / **p99** (createdAt → delivery p50 / p99)",
+            lambda m, paced=paced: _latency_cell(
+                paced(m)["ack_to_delivery_ms"], paced(m)["created_to_delivery_ms"]
+            ),
+        )
+    row(
+        "writes/s at full speed without an endpoint (the write path's own rate) / with it",
+        lambda m: f"{m['no_endpoint']['writes_per_second']:,.0f} / {m['full']['writes_per_second']:,.0f}",
+    )
+    row("full speed: **events delivered/s**", lambda m: f"**{m['full']['delivered_per_second']:,.0f}**")
+    row(
+        "full speed: ack → delivery p50 / **p99** (createdAt → delivery p50 / p99)",
+        lambda m: _latency_cell(m["full"]["ack_to_delivery_ms"], m["full"]["created_to_delivery_ms"]),
+    )
+    row(
+        "full speed: backlog when the writes ended, drained in (its rate)",
+        lambda m: (
+            f"{m['full']['backlog_at_writes_end']:,} events, {m['full']['drain_seconds']:.1f} s "
+            f"({m['full'].get('drained_per_second', 0):,.0f}/s)"
+        ),
+    )
+    row(
+        "replay: the full-speed phase's events sent again (RedeliverWebhook) while nothing is written: "
+        "**events delivered/s**",
+        lambda m: (
+            f"**{m['replay']['delivered_per_second']:,.0f}** ({m['replay']['events_received']:,} events)"
+            if "replay" in m
+            else "–"
+        ),
+    )
+
+    def phases(m: dict[str, Any]) -> list[dict[str, Any]]:
+        return [*m["paced"], m["full"]]  # the replay's events are the full phase's again
+
+    def total(m: dict[str, Any], figure: str) -> int:
+        return sum(int(p["checks"][figure] if figure in p["checks"] else p[figure]) for p in phases(m))
+
+    row(
+        "checked (all phases with the endpoint): events appended = distinct received; repeated receipts; "
+        "signatures verified; out of order",
+        lambda m: (
+            f"{total(m, 'events_appended'):,} = {total(m, 'events_received'):,}; "
+            f"{total(m, 'repeated_receipts')}; {total(m, 'signatures_verified'):,}; "
+            f"{total(m, 'out_of_order')}"
+        ),
+    )
+    rates = " / ".join(f"paced {rate:g}/s" for rate in settings["rates"])
+    row(
+        f"server CPU % of a core: no endpoint / {rates} / full speed / replay; generator / receiver CPU % "
+        "at full speed",
+        lambda m: (
+            f"{m['no_endpoint']['server_cpu_percent']:.0f} / "
+            + " / ".join(f"{p['server_cpu_percent']:.0f}" for p in m["paced"])
+            + f" / {m['full']['server_cpu_percent']:.0f} / "
+            + (f"{m['replay']['server_cpu_percent']:.0f}" if "replay" in m else "–")
+            + f"; {m['full']['generator_cpu_percent']:.0f} / {m['full']['receiver_cpu_percent']:.0f}"
+        ),
+    )
+    row(
+        "the machine's load average (1 min) before / after (other work on the same 2 cores shows here)",
+        lambda m: f"{m['load_average'][0]:.1f} / {m['load_average'][1]:.1f}" if "load_average" in m else "–",
+    )
+    lines.append("")
     return lines
 
 

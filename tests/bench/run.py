@@ -17,8 +17,11 @@ event fan-out (1,000
 WatchCall streams on one call, 100 UpdateCalls/s for 10 s) and server RSS with 10,000 idle watch
 streams. Then the live-capacity scenario (tests/bench/capacity.py: connected participants holding presence
 with WatchCall, idle cost, join rate, an activity profile, one big join), on a fresh database with its own
-server (on PostgreSQL two replicas). Writes Markdown, JSON and a PNG chart, and the README's results
-section. `--only capacity` (or `--only rpcs`) runs one part and keeps the other's last results.
+server (on PostgreSQL two replicas). Then webhook delivery (tests/bench/webhooks.py: events/s delivered
+to a local receiver and commit → delivery latency, at full speed and at a paced rate, and the write rate
+without an endpoint), on a fresh small database with its own server. Writes Markdown, JSON and a PNG
+chart, and the README's results section. `--only capacity` (or `--only rpcs`, `--only webhooks`, or a
+comma-separated list) runs those parts and keeps the others' last results.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import grpc
 
 from callplane.v1 import call_service_pb2, call_service_pb2_grpc
 from callplane_server import runtime
-from tests.bench import capacity, fanout, generator, h2load, mixed, report, seeding, workloads
+from tests.bench import capacity, fanout, generator, h2load, mixed, report, seeding, webhooks, workloads
 from tests.bench.servers import (
     CALL_TYPE,
     REPO,
@@ -60,8 +63,9 @@ from tests.bench.servers import (
 from tests.bench.stats import proc_status
 
 RESULTS_DIR = REPO / "tests" / "bench" / "results"
-#: What `--only` can choose: the RPC rows with fan-out and idle streams, and the live-capacity scenario.
-PARTS = ("rpcs", "capacity")
+#: What `--only` can choose: the RPC rows with fan-out and idle streams, the live-capacity scenario, and
+#: webhook delivery.
+PARTS = ("rpcs", "capacity", "webhooks")
 #: Where --quick writes (small runs never overwrite the committed results).
 QUICK_OUTPUT = Path(tempfile.gettempdir()) / "callplane-bench-quick"
 MEMBERS_PER_CALL = 5
@@ -598,6 +602,25 @@ def _capacity_settings(args: Any) -> capacity.CapacitySettings:
     return replace(settings, **changes)
 
 
+def _webhook_settings(args: Any) -> webhooks.WebhookSettings:
+    """The webhook scenario's settings: the defaults (or --quick's), with what the options say."""
+    settings = webhooks.WebhookSettings.quick_settings() if args.quick else webhooks.WebhookSettings()
+    changes: dict[str, Any] = {}
+    for option, name in (
+        ("webhook_seconds", "seconds"),
+        ("webhook_seconds", "paced_seconds"),
+        ("webhook_calls", "calls"),
+        ("webhook_in_flight", "in_flight"),
+    ):
+        if getattr(args, option) is not None:
+            changes[name] = getattr(args, option)
+    if args.webhook_rates:
+        changes["rates"] = tuple(float(rate) for rate in args.webhook_rates.split(","))
+    if args.profile:
+        changes["profile_dir"] = str(args.output)
+    return replace(settings, **changes)
+
+
 def _previous(path: Path) -> dict[str, Any] | None:
     """The results a part not run this time keeps (None when there are none)."""
     try:
@@ -717,14 +740,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy the server during the RPC part, and during each idle and activity window of the "
-        "capacity scenario (profile-capacity-*.speedscope.json in the output folder)",
+        help="py-spy the server during the RPC part, during each idle and activity window of the "
+        "capacity scenario (profile-capacity-*.speedscope.json in the output folder), and during the webhook "
+        "part's measured phases (profile-webhooks-*.speedscope.json)",
     )
     parser.add_argument(
         "--only",
         default=",".join(PARTS),
         help="parts to run, comma-separated: rpcs (the RPC rows, fan-out, idle streams), capacity (live "
-        "capacity); the results of a part not run are kept from the output folder's latest.json",
+        "capacity), webhooks (webhook delivery); the results of a part not run are kept from the output "
+        "folder's latest.json",
+    )
+    parser.add_argument(
+        "--webhook-seconds",
+        type=float,
+        help="webhooks: seconds of each load phase (full speed, and paced) (default 10; --quick 3)",
+    )
+    parser.add_argument(
+        "--webhook-rates",
+        help="webhooks: SendCallEvents per second of the paced phases, comma-separated (default 50,200)",
+    )
+    parser.add_argument("--webhook-calls", type=int, help="webhooks: calls the events go to (default 50)")
+    parser.add_argument(
+        "--webhook-in-flight", type=int, help="webhooks: requests in flight at full speed (default 64)"
     )
     parser.add_argument(
         "--capacity-populations",
@@ -745,7 +783,8 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"a quick check: --calls 500 --users 100 --runs 1 --seconds 3 --mixed-seconds 3 --skip-streams "
         "--no-readme, and "
-        f"capacity with 200 and 500 participants and shorter windows; results in {QUICK_OUTPUT} unless "
+        f"capacity with 200 and 500 participants and shorter windows, webhook phases of 3 s; results in "
+        f"{QUICK_OUTPUT} unless "
         "--output says otherwise",
     )
     parser.add_argument(
@@ -839,6 +878,14 @@ def main(argv: list[str] | None = None) -> int:
         "pinned": server_cpu is not None,
         "backends": {},
     }
+    webhook_settings = _webhook_settings(args)
+    hooks: dict[str, Any] = {
+        "date": results["date"],
+        "machine": results["machine"],
+        "settings": webhooks.settings_record(webhook_settings),
+        "pinned": server_cpu is not None,
+        "backends": {},
+    }
     for backend in args.backends.split(","):
         if "rpcs" in parts:
             print(f"[{backend}] starting", flush=True)
@@ -849,8 +896,16 @@ def main(argv: list[str] | None = None) -> int:
                 capacity.measure_backend(backend, args.postgres_url, capacity_settings, server_cpu, load_cpu)
             )
             live["backends"][backend] = {"date": live["date"], "settings": live["settings"], **measured}
+        if "webhooks" in parts:
+            print(f"[{backend}] webhooks", flush=True)
+            measured = runtime.run(
+                webhooks.measure_backend(backend, args.postgres_url, webhook_settings, server_cpu, load_cpu)
+            )
+            hooks["backends"][backend] = {"date": hooks["date"], "settings": hooks["settings"], **measured}
     if "capacity" in parts:
         results["capacity"] = live
+    if "webhooks" in parts:
+        results["webhooks"] = hooks
     results = report.merge(results, _previous(args.output / "latest.json"), parts)
     paths = report.write(results, args.output)
     if not args.no_readme:

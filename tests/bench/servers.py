@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.request import urlopen
@@ -118,10 +118,14 @@ def pin(pid: int, cpu: str) -> None:
 
 @contextlib.contextmanager
 def callplane(
-    database_url: str, folder: Path, metrics_port: int, log_name: str = "callplane.log"
+    database_url: str,
+    folder: Path,
+    metrics_port: int,
+    log_name: str = "callplane.log",
+    extra: Sequence[str] = (),
 ) -> Iterator[Process]:
     """A Callplane server on a free port (several may share one PostgreSQL database: give each its own
-    `log_name`)."""
+    `log_name`), with `extra` options on its command line."""
     port = free_port()
     env = {**os.environ, "CALLPLANE_API_SECRET": SECRET}
     command = [
@@ -136,6 +140,7 @@ def callplane(
         "--metrics-listen",
         f"127.0.0.1:{metrics_port}",
         *(flag for spec in CUSTOM_INDEXES for flag in ("--custom-index", spec)),
+        *extra,
     ]
     with _process(command, f"127.0.0.1:{port}", folder / log_name, env) as process:
         yield process
