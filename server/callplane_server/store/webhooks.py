@@ -104,8 +104,6 @@ def _delivery_values(record: DeliveryRecord) -> dict[str, Any]:
     }
 
 
-# Rows per INSERT (SQLite binds at most 32,766 parameters per statement).
-_UPSERT_CHUNK = 500
 _UPDATED_BY_RECORD = (
     "status",
     "attempts",
@@ -391,18 +389,22 @@ class WebhookRepository:
         )
         if not fenced.rowcount:
             return False
-        rows = [_delivery_values(record) for record in deliveries]
-        for start in range(0, len(rows), _UPSERT_CHUNK):
-            await self._upsert(rows[start : start + _UPSERT_CHUNK])
+        if deliveries:
+            await self._upsert([_delivery_values(record) for record in deliveries])
         return True
 
     async def _upsert(self, rows: list[dict[str, Any]]) -> None:
-        dialect = self._session.get_bind().dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        statement = insert(_DELIVERIES).values(rows)
-        await self._session.execute(
-            statement.on_conflict_do_update(
-                index_elements=[_DELIVERIES.c.webhook_id, _DELIVERIES.c.position],
-                set_={name: statement.excluded[name] for name in _UPDATED_BY_RECORD},
-            )
-        )
+        # One prebuilt statement per dialect, executed with many parameter sets: compiled once and cached
+        # (a multi-row VALUES built per call has no cache key and was compiled on every flush).
+        await self._session.execute(_UPSERTS[self._session.get_bind().dialect.name], rows)
+
+
+def _upsert_statement(insert: Any) -> Any:
+    statement = insert(_DELIVERIES)
+    return statement.on_conflict_do_update(
+        index_elements=[_DELIVERIES.c.webhook_id, _DELIVERIES.c.position],
+        set_={name: statement.excluded[name] for name in _UPDATED_BY_RECORD},
+    )
+
+
+_UPSERTS = {"postgresql": _upsert_statement(postgresql.insert), "sqlite": _upsert_statement(sqlite.insert)}

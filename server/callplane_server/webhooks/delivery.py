@@ -272,6 +272,11 @@ class EndpointWorker:
     # -- sending ---------------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        """Sends every head that is due, up to the concurrency. Called again as each attempt ends, so
+        a freed slot (or the next event of a call just answered) does not wait for the results to be
+        recorded: only a call's order waits for answers, not for bookkeeping."""
+        if self._failing is not None or self.stopped.is_set():
+            return
         now = self._now()
         limit = self._dispatcher.settings.concurrency
         for item in self._requeued.values():
@@ -377,6 +382,7 @@ class EndpointWorker:
             self._last_error = f"event {position}: {error}"
         self._results.append(replace(record))
         self._doorbell.set()
+        self._dispatch()
 
     # -- recording -------------------------------------------------------------------------------
 
