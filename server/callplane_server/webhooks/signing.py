@@ -6,6 +6,7 @@ import base64
 import os
 from datetime import datetime
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -37,7 +38,17 @@ class SecretBox:
 
     def open(self, webhook_id: str, sealed: bytes) -> str:
         nonce, ciphertext = sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:]
-        return self._aead.decrypt(nonce, ciphertext, webhook_id.encode()).decode()
+        try:
+            return self._aead.decrypt(nonce, ciphertext, webhook_id.encode()).decode()
+        except InvalidTag:
+            raise SecretUnreadable(
+                f"the signing secret of webhook {webhook_id} does not open with this server's API secret "
+                "(was the API secret changed? give it a new one: RotateWebhookSecret with overlap 0)"
+            ) from None
+
+
+class SecretUnreadable(Exception):
+    """A sealed secret that this server's key does not open."""
 
 
 class Signer:
