@@ -81,6 +81,14 @@ class _Item:
     record: DeliveryRecord
     in_flight: bool = False
     ordered: bool = True  # False: sent again on request (RedeliverWebhook positions), outside the order
+    _body: str | None = None
+
+    @property
+    def body(self) -> str:
+        """The event's proto3 JSON, made once however often the event is retried."""
+        if self._body is None:
+            self._body = json_format.MessageToJson(self.event.event, indent=None)
+        return self._body
 
     def due(self, now: datetime) -> bool:
         return not self.in_flight and (
@@ -307,7 +315,7 @@ class EndpointWorker:
             if self._refused_host is not None:
                 error = f"refused: {self._refused_host} is not a public address (--webhook-allow-private)"
             else:
-                body = json_format.MessageToJson(item.event.event, indent=None)
+                body = item.body
                 headers = self._signer_now(started_at).headers(
                     message_id(item.event.position), datetime.now(UTC), body
                 )
