@@ -322,6 +322,10 @@ def _passing_bytes(serializer: Callable[[Any], bytes] | None) -> Callable[[Any],
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
+#: A client cancel this close to the call's deadline is logged as the deadline passing.
+DEADLINE_CANCEL_SLACK_SECONDS = 0.1
+
+
 def _finish(
     method: str,
     kind: str,
@@ -334,8 +338,12 @@ def _finish(
 ) -> None:
     code = context.code()
     if cancelled:
-        # The client went away (or its deadline passed): it saw no status from us.
-        name = "DEADLINE_EXCEEDED" if deadlines.passed(deadlines.current_deadline()) else "CANCELLED"
+        # The client went away (or its deadline passed): it saw no status from us. The client's own
+        # timer cancels the call the request's transit time before ours expires (more when this server
+        # is busy), so a cancel that close to the deadline is the deadline.
+        deadline = deadlines.current_deadline()
+        near = None if deadline is None else deadline - DEADLINE_CANCEL_SLACK_SECONDS
+        name = "DEADLINE_EXCEEDED" if deadlines.passed(near) else "CANCELLED"
     elif code is None:
         name = "OK"
     elif isinstance(code, int):  # code() may hand back the raw integer
