@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -12,7 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import pytest
@@ -68,6 +69,22 @@ def channel(target: str, token: str | None = SERVER_TOKEN, **options: object) ->
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip locally; in CI a missing prerequisite is a failure."""
+    if in_ci():
+        pytest.fail(f"{reason} (required when CI=true)", pytrace=False)
+    pytest.skip(reason)
+
+
+def callplane_command() -> str:
+    """The installed `callplane` script (of this venv, else on PATH)."""
+    script = Path(sys.executable).parent / "callplane"
+    found = str(script) if script.exists() else shutil.which("callplane")
+    if not found:
+        pytest.fail("the `callplane` script is not installed: run `make venv` (pip install -e '.[dev]')")
+    return found
 
 
 def postgres_base_url() -> str:

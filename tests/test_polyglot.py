@@ -20,7 +20,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,8 +31,8 @@ import pytest_asyncio
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support import callplane_command, fresh_database, unavailable
 from tests.support import channel as authed_channel
-from tests.support import fresh_database, in_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_DIR = ROOT / "clients" / "node"
@@ -42,21 +41,6 @@ BUF = NODE_DIR / "node_modules" / ".bin" / "buf"
 SERVICES = ("callplane.v1.CallTypeService", "callplane.v1.UserService", "callplane.v1.CallService")
 STARTUP_TIMEOUT_S = 60
 TOOL_TIMEOUT_S = 120
-
-
-def _unavailable(reason: str) -> None:
-    """Skip locally; in CI a missing prerequisite is a failure."""
-    if in_ci():
-        pytest.fail(f"{reason} (required when CI=true)", pytrace=False)
-    pytest.skip(reason)
-
-
-def _callplane_command() -> str:
-    script = Path(sys.executable).parent / "callplane"
-    found = str(script) if script.exists() else shutil.which("callplane")
-    if not found:
-        pytest.fail("the `callplane` script is not installed: run `make venv` (pip install -e '.[dev]')")
-    return found
 
 
 def _free_port() -> int:
@@ -117,7 +101,7 @@ async def served(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Asyn
     """`callplane serve` as a subprocess: SQLite in a fresh --data-dir, or a fresh PostgreSQL database
     (--database-url) created and dropped by tests.support.fresh_database."""
     data_dir = tmp_path_factory.mktemp(f"polyglot-{backend}")
-    command = [_callplane_command(), "serve", "--data-dir", str(data_dir)]
+    command = [callplane_command(), "serve", "--data-dir", str(data_dir)]
     async with contextlib.AsyncExitStack() as stack:
         if backend == "postgres":
             database_url = await stack.enter_async_context(fresh_database(backend, data_dir))
@@ -133,7 +117,7 @@ async def served(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Asyn
         try:
             await _wait_serving(server)
             minter = await asyncio.create_subprocess_exec(
-                _callplane_command(),
+                callplane_command(),
                 "token",
                 "--server",
                 "--data-dir",
@@ -162,9 +146,9 @@ async def served(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Asyn
 def test_node_client_suite(served: ServerProcess) -> None:
     node = shutil.which("node")
     if node is None:
-        _unavailable("node is not on PATH")
+        unavailable("node is not on PATH")
     if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        _unavailable("clients/node/node_modules is missing: run `make node`")
+        unavailable("clients/node/node_modules is missing: run `make node`")
     assert NODE_TESTS, "no clients/node/test/*.test.js"
     result = subprocess.run(
         [node, "--test", "--test-reporter=tap", *map(str, NODE_TESTS)],
@@ -188,7 +172,7 @@ def test_node_client_suite(served: ServerProcess) -> None:
 
 def _buf(*args: str, data: object | None = None) -> subprocess.CompletedProcess[str]:
     if not BUF.exists():
-        _unavailable("clients/node/node_modules/.bin/buf is missing: run `make node`")
+        unavailable("clients/node/node_modules/.bin/buf is missing: run `make node`")
     command = [str(BUF), "curl", "--protocol", "grpc", "--http2-prior-knowledge", *args]
     if data is not None:
         command += ["-d", json.dumps(data)]

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,18 +15,10 @@ from standardwebhooks import Webhook
 
 from callplane import CallplaneClient
 from callplane_server.webhooks.verification import parse_headers, verify_request
-from tests.support import SERVER_TOKEN, RunningServer
+from tests.support import SERVER_TOKEN, RunningServer, callplane_command
 from tests.webhook_receiver import DELIVERY_TIMEOUT_S, Delivery, Receiver
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw" + "="  # 24 bytes, fixed: the unit tests sign with it
-
-
-def callplane_command() -> str:
-    script = Path(sys.executable).parent / "callplane"
-    found = str(script) if script.exists() else shutil.which("callplane")
-    if not found:
-        pytest.fail("the `callplane` script is not installed: run `make venv` (pip install -e '.[dev]')")
-    return found
 
 
 # --------------------------------------------------------------------------------------------------
