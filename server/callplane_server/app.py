@@ -38,7 +38,7 @@ from callplane_server.api.call_data_servicer import CallDataServicer
 from callplane_server.api.errors import Authenticator, RpcWrapper, WrappingRegistrar
 from callplane_server.api.event_servicer import EventServicer
 from callplane_server.api.health import HealthServicer
-from callplane_server.api.metrics import RpcMetrics
+from callplane_server.api.metrics import RpcMetrics, ServerStateCollector
 from callplane_server.api.moderation_servicer import ModerationServicer
 from callplane_server.api.ring_servicer import RingServicer
 from callplane_server.api.servicers import CallServicer, CallTypeServicer, UserServicer
@@ -214,6 +214,17 @@ class CallplaneServer:
         # inherited from whoever started the server.
         await asyncio.create_task(grpc_server.start(), context=authority_context(None))
         self._server = grpc_server
+        self.metrics.watch_state(
+            ServerStateCollector(
+                asyncio.get_running_loop(),
+                self.store,
+                self.hub,
+                self.clock,
+                self.timers,
+                self.sessions,
+                self.webhooks,
+            )
+        )
         if self.config.metrics_listen:
             self.metrics_port = self.metrics.serve(self.config.metrics_listen)
         for name in ("", *SERVICE_NAMES):

@@ -409,6 +409,7 @@ def _wrap_stream(
         deadlines.set_deadline(context.time_remaining())
         cancelled = False
         responses: AsyncGenerator[Any, None] | None = None
+        closed = metrics.stream_opened(method)
         try:
             authenticator.authenticate(method, context)
             if type(request) is _Refused:
@@ -431,6 +432,7 @@ def _wrap_stream(
                 if responses is not None:
                     await responses.aclose()  # the handler's cleanup runs now, not when collected
             finally:
+                closed()
                 _finish(method, kind, context, started, metrics, cancelled=cancelled)
 
     return wrapper

@@ -69,7 +69,17 @@ class Subscription:
     server holds many thousands of these mostly idle, and waking one is on the path of every delivered
     event."""
 
-    __slots__ = ("_items", "_waiter", "closed", "index_key", "matcher", "maxsize", "overflowed", "recipients")
+    __slots__ = (
+        "_items",
+        "_waiter",
+        "catching_up",
+        "closed",
+        "index_key",
+        "matcher",
+        "maxsize",
+        "overflowed",
+        "recipients",
+    )
 
     def __init__(
         self, matcher: Matcher, maxsize: int, recipients: RecipientsNeeded = RecipientsNeeded.NONE
@@ -79,6 +89,8 @@ class Subscription:
         self.recipients = recipients
         self.overflowed = False
         self.closed = False
+        # Its stream reads the log instead of the queue (it started behind, or fell behind).
+        self.catching_up = False
         # What the hub indexes it by: (call cid, user id); (None, None) for the firehose.
         self.index_key: tuple[str | None, str | None] = (None, None)
         self._items: deque[StoredEvent | Withheld | Overflow | Closed] = deque()
@@ -267,6 +279,19 @@ class EventHub:
     @property
     def subscriber_count(self) -> int:
         return len(self._subscriptions)
+
+    def subscriber_counts(self) -> dict[str, int]:
+        """Subscriptions by what they follow: `call`, `user`, `firehose`."""
+        return {
+            "call": sum(map(len, self._by_call.values())),
+            "user": sum(map(len, self._by_user.values())),
+            "firehose": len(self._firehose),
+        }
+
+    def lagging_count(self) -> int:
+        """Subscribers behind the tailer: catching up from the log, or dropped from their queue and
+        not back yet (a reader too slow for the fast path)."""
+        return sum(1 for s in list(self._subscriptions) if s.catching_up or s.overflowed)
 
     async def _run(self) -> None:
         while True:

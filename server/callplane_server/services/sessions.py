@@ -246,6 +246,11 @@ class SessionService:
         await tx.sessions.save_participant(participant)
         await self._schedule_lease(tx, participant)
 
+    @property
+    def presence_held(self) -> int:
+        """Participants whose presence a stream of this replica holds."""
+        return len(self._held)
+
     def _holds(self, participant: ParticipantRecord) -> bool:
         return (participant.call_cid, participant.participant_session_id) in self._held and not self._closing
 

@@ -461,6 +461,7 @@ class EventStreamService:
             yield ProgressMark(follow.progress(cursor), self._clock())
             started = True
         while True:
+            subscription.catching_up = catching_up
             if catching_up:
                 # Reset first: anything dispatched from now on is queued, and duplicates of what the
                 # log read returns are skipped by the cursor below.
@@ -473,7 +474,7 @@ class EventStreamService:
                     cursor = follow.key(stored)
                 if len(batch) == CATCH_UP_BATCH or sum(stored.size for stored in batch) >= CATCH_UP_BYTES:
                     continue  # maybe more in the log
-                catching_up = False
+                catching_up = subscription.catching_up = False
             if not started:
                 # About to wait with nothing sent yet: let the client know the stream is up.
                 yield LIVE

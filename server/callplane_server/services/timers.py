@@ -5,6 +5,7 @@ Tests drive it with an injected clock and `run_due()`, never with sleeps."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -12,6 +13,7 @@ from datetime import datetime
 
 from callplane_server.auth.context import acting_as, authority_context
 from callplane_server.auth.tokens import SERVER
+from callplane_server.distribution import Distribution
 from callplane_server.domain.records import TimerRecord
 from callplane_server.services.clock import Clock
 from callplane_server.store import Store, Transaction
@@ -20,6 +22,10 @@ log = logging.getLogger(__name__)
 
 #: Applies a fired timer's effect inside the transaction that deletes it. `now` is the firing time.
 TimerHandler = Callable[[Transaction, TimerRecord, datetime], Awaitable[None]]
+
+
+#: Seconds past due a timer fired (the poll interval, 0.5 s, is the usual lateness).
+LATENESS_BOUNDS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 class TimerRunner:
@@ -31,6 +37,9 @@ class TimerRunner:
         self._handlers: dict[str, TimerHandler] = {}
         self._task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
+        #: How late timers fired (seconds past due, by the clock), and how many fired, by kind.
+        self.lateness = Distribution(LATENESS_BOUNDS)
+        self.fired: collections.Counter[str] = collections.Counter()
 
     def register(self, kind: str, handler: TimerHandler) -> None:
         self._handlers[kind] = handler
@@ -75,6 +84,8 @@ class TimerRunner:
             for timer in due:
                 if await self._fire(timer, now):
                     fired += 1
+                    self.fired[timer.kind] += 1
+                    self.lateness.observe(max((now - timer.due_at).total_seconds(), 0.0))
             if len(due) < self._batch:
                 return fired
 

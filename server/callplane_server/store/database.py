@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import (
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from callplane_server import deadlines
+from callplane_server.distribution import Distribution
 from callplane_server.errors import CallplaneError, DeadlineExceeded, Unavailable
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,9 @@ def _caller_gone() -> DeadlineExceeded:
     )
 
 
+GROUP_SIZE_BOUNDS = (1, 2, 4, 8, 16, 32, 64)
+
+
 class _GroupCommit:
     """Group commit for the single SQLite writer: while one transaction runs, the writers that arrive
     queue up; the next transaction runs all of them, each in its own session under a SAVEPOINT (a unit
@@ -191,6 +195,8 @@ class _GroupCommit:
         self._engine = engine
         self._queue: list[_Unit] = []
         self._running = False
+        #: Writes per group commit (the metrics show how much grouping saves).
+        self.batch_sizes = Distribution(GROUP_SIZE_BOUNDS)
         # What the units leave for the group to write once, before the commit (see Database.defer_to_group).
         self.write_deferred: Callable[[AsyncSession, list[Any]], Awaitable[Any]] | None = None
         self.committed: Callable[[Any], None] | None = None
@@ -220,6 +226,7 @@ class _GroupCommit:
         try:
             while self._queue:
                 group, self._queue = self._queue[: self.MAX_UNITS], self._queue[self.MAX_UNITS :]
+                self.batch_sizes.observe(len(group))
                 await self._run_group(group)
         finally:
             self._running = False
@@ -439,6 +446,11 @@ class Database:
             # Whatever the SQLSTATE, nothing was asked of the database yet: an outage, not a fault.
             if context.connection is None and not context.is_pre_ping:
                 context.is_disconnect = True
+
+    @property
+    def group_commit_sizes(self) -> Distribution | None:
+        """Writes per group commit (SQLite); None where writes are not grouped."""
+        return None if self._group_commit is None else self._group_commit.batch_sizes
 
     @property
     def sole_writer(self) -> bool:

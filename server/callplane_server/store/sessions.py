@@ -236,6 +236,15 @@ class SessionRepository:
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
 
+    async def present_count(self) -> int:
+        """Participants present now, in every call (joined and not left)."""
+        return int(
+            await self._session.scalar(
+                select(func.count()).select_from(ParticipantRow).where(ParticipantRow.left_at.is_(None))
+            )
+            or 0
+        )
+
     async def get(self, session_id: str) -> SessionRecord | None:
         row = (await self._session.execute(_SESSION, {"id": session_id})).first()
         return session_record(row) if row else None

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, select
+from sqlalchemy import Table, bindparam, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -91,6 +91,20 @@ class TimerRepository:
             select(TimerRow).where(TimerRow.due_at <= now).order_by(TimerRow.due_at, TimerRow.id).limit(limit)
         )
         return [_record(row) for row in rows]
+
+    async def backlog(self, now: datetime) -> tuple[int, datetime | None]:
+        """How many timers are due by `now` and not fired yet, and the earliest one's due time."""
+        row = (
+            await self._session.execute(
+                select(func.count(), func.min(_TIMERS.c.due_at)).where(_TIMERS.c.due_at <= now)
+            )
+        ).one()
+        earliest = row[1]
+        if isinstance(earliest, str):  # SQLite hands an aggregate of a DateTime column back as text
+            earliest = datetime.fromisoformat(earliest)
+        if earliest is not None and earliest.tzinfo is None:
+            earliest = earliest.replace(tzinfo=UTC)
+        return int(row[0]), earliest
 
     async def claim(self, timer_id: int, now: datetime) -> TimerRecord | None:
         """Locks and deletes the timer if it is still due; None if another process fired it or it was

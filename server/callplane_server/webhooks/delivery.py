@@ -9,6 +9,7 @@ replica that died or lost its lease repeats at most the attempts it had not reco
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import logging
@@ -350,6 +351,7 @@ class EndpointWorker:
     def _completed(
         self, item: _Item, started_at: datetime, seconds: float, status_code: int, error: str
     ) -> None:
+        self._dispatcher.attempts["failed" if error else "succeeded"] += 1
         now = self._now()
         record = item.record
         record.attempts += 1
@@ -391,6 +393,14 @@ class EndpointWorker:
         self._results.append(replace(record))
         self._doorbell.set()
         self._dispatch()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def behind(self, newest: int) -> int:
+        """Events between this endpoint's delivered point and `newest` (filtered-out ones included)."""
+        return max(newest - self._cursor(), 0)
 
     # -- recording -------------------------------------------------------------------------------
 
@@ -488,6 +498,8 @@ class WebhookDispatcher:
         self.me = uuid.uuid4().hex
         self.http: aiohttp.ClientSession
         self._workers: dict[str, EndpointWorker] = {}
+        #: Attempts made by this replica, by outcome (`succeeded`, `failed`).
+        self.attempts: collections.Counter[str] = collections.Counter()
         self._refresh = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_position: Callable[[int], None] = lambda _position: self.wake()
