@@ -35,7 +35,7 @@ const protoLoader = require('@grpc/proto-loader');
 
 /** Directory holding callplane/v1/*.proto (the repository's top-level protos/). */
 const PROTO_DIR = path.resolve(__dirname, '..', '..', 'protos');
-/** Client-only protos: vendored google/rpc/{status,error_details}.proto and a Status codec. */
+/** Client-only protos: a google.rpc.Status codec (google/rpc/*.proto themselves are in PROTO_DIR). */
 const VENDORED_PROTO_DIR = path.resolve(__dirname, 'protos');
 
 /** The gRPC service config (JSON string): retries on UNAVAILABLE for the idempotent RPCs. */
