@@ -3,22 +3,27 @@
 The Python client is run over real gRPC on loopback against a small grpc.aio CallService that answers
 UNAVAILABLE to the first attempts and counts every attempt it receives: gRPC's own retry machinery
 (the service config) must send an idempotent RPC again and must not resend a non-idempotent one. No
-database is involved, so there is no backend to parametrize over. The Node client's equivalent is
+database is involved there. Then the real server on both backends, with its database taken away
+(PostgreSQL refusing connections: DATABASE_UNAVAILABLE; SQLite out of pages: STORAGE_FULL): its own RPC
+counters show how many attempts of each RPC it handled. The Node client's equivalent is
 clients/node/test/retry.test.js (run by tests/test_polyglot.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncpg
 import grpc
 import grpc.aio
 import pytest
 import pytest_asyncio
 from google.protobuf import descriptor_pool
+from sqlalchemy.engine import make_url
 
 from callplane import SERVICE_CONFIG, CallplaneClient, CallplaneError
 from callplane.v1 import (
@@ -34,6 +39,7 @@ from callplane.v1 import (
     user_pb2,
     webhook_service_pb2,
 )
+from tests.support import SERVER_TOKEN, RunningServer, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_SOURCE = ROOT / "protos" / "callplane" / "v1" / "callplane_grpc_service_config.json"
@@ -174,3 +180,76 @@ async def test_channel_options_can_turn_retries_off(flaky_server: tuple[str, Fla
         with pytest.raises(CallplaneError):
             await client.call("default", "off").get()
     assert flaky.attempts["GetCall"] == 1
+
+
+# --- the real server, its database taken away ---------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def database_outage(running: RunningServer) -> AsyncIterator[None]:
+    """Every write fails with UNAVAILABLE until the block ends: PostgreSQL refuses connections (and the
+    server's pooled ones are ended); SQLite's writer may not grow the file by a page."""
+    if running.backend == "postgres":
+        url = make_url(running.server.config.database_url)
+        admin = await asyncpg.connect(
+            url.set(drivername="postgresql", database="postgres").render_as_string(False)
+        )
+        try:
+            await admin.execute(f'ALTER DATABASE "{url.database}" ALLOW_CONNECTIONS false')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", url.database
+            )
+            yield
+        finally:
+            await admin.execute(f'ALTER DATABASE "{url.database}" ALLOW_CONNECTIONS true')
+            await admin.close()
+    else:
+        async with running.server.store.database.write_engine.connect() as connection:
+            pages = (await connection.exec_driver_sql("PRAGMA page_count")).scalar_one()
+            await connection.exec_driver_sql(f"PRAGMA max_page_count = {pages}")
+            await connection.commit()
+        try:
+            yield
+        finally:
+            async with running.server.store.database.write_engine.connect() as connection:
+                await connection.exec_driver_sql("PRAGMA max_page_count = 1073741823")
+                await connection.commit()
+
+
+def handled(running: RunningServer, method: str, code: str) -> int:
+    value = running.server.metrics.registry.get_sample_value(
+        "grpc_server_handled_total",
+        {
+            "grpc_type": "unary",
+            "grpc_service": "callplane.v1.UserService",
+            "grpc_method": method,
+            "grpc_code": code,
+        },
+    )
+    return int(value or 0)
+
+
+async def test_the_server_gets_idempotent_writes_again_and_others_once(backend: str, tmp_path: Path) -> None:
+    big = {"blob": "x" * 3000}  # a few of these need new pages
+    async with running_server(backend, tmp_path) as running:
+        async with CallplaneClient(running.target, token=SERVER_TOKEN, timeout=60) as client:
+            await client.upsert_users([{"id": f"p{index}"} for index in range(50)])
+        async with database_outage(running):
+            # One client (channel) each: retry throttling is per channel.
+            async with CallplaneClient(running.target, token=SERVER_TOKEN, timeout=60) as client:
+                with pytest.raises(CallplaneError) as upsert:
+                    await client.upsert_users([{"id": f"u{index}", "custom": big} for index in range(50)])
+            async with CallplaneClient(running.target, token=SERVER_TOKEN, timeout=60) as client:
+                with pytest.raises(CallplaneError) as partial:
+                    await client.update_users_partial(
+                        [{"id": f"p{index}", "set": {"custom.blob": big["blob"]}} for index in range(50)]
+                    )
+        for raised in (upsert, partial):
+            assert raised.value.code == grpc.StatusCode.UNAVAILABLE, raised.value
+            assert raised.value.reason in ("DATABASE_UNAVAILABLE", "STORAGE_FULL"), raised.value
+        assert handled(running, "UpsertUsers", "UNAVAILABLE") == 5  # maxAttempts
+        assert handled(running, "UpdateUsersPartial", "UNAVAILABLE") == 1
+        # Once the database is back, the same client's retried RPC succeeds at the first attempt.
+        async with CallplaneClient(running.target, token=SERVER_TOKEN, timeout=60) as client:
+            await client.upsert_users([{"id": "bob"}])
+        assert handled(running, "UpsertUsers", "OK") == 2
