@@ -7,6 +7,8 @@ NODE_DIR := clients/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 BUF := $(NODE_DIR)/node_modules/.bin/buf
 PROTOS := $(wildcard protos/callplane/v1/*.proto)
+# The clients' retry policy (gRPC service config): one file, copied next to the Python stubs by `make proto`.
+SERVICE_CONFIG := protos/callplane/v1/callplane_grpc_service_config.json
 GEN_DIR := clients/python
 LISTEN ?= 127.0.0.1:50051
 DATA_DIR ?= data
@@ -51,13 +53,14 @@ $(BENCH_STAMP): $(PY_STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
-## Regenerate Python stubs (and typed .pyi stubs) from protos/.
+## Regenerate Python stubs (and typed .pyi stubs) from protos/, and copy the service config beside them.
 proto: $(PY_STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos \
 		--python_out=$(GEN_DIR) --grpc_python_out=$(GEN_DIR) \
 		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=$(GEN_DIR) \
 		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$(GEN_DIR) \
 		$(PROTOS)
+	cp $(SERVICE_CONFIG) $(GEN_DIR)/callplane/v1/
 
 ## Fail if the committed stubs differ from what the protos generate.
 proto-check: proto

@@ -23,15 +23,26 @@
 // google.rpc.Status from the `grpc-status-details-bin` trailer: `err.status` ({code, message, details}
 // with each detail expanded and tagged by '@type'), `err.errorInfo` ({reason, domain, metadata}),
 // `err.reason` and `err.badRequest` ({field_violations: [{field, description, reason}]}).
+//
+// The channel retries idempotent RPCs (reads, GetOrCreateCall, UpsertUsers, KeepAlive) that fail with
+// UNAVAILABLE, with exponential backoff, as protos/callplane/v1/callplane_grpc_service_config.json says
+// (exported as SERVICE_CONFIG). `channelOptions` win: {'grpc.enable_retries': 0} turns retries off.
 
+const fs = require('node:fs');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
 /** Directory holding callplane/v1/*.proto (the repository's top-level protos/). */
 const PROTO_DIR = path.resolve(__dirname, '..', '..', 'protos');
-/** Client-only protos: vendored google/rpc/{status,error_details}.proto and a Status codec. */
+/** Client-only protos: a google.rpc.Status codec (google/rpc/*.proto themselves are in PROTO_DIR). */
 const VENDORED_PROTO_DIR = path.resolve(__dirname, 'protos');
+
+/** The gRPC service config (JSON string): retries on UNAVAILABLE for the idempotent RPCs. */
+const SERVICE_CONFIG = fs.readFileSync(
+  path.join(PROTO_DIR, 'callplane', 'v1', 'callplane_grpc_service_config.json'),
+  'utf8',
+);
 
 const API_FILES = [
   'callplane/v1/call_type_service.proto',
@@ -357,7 +368,7 @@ function buildMetadata(settings, callOptions) {
  * @param {grpc.ChannelCredentials} [options.credentials] Default: insecure (plaintext).
  * @param {number} [options.timeoutMs] Default per-call deadline.
  * @param {'plain'|'raw'} [options.structs] How Struct fields look (default 'plain').
- * @param {object} [options.channelOptions] grpc-js channel options.
+ * @param {object} [options.channelOptions] grpc-js channel options (they win over the retry config).
  * @returns {{callTypes: object, users: object, calls: object, waitForReady: Function, close: Function}}
  */
 function connect(target, options = {}) {
@@ -371,7 +382,12 @@ function connect(target, options = {}) {
   };
   const v1 = grpcObject.callplane.v1;
   // The three clients share one channel.
-  const first = new v1.CallTypeService(target, credentials, options.channelOptions || {});
+  const channelOptions = {
+    'grpc.service_config': SERVICE_CONFIG,
+    'grpc.enable_retries': 1,
+    ...(options.channelOptions || {}),
+  };
+  const first = new v1.CallTypeService(target, credentials, channelOptions);
   const channelOverride = first.getChannel();
   const clients = {
     callTypes: first,
@@ -406,4 +422,5 @@ module.exports = {
   status: grpc.status,
   PROTO_DIR,
   LOADER_OPTIONS,
+  SERVICE_CONFIG,
 };

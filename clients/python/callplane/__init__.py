@@ -2,6 +2,7 @@
 
 from callplane.client import (
     DEFAULT_TIMEOUT,
+    SERVICE_CONFIG,
     Call,
     CallInfo,
     CallplaneClient,
@@ -33,6 +34,7 @@ from callplane.client import (
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "SERVICE_CONFIG",
     "Call",
     "CallInfo",
     "CallSnapshotMessage",

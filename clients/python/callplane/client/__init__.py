@@ -1,7 +1,7 @@
 """Ergonomic asyncio client over the generated `callplane.v1` stubs: dicts in, dataclasses out."""
 
 from callplane.client.call import Call
-from callplane.client.client import DEFAULT_TIMEOUT, CallplaneClient, TokenProvider
+from callplane.client.client import DEFAULT_TIMEOUT, SERVICE_CONFIG, CallplaneClient, TokenProvider
 from callplane.client.convert import (
     dict_to_struct,
     from_timestamp,
@@ -43,6 +43,7 @@ from callplane.client.streams import EventStream, Reconnect
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "SERVICE_CONFIG",
     "Call",
     "CallInfo",
     "CallSnapshotMessage",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.resources
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -51,10 +52,16 @@ from callplane.v1 import (
     webhook_service_pb2_grpc,
 )
 
-__all__ = ["DEFAULT_TIMEOUT", "CallplaneClient", "TokenProvider"]
+__all__ = ["DEFAULT_TIMEOUT", "SERVICE_CONFIG", "CallplaneClient", "TokenProvider"]
 
 #: Seconds each RPC may take unless the client is built with another `timeout`.
 DEFAULT_TIMEOUT = 10.0
+
+#: The gRPC service config (JSON) this client's channels use: retries on UNAVAILABLE, with exponential
+#: backoff, for the idempotent RPCs only (protos/callplane/v1/callplane_grpc_service_config.json).
+SERVICE_CONFIG: str = (
+    importlib.resources.files("callplane.v1").joinpath("callplane_grpc_service_config.json").read_text()
+)
 
 TokenProvider = str | Callable[[], str | Awaitable[str]]
 MetadataLike = Mapping[str, str] | Sequence[tuple[str, str]]
@@ -69,6 +76,8 @@ class CallplaneClient:
     string or a (sync or async) callable returning one, sent as ``authorization: Bearer <token>`` on
     every call; `metadata` is sent on every call too. `timeout` (seconds, None = no deadline) applies
     to each RPC (not to event streams, which stay open). Every failed RPC raises `CallplaneError`.
+    A channel this client opens retries idempotent RPCs that fail with UNAVAILABLE (`SERVICE_CONFIG`);
+    `options` given here win over it (e.g. ``[("grpc.enable_retries", 0)]`` turns retries off).
     `reconnect` says how event streams reconnect after a dropped connection (see `Reconnect`).
     """
 
@@ -92,6 +101,7 @@ class CallplaneClient:
         self._metadata: tuple[tuple[str, str], ...] = _normalize_metadata(metadata)
         self._owns_channel = channel is None
         if channel is None:
+            options = _with_service_config(options)
             if credentials is not None:
                 channel = grpc.aio.secure_channel(target, credentials, options=options)
             else:
@@ -508,6 +518,14 @@ class CallplaneClient:
             request.positions.positions.extend(positions or ())
         response = await self._rpc(self.webhook_service.RedeliverWebhook, request)
         return WebhookRedelivery.from_proto(response)
+
+
+def _with_service_config(options: Sequence[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
+    """The channel options with the retry service config added, unless `options` sets those keys."""
+    given = list(options or ())
+    keys = {key for key, _ in given}
+    defaults = [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+    return [option for option in defaults if option[0] not in keys] + given
 
 
 def _as_list(values: Iterable[str] | None) -> list[str]:

@@ -41,7 +41,9 @@ class UpdateParticipantCustomRequest(_message.Message):
     participant_session_id: _builtins.str
     """The participant's connection."""
     user_id: _builtins.str
-    """The acting user: must be the participant's own user."""
+    """The acting user: must be the participant's own user. Required with every token: the server never takes it from a user token, which may only
+    name its own user (another is PERMISSION_DENIED `NOT_YOURSELF`); empty is INVALID_ARGUMENT.
+    """
     mode: _session_pb2.CustomDataMode.ValueType
     """Replace or shallow-merge."""
     etag: _builtins.str
@@ -116,7 +118,9 @@ class UpdateSessionCustomRequest(_message.Message):
     id: _builtins.str
     """Call id."""
     user_id: _builtins.str
-    """The acting user: a live participant of the session."""
+    """The acting user: a live participant of the session. Required with every token: the server never takes it from a user token, which may only
+    name its own user (another is PERMISSION_DENIED `NOT_YOURSELF`); empty is INVALID_ARGUMENT.
+    """
     mode: _session_pb2.CustomDataMode.ValueType
     """Replace or shallow-merge."""
     etag: _builtins.str
@@ -190,7 +194,9 @@ class SendCallEventRequest(_message.Message):
     id: _builtins.str
     """Call id."""
     user_id: _builtins.str
-    """The sender (an existing user)."""
+    """The sender (an existing user). Required with every token: the server never takes it from a user token, which may only
+    name its own user (another is PERMISSION_DENIED `NOT_YOURSELF`); empty is INVALID_ARGUMENT.
+    """
     request_id: _builtins.str
     """Idempotency key (1..64 chars): a retry with the same key returns the first result."""
     @_builtins.property

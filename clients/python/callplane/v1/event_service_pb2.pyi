@@ -40,10 +40,13 @@ class WatchCallRequest(_message.Message):
     id: _builtins.str
     """Call id."""
     snapshot: _builtins.bool
-    """Send the call's current state first, then the events after the seq it reflects."""
+    """Send the call's current state first, then the events after the seq it reflects. Not together with
+    `after_seq`: both set is INVALID_ARGUMENT naming `after_seq` (a client resuming after a snapshot
+    resumes with `after_seq` = the snapshot's seq or a later event's, and no `snapshot`).
+    """
     after_seq: _builtins.int
     """Resume: send exactly the events with seq > after_seq (0: every retained event from the start).
-    Unset and no snapshot: only events from now on.
+    Unset and no snapshot: only events from now on. Not with `snapshot` (INVALID_ARGUMENT).
     """
     participant_session_id: _builtins.str
     """When set, this stream holds the participant's presence: when the stream ends, the participant leaves.

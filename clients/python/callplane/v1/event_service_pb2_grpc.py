@@ -92,6 +92,11 @@ class EventServiceServicer:
 
     def WatchCall(self, request, context):
         """Follows one call: optionally its current state first, then every event after it.
+        Knowing the stream is live (subscribed: every later event will arrive): the response headers
+        (initial metadata) come once it is; errors before that (NOT_FOUND, EVENTS_COMPACTED...) end it
+        without headers. They come with the first message, or on their own when a resumed stream has
+        nothing newer to send (so wait for headers, not for a message: e.g. grpc-js's 'metadata' event,
+        Go's ClientStream.Header(), Python's `await call.initial_metadata()`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -99,7 +104,13 @@ class EventServiceServicer:
 
     def WatchUser(self, request, context):
         """Follows the events addressed to one user (incoming ring, notification, missed, accepted and rejected
-        of calls they ring), in per-user `user_seq` order.
+        of calls they ring), in per-user `user_seq` order. From now (no `after_seq`) the first message is
+        a Progress (the current user_seq); resumed, the first is the next event, if any.
+        Knowing the stream is live (subscribed: every later event will arrive): the response headers
+        (initial metadata) come once it is; errors before that (NOT_FOUND, EVENTS_COMPACTED...) end it
+        without headers. They come with the first message, or on their own when a resumed stream has
+        nothing newer to send (so wait for headers, not for a message: e.g. grpc-js's 'metadata' event,
+        Go's ClientStream.Header(), Python's `await call.initial_metadata()`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

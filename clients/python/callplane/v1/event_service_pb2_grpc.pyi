@@ -52,10 +52,22 @@ class EventServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> EventServiceAsyncStub: ...
     WatchCall: _grpc.UnaryStreamMultiCallable[_event_service_pb2.WatchCallRequest, _event_service_pb2.WatchCallResponse]
-    """Follows one call: optionally its current state first, then every event after it."""
+    """Follows one call: optionally its current state first, then every event after it.
+    Knowing the stream is live (subscribed: every later event will arrive): the response headers
+    (initial metadata) come once it is; errors before that (NOT_FOUND, EVENTS_COMPACTED...) end it
+    without headers. They come with the first message, or on their own when a resumed stream has
+    nothing newer to send (so wait for headers, not for a message: e.g. grpc-js's 'metadata' event,
+    Go's ClientStream.Header(), Python's `await call.initial_metadata()`).
+    """
     WatchUser: _grpc.UnaryStreamMultiCallable[_event_service_pb2.WatchUserRequest, _event_service_pb2.WatchUserResponse]
     """Follows the events addressed to one user (incoming ring, notification, missed, accepted and rejected
-    of calls they ring), in per-user `user_seq` order.
+    of calls they ring), in per-user `user_seq` order. From now (no `after_seq`) the first message is
+    a Progress (the current user_seq); resumed, the first is the next event, if any.
+    Knowing the stream is live (subscribed: every later event will arrive): the response headers
+    (initial metadata) come once it is; errors before that (NOT_FOUND, EVENTS_COMPACTED...) end it
+    without headers. They come with the first message, or on their own when a resumed stream has
+    nothing newer to send (so wait for headers, not for a message: e.g. grpc-js's 'metadata' event,
+    Go's ClientStream.Header(), Python's `await call.initial_metadata()`).
     """
     SubscribeEvents: _grpc.UnaryStreamMultiCallable[_event_service_pb2.SubscribeEventsRequest, _event_service_pb2.SubscribeEventsResponse]
     """A backend firehose over all calls, filtered, resumable by global `position`."""
@@ -84,10 +96,22 @@ class EventServiceAsyncStub(EventServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     WatchCall: _aio.UnaryStreamMultiCallable[_event_service_pb2.WatchCallRequest, _event_service_pb2.WatchCallResponse]  # type: ignore[assignment]
-    """Follows one call: optionally its current state first, then every event after it."""
+    """Follows one call: optionally its current state first, then every event after it.
+    Knowing the stream is live (subscribed: every later event will arrive): the response headers
+    (initial metadata) come once it is; errors before that (NOT_FOUND, EVENTS_COMPACTED...) end it
+    without headers. They come with the first message, or on their own when a resumed stream has
+    nothing newer to send (so wait for headers, not for a message: e.g. grpc-js's 'metadata' event,
+    Go's ClientStream.Header(), Python's `await call.initial_metadata()`).
+    """
     WatchUser: _aio.UnaryStreamMultiCallable[_event_service_pb2.WatchUserRequest, _event_service_pb2.WatchUserResponse]  # type: ignore[assignment]
     """Follows the events addressed to one user (incoming ring, notification, missed, accepted and rejected
-    of calls they ring), in per-user `user_seq` order.
+    of calls they ring), in per-user `user_seq` order. From now (no `after_seq`) the first message is
+    a Progress (the current user_seq); resumed, the first is the next event, if any.
+    Knowing the stream is live (subscribed: every later event will arrive): the response headers
+    (initial metadata) come once it is; errors before that (NOT_FOUND, EVENTS_COMPACTED...) end it
+    without headers. They come with the first message, or on their own when a resumed stream has
+    nothing newer to send (so wait for headers, not for a message: e.g. grpc-js's 'metadata' event,
+    Go's ClientStream.Header(), Python's `await call.initial_metadata()`).
     """
     SubscribeEvents: _aio.UnaryStreamMultiCallable[_event_service_pb2.SubscribeEventsRequest, _event_service_pb2.SubscribeEventsResponse]  # type: ignore[assignment]
     """A backend firehose over all calls, filtered, resumable by global `position`."""
@@ -119,7 +143,13 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _event_service_pb2.WatchCallRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_event_service_pb2.WatchCallResponse], _abc.AsyncIterator[_event_service_pb2.WatchCallResponse]]:
-        """Follows one call: optionally its current state first, then every event after it."""
+        """Follows one call: optionally its current state first, then every event after it.
+        Knowing the stream is live (subscribed: every later event will arrive): the response headers
+        (initial metadata) come once it is; errors before that (NOT_FOUND, EVENTS_COMPACTED...) end it
+        without headers. They come with the first message, or on their own when a resumed stream has
+        nothing newer to send (so wait for headers, not for a message: e.g. grpc-js's 'metadata' event,
+        Go's ClientStream.Header(), Python's `await call.initial_metadata()`).
+        """
 
     @_abc_1.abstractmethod
     def WatchUser(
@@ -128,7 +158,13 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_event_service_pb2.WatchUserResponse], _abc.AsyncIterator[_event_service_pb2.WatchUserResponse]]:
         """Follows the events addressed to one user (incoming ring, notification, missed, accepted and rejected
-        of calls they ring), in per-user `user_seq` order.
+        of calls they ring), in per-user `user_seq` order. From now (no `after_seq`) the first message is
+        a Progress (the current user_seq); resumed, the first is the next event, if any.
+        Knowing the stream is live (subscribed: every later event will arrive): the response headers
+        (initial metadata) come once it is; errors before that (NOT_FOUND, EVENTS_COMPACTED...) end it
+        without headers. They come with the first message, or on their own when a resumed stream has
+        nothing newer to send (so wait for headers, not for a message: e.g. grpc-js's 'metadata' event,
+        Go's ClientStream.Header(), Python's `await call.initial_metadata()`).
         """
 
     @_abc_1.abstractmethod

@@ -42,7 +42,9 @@ class JoinCallRequest(_message.Message):
     id: _builtins.str
     """Call id. Empty with `create`: a new call with a generated id (returned in `call.id`)."""
     user_id: _builtins.str
-    """The joining user (an existing user)."""
+    """The joining user (an existing user). Required with every token: the server never takes it from a user token, which may only
+    name its own user (another is PERMISSION_DENIED `NOT_YOURSELF`); empty is INVALID_ARGUMENT.
+    """
     participant_session_id: _builtins.str
     """Optional client-chosen connection id (1..64 of A-Z a-z 0-9 _ -); generated when empty. Joining again
     with the same id while that participant is in the session is idempotent (same participant, lease
