@@ -343,7 +343,10 @@ async def _bounded(step: str, work: Awaitable[object], limit: float = STEP_TIMEO
 
 
 async def serve(config: Config) -> None:
-    tracer_provider = tracing.from_environment()
+    try:
+        tracer_provider = tracing.from_environment()
+    except ValueError as error:  # an OTEL_* variable names what is not supported
+        raise SystemExit(f"callplane: {error}") from None
     server = CallplaneServer(config, tracer_provider=tracer_provider)
     await server.start()
     stopping = asyncio.Event()

@@ -112,7 +112,8 @@ def resource() -> Resource:
 def provider(processors: Sequence[Any] = ()) -> TracerProvider:
     """A TracerProvider with the environment's sampler (OTEL_TRACES_SAMPLER), kept to traces (see
     WithinTraces), and `processors`."""
-    sampler = WithinTraces(TracerProvider().sampler)
+    # The sampler OTEL_TRACES_SAMPLER names, as the SDK builds it (read off a provider made for that).
+    sampler = WithinTraces(TracerProvider(shutdown_on_exit=False).sampler)
     made = TracerProvider(sampler=sampler, resource=resource())
     for processor in processors:
         made.add_span_processor(processor)
