@@ -200,3 +200,22 @@ def test_tracing_is_off_without_otel_variables() -> None:
     assert tracing.from_environment({"OTEL_TRACES_EXPORTER": "none"}) is None
     assert tracing.exporters_named({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}) == ["otlp"]
     assert tracing.exporters_named({"OTEL_TRACES_EXPORTER": "console"}) == ["console"]
+
+
+async def test_statements_outside_any_rpc_start_no_trace(
+    traced: RunningServer, exporter: InMemorySpanExporter
+) -> None:
+    """Background work (here the timer runner's look for due timers, run by the test outside any span)
+    runs statements, whose spans are not sampled: no trace of their own several times a second."""
+    exporter.clear()
+    assert not trace.get_current_span().get_span_context().is_valid
+    await traced.server.timers.run_due()  # type: ignore[union-attr]
+    assert [s for s in exporter.get_finished_spans() if s.parent is None] == []
+
+
+async def test_without_a_tracer_provider_nothing_is_installed(server: RunningServer) -> None:
+    assert server.server.tracing is None
+    assert server.server.store is not None and server.server.store.database.tracer is None
+    for engine in server.server.store.database.engines.values():
+        # No statement listeners of OpenTelemetry's on the engines (the SQLite inline path checks these).
+        assert not engine.sync_engine.dispatch.after_cursor_execute
