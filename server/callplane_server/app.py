@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Awaitable
+import threading
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import cast
 
@@ -333,6 +335,8 @@ class CallplaneServer:
 
 
 STEP_TIMEOUT_SECONDS = 10.0
+#: How long shutdown waits for the last spans to be exported.
+SPAN_EXPORT_SECONDS = 2.0
 
 
 async def _bounded(step: str, work: Awaitable[object], limit: float = STEP_TIMEOUT_SECONDS) -> None:
@@ -357,5 +361,23 @@ async def serve(config: Config) -> None:
     log.info("shutting down: draining for up to %.0fs", config.shutdown_grace_seconds)
     await server.stop()
     if tracer_provider is not None:
-        tracer_provider.shutdown()  # exports the spans still batched
+        # Exports the spans still batched; bounded, since an unreachable collector is retried for seconds.
+        await _bounded("span export", _in_daemon_thread(tracer_provider.shutdown), SPAN_EXPORT_SECONDS)
     log.info("stopped")
+
+
+async def _in_daemon_thread(work: Callable[[], object]) -> None:
+    """Runs `work` in a daemon thread and waits for it; one given up on does not hold the process's exit
+    (asyncio.to_thread's executor is joined when the loop closes)."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+
+    def run() -> None:
+        try:
+            work()
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(done.set)
+
+    threading.Thread(target=run, name="callplane-span-export", daemon=True).start()
+    await done.wait()

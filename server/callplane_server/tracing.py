@@ -155,12 +155,12 @@ class ServerTracing:
         self._instrumented = True
 
     def close(self) -> None:
+        """Removes the statement instrumentation (whoever made the provider flushes and shuts it down)."""
         if self._instrumented:
             from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
             SQLAlchemyInstrumentor().uninstrument()
             self._instrumented = False
-        self.provider.force_flush()
 
 
 def parent_from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> Context:
