@@ -187,7 +187,10 @@ class RunningServer:
 
 
 @asynccontextmanager
-async def running_server(backend: str, folder: Path, **config: object) -> AsyncIterator[RunningServer]:
+async def running_server(
+    backend: str, folder: Path, *, tracer_provider: Any = None, **config: object
+) -> AsyncIterator[RunningServer]:
+    """An in-process server over a fresh database; `tracer_provider`: trace to it (tests/test_tracing.py)."""
     # Timers fire only when a test calls server.timers.run_due() after moving the clock.
     config.setdefault("run_timers", False)
     # Webhook delivery runs only where a test asks for it (its lease rounds would be writes of their own).
@@ -198,6 +201,7 @@ async def running_server(backend: str, folder: Path, **config: object) -> AsyncI
         server = CallplaneServer(
             Config(listen="127.0.0.1:0", database_url=url, data_dir=folder, **config),  # type: ignore[arg-type]
             clock=clock,
+            tracer_provider=tracer_provider,
         )
         await server.start()
         authed = channel(f"127.0.0.1:{server.port}")

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Awaitable
+import threading
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
 
 from callplane.v1 import (
     call_data_service_pb2,
@@ -33,7 +36,7 @@ from callplane.v1 import (
     webhook_service_pb2,
     webhook_service_pb2_grpc,
 )
-from callplane_server import runtime
+from callplane_server import runtime, tracing
 from callplane_server.api.call_data_servicer import CallDataServicer
 from callplane_server.api.errors import Authenticator, RpcWrapper, WrappingRegistrar
 from callplane_server.api.event_servicer import EventServicer
@@ -60,6 +63,7 @@ from callplane_server.services.timers import TimerRunner
 from callplane_server.services.users import UserService
 from callplane_server.services.webhooks import WebhookService
 from callplane_server.store import Store, Transaction
+from callplane_server.tracing import ServerTracing
 from callplane_server.webhooks.delivery import DeliverySettings, WebhookDispatcher
 from callplane_server.webhooks.signing import SecretBox
 
@@ -82,9 +86,15 @@ COMPACTION_INTERVAL_SECONDS = 60.0
 class CallplaneServer:
     """One server process. `start()` binds and returns the port (use port 0 in tests)."""
 
-    def __init__(self, config: Config, *, clock: Clock = system_clock) -> None:
+    def __init__(
+        self, config: Config, *, clock: Clock = system_clock, tracer_provider: TracerProvider | None = None
+    ) -> None:
+        """`tracer_provider`: trace RPCs, transactions and statements to it (`serve` passes the one the
+        OTEL_* environment asks for); None: no tracing, and no cost for it."""
         self.config = config
         self.clock = clock
+        self._tracer_provider = tracer_provider
+        self.tracing: ServerTracing | None = None
         self.store: Store | None = None
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -110,6 +120,10 @@ class CallplaneServer:
             custom_indexes=self.config.custom_indexes,
             require_indexes=self.config.require_indexes,
         )
+        if self._tracer_provider is not None:
+            self.tracing = ServerTracing(self._tracer_provider)
+            self.tracing.instrument_engines(list(self.store.database.engines.values()))
+            self.store.database.tracer = self.tracing.tracer
         limits = self.config.limits
         self.hub = EventHub(
             self.store,
@@ -156,7 +170,12 @@ class CallplaneServer:
         # registration methods WrappingRegistrar provides.
         registrar = WrappingRegistrar(
             grpc_server,
-            RpcWrapper(Authenticator(self.api_secret), self.metrics, log_requests=self.config.log_requests),
+            RpcWrapper(
+                Authenticator(self.api_secret),
+                self.metrics,
+                log_requests=self.config.log_requests,
+                tracer=None if self.tracing is None else self.tracing.tracer,
+            ),
         )
         server = cast(grpc.aio.Server, registrar)
         call_type_service_pb2_grpc.add_CallTypeServiceServicer_to_server(
@@ -306,6 +325,8 @@ class CallplaneServer:
             await _bounded("grpc server", self._server.stop(drain), drain + STEP_TIMEOUT_SECONDS)
         if self.store is not None:
             await _bounded("store", self.store.close())
+        if self.tracing is not None:
+            self.tracing.close()
         self.metrics.close()
 
     async def wait(self) -> None:
@@ -314,6 +335,8 @@ class CallplaneServer:
 
 
 STEP_TIMEOUT_SECONDS = 10.0
+#: How long shutdown waits for the last spans to be exported.
+SPAN_EXPORT_SECONDS = 2.0
 
 
 async def _bounded(step: str, work: Awaitable[object], limit: float = STEP_TIMEOUT_SECONDS) -> None:
@@ -324,7 +347,11 @@ async def _bounded(step: str, work: Awaitable[object], limit: float = STEP_TIMEO
 
 
 async def serve(config: Config) -> None:
-    server = CallplaneServer(config)
+    try:
+        tracer_provider = tracing.from_environment()
+    except ValueError as error:  # an OTEL_* variable names what is not supported
+        raise SystemExit(f"callplane: {error}") from None
+    server = CallplaneServer(config, tracer_provider=tracer_provider)
     await server.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -333,4 +360,24 @@ async def serve(config: Config) -> None:
     await stopping.wait()
     log.info("shutting down: draining for up to %.0fs", config.shutdown_grace_seconds)
     await server.stop()
+    if tracer_provider is not None:
+        # Exports the spans still batched; bounded, since an unreachable collector is retried for seconds.
+        await _bounded("span export", _in_daemon_thread(tracer_provider.shutdown), SPAN_EXPORT_SECONDS)
     log.info("stopped")
+
+
+async def _in_daemon_thread(work: Callable[[], object]) -> None:
+    """Runs `work` in a daemon thread and waits for it; one given up on does not hold the process's exit
+    (asyncio.to_thread's executor is joined when the loop closes)."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+
+    def run() -> None:
+        try:
+            work()
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(done.set)
+
+    threading.Thread(target=run, name="callplane-span-export", daemon=True).start()
+    await done.wait()

@@ -68,11 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             config = config_module.load(args)
         except ValueError as error:
             raise SystemExit(f"callplane: {error}") from None
-        logging.basicConfig(
-            level=getattr(logging, config.log_level, logging.INFO),
-            format="%(asctime)s %(levelname)s %(name)s %(message)s",
-            stream=sys.stderr,
-        )
+        from callplane_server import logs
+
+        logs.configure(config.log_level, config.log_format)
         logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
         from callplane_server import runtime
         from callplane_server.app import serve

@@ -21,6 +21,8 @@ class Config:
     reflection: bool = True
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
+    # "text" (one readable line per record) or "json" (one JSON object per line).
+    log_format: str = "text"
     # Log every successful unary RPC at INFO (default: at DEBUG; failures, refusals and streams always INFO).
     log_requests: bool = False
     limits: Limits = field(default_factory=Limits)
@@ -136,6 +138,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-grace", type=float, help="seconds to drain on SIGTERM (default 10)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (CALLPLANE_LOG_LEVEL; default INFO)")
     parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="text lines, or one JSON object per line with time, level, message and, for each RPC, method, "
+        "code, duration_ms, cid, user and trace_id (CALLPLANE_LOG_FORMAT; default text)",
+    )
+    parser.add_argument(
         "--log-requests",
         action="store_true",
         default=None,
@@ -188,6 +196,7 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         shutdown_grace_seconds=float(pick("shutdown_grace", "CALLPLANE_SHUTDOWN_GRACE_SECONDS") or 10.0),
         log_level=(pick("log_level", "CALLPLANE_LOG_LEVEL") or defaults.log_level).upper(),
         log_requests=_bool(pick("log_requests", "CALLPLANE_LOG_REQUESTS") or "false"),
+        log_format=_log_format(pick("log_format", "CALLPLANE_LOG_FORMAT") or defaults.log_format),
         limits=limits,
         min_progress_interval_seconds=float(
             pick("min_progress_interval", "CALLPLANE_MIN_PROGRESS_INTERVAL_SECONDS")
@@ -222,6 +231,13 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
             env.get("CALLPLANE_WEBHOOK_LEASE_SECONDS") or defaults.webhook_lease_seconds
         ),
     )
+
+
+def _log_format(value: str) -> str:
+    text = value.strip().lower()
+    if text not in ("text", "json"):
+        raise ValueError(f"CALLPLANE_LOG_FORMAT must be text or json, not {value!r}")
+    return text
 
 
 def _custom_indexes(args: argparse.Namespace | None, env: Mapping[str, str]) -> tuple[CustomIndex, ...]:

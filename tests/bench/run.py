@@ -47,7 +47,18 @@ import grpc
 
 from callplane.v1 import call_service_pb2, call_service_pb2_grpc
 from callplane_server import runtime
-from tests.bench import capacity, fanout, generator, h2load, mixed, report, seeding, webhooks, workloads
+from tests.bench import (
+    capacity,
+    fanout,
+    generator,
+    h2load,
+    mixed,
+    otlp_sink,
+    report,
+    seeding,
+    webhooks,
+    workloads,
+)
 from tests.bench.servers import (
     CALL_TYPE,
     REPO,
@@ -814,6 +825,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR)
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README's results")
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="servers trace every RPC and export the spans over OTLP/gRPC to a no-op receiver "
+        "(tests/bench/otlp_sink.py) on the load generators' CPU: what tracing costs (implies --no-readme)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.calls, args.users, args.runs, args.seconds, args.mixed_seconds = 500, 100, 1, 3.0, 3.0
@@ -871,6 +888,10 @@ def main(argv: list[str] | None = None) -> int:
         "backends": {},
     }
     server_cpu, load_cpu = _cpus(args)
+    if args.tracing:
+        args.no_readme = True
+        otlp_sink.start(load_cpu)
+    results["settings"]["tracing"] = args.tracing
     live: dict[str, Any] = {
         "date": results["date"],
         "machine": results["machine"],

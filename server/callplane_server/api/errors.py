@@ -18,14 +18,18 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 # client that went away fails (see _wrap_stream).
 from grpc._cython.cygrpc import ExecuteBatchError  # type: ignore[import-not-found]
 from grpc_status import rpc_status
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from callplane_server import deadlines, errors
 from callplane_server.api.metrics import RpcMetrics
 from callplane_server.api.request_checks import nul_refusal
 from callplane_server.auth.context import set_principal
-from callplane_server.auth.tokens import TokenVerifier, parse_bearer
+from callplane_server.auth.tokens import Principal, TokenVerifier, parse_bearer
 from callplane_server.domain.validation import MAX_CUSTOM_DEPTH
 from callplane_server.services.authz import MissingRule, rule_for
+from callplane_server.tracing import parent_from_metadata
 
 log = logging.getLogger("callplane.rpc")
 
@@ -127,15 +131,18 @@ class Authenticator:
     def __init__(self, secret: str) -> None:
         self._tokens = TokenVerifier(secret)
 
-    def authenticate(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def authenticate(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Principal | None:
+        """Sets the RPC's principal and returns it (None: acting for nobody)."""
         if method.startswith(_OPEN_PREFIXES):
             set_principal(None)  # open to everyone, so acting for nobody
-            return
+            return None
         authorization = None
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
                 authorization = cast(str, value)  # only metadata keys ending in "-bin" carry bytes
-        set_principal(self._tokens.verify(parse_bearer(authorization)))
+        principal = self._tokens.verify(parse_bearer(authorization))
+        set_principal(principal)
+        return principal
 
 
 class RpcWrapper:
@@ -143,10 +150,17 @@ class RpcWrapper:
     ones → INTERNAL, and a log line and metrics with method, status code and duration."""
 
     def __init__(
-        self, authenticator: Authenticator, metrics: RpcMetrics | None = None, *, log_requests: bool = False
+        self,
+        authenticator: Authenticator,
+        metrics: RpcMetrics | None = None,
+        *,
+        log_requests: bool = False,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self._authenticator = authenticator
         self._metrics = metrics or RpcMetrics()
+        # None (tracing off): the wrappers make no span and read no trace context.
+        self._tracer = tracer
         # Successful unary calls are nearly all of the traffic and the metrics count them: their line is
         # at DEBUG unless asked for (--log-requests); formatting and emitting it cost a few % of a write.
         self._success_level = logging.INFO if log_requests else logging.DEBUG
@@ -161,6 +175,7 @@ class RpcWrapper:
                     self._authenticator,
                     self._metrics,
                     success_level=self._success_level,
+                    tracer=self._tracer,
                 ),
                 request_deserializer=_tolerant(method, handler.request_deserializer),
                 response_serializer=handler.response_serializer,
@@ -168,7 +183,7 @@ class RpcWrapper:
         if handler.unary_stream is not None:
             behavior = handler.unary_stream
             wrapped = (
-                _wrap_stream(method, behavior, self._authenticator, self._metrics)
+                _wrap_stream(method, behavior, self._authenticator, self._metrics, tracer=self._tracer)
                 if inspect.isasyncgenfunction(behavior)
                 # Handlers using context.write(): coroutine functions, which grpc.aio accepts for unary_stream
                 # though the stubs type it as returning an Iterator.
@@ -178,6 +193,7 @@ class RpcWrapper:
                     cast("Callable[..., Awaitable[Any]]", behavior),
                     self._authenticator,
                     self._metrics,
+                    tracer=self._tracer,
                 )
             )
             return grpc.unary_stream_rpc_method_handler(
@@ -193,6 +209,7 @@ class RpcWrapper:
                     cast(Callable[..., AsyncGenerator[Any, None]], handler.stream_stream),
                     self._authenticator,
                     self._metrics,
+                    tracer=self._tracer,
                 ),
                 request_deserializer=_tolerant(method, handler.request_deserializer),
                 response_serializer=handler.response_serializer,
@@ -320,10 +337,41 @@ def _passing_bytes(serializer: Callable[[Any], bytes] | None) -> Callable[[Any],
 
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+_CODE_NUMBERS = {code.name: code.value[0] for code in grpc.StatusCode}
 
 
 #: A client cancel this close to the call's deadline is logged as the deadline passing.
 DEADLINE_CANCEL_SLACK_SECONDS = 0.1
+
+# How a request names its call, by message type: "call_cid", "type+id", or "" (none).
+_CID_FIELDS: dict[type, str] = {}
+#: Longest cid put in a span or a log line (a request not yet validated may carry a huge one).
+MAX_LOGGED_CID_BYTES = 160
+
+
+def request_cid(request: Any) -> str:
+    """The call a request is about (`type:id`, or its `call_cid`), "" when it names none."""
+    kind = _CID_FIELDS.get(type(request))
+    if kind is None:
+        fields = getattr(getattr(type(request), "DESCRIPTOR", None), "fields_by_name", {})
+        kind = (
+            "call_cid" if "call_cid" in fields else "type+id" if "type" in fields and "id" in fields else ""
+        )
+        _CID_FIELDS[type(request)] = kind
+    if kind == "type+id":
+        cid = f"{request.type}:{request.id}" if request.id else ""
+    elif kind == "call_cid":
+        cid = request.call_cid
+    else:
+        return ""
+    return cap(cid, MAX_LOGGED_CID_BYTES)
+
+
+def caller_name(principal: Principal | None) -> str | None:
+    """Who called, for logs and spans: a user id, "server" for a server token, None for nobody."""
+    if principal is None:
+        return None
+    return "server" if principal.is_server else principal.user_id
 
 
 def _finish(
@@ -335,7 +383,10 @@ def _finish(
     *,
     cancelled: bool = False,
     success_level: int = logging.INFO,
-) -> None:
+    request: Any = None,
+    principal: Principal | None = None,
+) -> str:
+    """Counts and logs the RPC; returns its status code's name."""
     code = context.code()
     if cancelled:
         # The client went away (or its deadline passed): it saw no status from us. The client's own
@@ -354,7 +405,51 @@ def _finish(
     metrics.handled(method, kind, name, seconds)
     level = success_level if name == "OK" else logging.INFO
     if log.isEnabledFor(level):
-        log.log(level, "rpc %s %s %.1fms", method, name, seconds * 1000)
+        # `rpc`: the fields of a structured (--log-format json) line; the text line is the message.
+        fields = {
+            "method": method,
+            "code": name,
+            "duration_ms": round(seconds * 1000, 3),
+            "cid": request_cid(request) or None,
+            "user": caller_name(principal),
+        }
+        log.log(level, "rpc %s %s %.1fms", method, name, seconds * 1000, extra={"rpc": fields})
+    return name
+
+
+# gRPC server spans are errors for these codes only (OpenTelemetry's semantic conventions for RPC): the
+# others are answers about the request, not failures of the server.
+_SERVER_ERROR_CODES = frozenset(
+    {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
+)
+
+
+def _open_span(
+    tracer: trace.Tracer, method: str, context: grpc.aio.ServicerContext[Any, Any], request: Any
+) -> tuple[trace.Span, object]:
+    """A SERVER span for the RPC, made current; its parent is the client's `traceparent`, if any."""
+    service, _, name = method[1:].partition("/")
+    attributes: dict[str, str] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+    cid = request_cid(request)
+    if cid:
+        attributes["callplane.cid"] = cid
+    parent = parent_from_metadata(context.invocation_metadata())
+    span = tracer.start_span(method[1:], context=parent, kind=SpanKind.SERVER, attributes=attributes)
+    return span, otel_context.attach(trace.set_span_in_context(span, parent))
+
+
+def _close_span(span: trace.Span, token: object, code: str, principal: Principal | None) -> None:
+    """Ends the RPC's span with its status code and caller (never its token or its data)."""
+    caller = caller_name(principal)
+    if caller is not None:
+        span.set_attribute("callplane.caller", caller)
+        if principal is not None and not principal.is_server:
+            span.set_attribute("enduser.id", caller)
+    span.set_attribute("rpc.grpc.status_code", _CODE_NUMBERS.get(code, 2))
+    if code in _SERVER_ERROR_CODES:
+        span.set_status(Status(StatusCode.ERROR, code))
+    span.end()
+    otel_context.detach(token)  # type: ignore[arg-type]
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> None:
@@ -369,13 +464,16 @@ def _wrap_unary(
     metrics: RpcMetrics,
     *,
     success_level: int = logging.INFO,
+    tracer: trace.Tracer | None = None,
 ) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = time.perf_counter()
         deadlines.set_deadline(context.time_remaining())
+        span = None if tracer is None else _open_span(tracer, method, context, request)
         cancelled = False
+        principal = None
         try:
-            authenticator.authenticate(method, context)
+            principal = authenticator.authenticate(method, context)
             if type(request) is _Refused:
                 raise request.error
             return await behavior(request, context)
@@ -387,7 +485,19 @@ def _wrap_unary(
         except Exception as error:
             await _abort(context, error)
         finally:
-            _finish(method, kind, context, started, metrics, cancelled=cancelled, success_level=success_level)
+            code = _finish(
+                method,
+                kind,
+                context,
+                started,
+                metrics,
+                cancelled=cancelled,
+                success_level=success_level,
+                request=request,
+                principal=principal,
+            )
+            if span is not None:
+                _close_span(*span, code, principal)
 
     return wrapper
 
@@ -398,6 +508,8 @@ def _wrap_stream(
     authenticator: Authenticator,
     metrics: RpcMetrics,
     kind: str = "server_stream",
+    *,
+    tracer: trace.Tracer | None = None,
 ) -> Callable[..., Awaitable[None]]:
     """Runs a generator handler and writes what it yields with context.write, so that a write failing
     because the client went away (grpc's ExecuteBatchError, which grpc.aio logs at ERROR with a traceback
@@ -407,11 +519,13 @@ def _wrap_stream(
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         started = time.perf_counter()
         deadlines.set_deadline(context.time_remaining())
+        span = None if tracer is None else _open_span(tracer, method, context, request)
         cancelled = False
+        principal = None
         responses: AsyncGenerator[Any, None] | None = None
         closed = metrics.stream_opened(method)
         try:
-            authenticator.authenticate(method, context)
+            principal = authenticator.authenticate(method, context)
             if type(request) is _Refused:
                 raise request.error
             responses = behavior(request, context)
@@ -433,7 +547,18 @@ def _wrap_stream(
                     await responses.aclose()  # the handler's cleanup runs now, not when collected
             finally:
                 closed()
-                _finish(method, kind, context, started, metrics, cancelled=cancelled)
+                code = _finish(
+                    method,
+                    kind,
+                    context,
+                    started,
+                    metrics,
+                    cancelled=cancelled,
+                    request=request,
+                    principal=principal,
+                )
+                if span is not None:
+                    _close_span(*span, code, principal)
 
     return wrapper
 
@@ -443,6 +568,8 @@ def _wrap_bidi(
     behavior: Callable[..., AsyncGenerator[Any, None]],
     authenticator: Authenticator,
     metrics: RpcMetrics,
+    *,
+    tracer: trace.Tracer | None = None,
 ) -> Callable[..., Awaitable[None]]:
     """A client-and-server streaming handler (reflection) wrapped like a server stream, its requests
     checked as they arrive."""
@@ -459,4 +586,4 @@ def _wrap_bidi(
         async for response in behavior(decoded(), context):
             yield response
 
-    return _wrap_stream(method, screened, authenticator, metrics, kind="bidi_stream")
+    return _wrap_stream(method, screened, authenticator, metrics, kind="bidi_stream", tracer=tracer)

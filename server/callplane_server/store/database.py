@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from opentelemetry import trace
 from sqlalchemy import Executable, event, exc
 from sqlalchemy.dialects import registry
 from sqlalchemy.engine import URL, make_url
@@ -193,6 +194,8 @@ class _GroupCommit:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        #: Set when tracing is on (see Database.tracer).
+        self.tracer: trace.Tracer | None = None
         self._queue: list[_Unit] = []
         self._running = False
         #: Writes per group commit (the metrics show how much grouping saves).
@@ -227,9 +230,32 @@ class _GroupCommit:
             while self._queue:
                 group, self._queue = self._queue[: self.MAX_UNITS], self._queue[self.MAX_UNITS :]
                 self.batch_sizes.observe(len(group))
-                await self._run_group(group)
+                if self.tracer is None:
+                    await self._run_group(group)
+                else:
+                    await self._run_traced_group(self.tracer, group)
         finally:
             self._running = False
+
+    async def _run_traced_group(self, tracer: trace.Tracer, group: list[_Unit]) -> None:
+        """The group in a span of the first traced unit's trace, linked to the others' (its BEGIN,
+        savepoints and COMMIT are its children; each unit's statements are its own transaction's)."""
+        spans = [
+            context
+            for context in (unit.context.run(trace.get_current_span).get_span_context() for unit in group)
+            if context.is_valid
+        ]
+        if not spans:
+            await self._run_group(group)
+            return
+        parent = trace.set_span_in_context(trace.NonRecordingSpan(spans[0]))
+        with tracer.start_as_current_span(
+            "sqlite group commit",
+            context=parent,
+            links=[trace.Link(context) for context in spans[1:]],
+            attributes={"db.system": "sqlite", "callplane.group_commit.writes": len(group)},
+        ):
+            await self._run_group(group)
 
     async def _run_group(self, group: list[_Unit]) -> None:
         outcomes: list[tuple[bool, Any]] = []
@@ -406,6 +432,18 @@ class Database:
         # SQLite has one writer connection: writers that queue for it share one commit.
         self._group_commit = _GroupCommit(self.write_engine) if self.dialect == "sqlite" else None
         self._read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=False)
+        self._tracer: trace.Tracer | None = None
+
+    @property
+    def tracer(self) -> trace.Tracer | None:
+        """When set (tracing on), every transaction is a span, and so is each SQLite group commit."""
+        return self._tracer
+
+    @tracer.setter
+    def tracer(self, tracer: trace.Tracer | None) -> None:
+        self._tracer = tracer
+        if self._group_commit is not None:
+            self._group_commit.tracer = tracer
 
     def defer_to_group(
         self, write: Callable[[AsyncSession, list[Any]], Awaitable[Any]], committed: Callable[[Any], None]
@@ -489,6 +527,43 @@ class Database:
         """Run `work` in one transaction, retrying it whole on transient conflicts; database
         outages surface as Unavailable, domain errors pass through untouched. `upkeep`: a write of the
         server's own upkeep, on its own connection (PostgreSQL)."""
+        if self._tracer is not None and trace.get_current_span().get_span_context().is_valid:
+            return await self._run_traced(self._tracer, work, write=write, upkeep=upkeep)
+        return await self._run(work, write=write, upkeep=upkeep)
+
+    async def _run_traced(
+        self,
+        tracer: trace.Tracer,
+        work: Callable[[AsyncSession], Awaitable[T]],
+        *,
+        write: bool,
+        upkeep: bool,
+    ) -> T:
+        """`_run` in a span of its own (within a trace only: background work starts none)."""
+        attempts = 0
+
+        async def counted(session: AsyncSession) -> T:
+            nonlocal attempts
+            attempts += 1
+            return await work(session)
+
+        with tracer.start_as_current_span(
+            "transaction",
+            attributes={"db.system": self.dialect, "callplane.transaction.write": write},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                return await self._run(counted, write=write, upkeep=upkeep)
+            except Exception as error:
+                span.set_attribute("error.type", type(error).__name__)
+                raise
+            finally:
+                span.set_attribute("callplane.transaction.attempts", attempts)
+
+    async def _run(
+        self, work: Callable[[AsyncSession], Awaitable[T]], *, write: bool, upkeep: bool = False
+    ) -> T:
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_is_retryable),

@@ -172,12 +172,9 @@ class Statements:
         arguments = [plan.arguments(item) for item in batch]
         connection = self._connection.sync_connection
         assert connection is not None
-        if connection._has_events or connection.engine._has_events:
-            cursor_arguments: Any = arguments if many else arguments[0]
-            connection.dispatch.before_cursor_execute(
-                connection, None, plan.sql, cursor_arguments, None, many
-            )
         cursor = self._sqlite.cursor()
+        cursor_arguments: Any = arguments if many else arguments[0]
+        context = _announce(connection, cursor, plan.sql, cursor_arguments, many)
         try:
             if many:
                 cursor.executemany(plan.sql, arguments)
@@ -188,4 +185,27 @@ class Statements:
             # As SQLAlchemy raises it (IntegrityError, OperationalError...), for the retry and outage rules.
             raise exc.DBAPIError.instance(plan.sql, arguments, error, sqlite3.Error) from error
         finally:
+            if context is not None and connection.dispatch.after_cursor_execute:
+                connection.dispatch.after_cursor_execute(
+                    connection, cursor, plan.sql, cursor_arguments, context, many
+                )
             cursor.close()
+
+
+class InlineExecution:
+    """Stands in for SQLAlchemy's execution context in the cursor events of a statement run inline, for
+    listeners that keep per-statement state on it (OpenTelemetry's statement span, ended by
+    after_cursor_execute)."""
+
+
+def _announce(connection: Any, cursor: Any, sql: str, arguments: Any, many: bool) -> InlineExecution | None:
+    """Fires before_cursor_execute for a statement run inline, as SQLAlchemy does for its own (only where
+    listeners are registered); returns the context to hand to after_cursor_execute, None when nobody
+    listens."""
+    if not (connection._has_events or connection.engine._has_events):
+        return None
+    if not connection.dispatch.before_cursor_execute and not connection.dispatch.after_cursor_execute:
+        return None
+    context = InlineExecution()
+    connection.dispatch.before_cursor_execute(connection, cursor, sql, arguments, context, many)
+    return context

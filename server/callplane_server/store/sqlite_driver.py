@@ -203,9 +203,17 @@ class InlineSQLiteDialect(SQLiteDialect_aiosqlite):
 
 def _run_inline(connection: Connection, sql: str) -> None:
     """Runs `sql` on the connection's sqlite3 connection; engine listeners see it as any statement."""
+    from callplane_server.store.execution import InlineExecution
+
+    context = None
     if connection._has_events or connection.engine._has_events:
-        connection.dispatch.before_cursor_execute(connection, None, sql, (), None, False)
+        context = InlineExecution()
+        connection.dispatch.before_cursor_execute(connection, None, sql, (), context, False)
     adapted = connection.connection.dbapi_connection
     inline: _InlineConnection = adapted._connection  # type: ignore[union-attr]
-    # A sqlite3 error goes up as it is: the Connection wraps it as it wraps any driver error.
-    inline._open().execute(sql)
+    try:
+        # A sqlite3 error goes up as it is: the Connection wraps it as it wraps any driver error.
+        inline._open().execute(sql)
+    finally:
+        if context is not None and connection.dispatch.after_cursor_execute:
+            connection.dispatch.after_cursor_execute(connection, None, sql, (), context, False)

@@ -11,6 +11,11 @@ from typing import Any
 import grpc
 import grpc.aio
 
+try:  # optional: with OpenTelemetry installed, calls carry the caller's trace context (`traceparent`)
+    from opentelemetry import propagate as _propagate
+except ImportError:  # pragma: no cover - opentelemetry-api is installed with the server
+    _propagate = None  # type: ignore[assignment]
+
 from callplane.client.call import Call
 from callplane.client.convert import (
     SettingsLike,
@@ -147,14 +152,22 @@ class CallplaneClient:
         return clone
 
     async def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        metadata = self._metadata
+        if _propagate is not None:
+            # The current OpenTelemetry context (W3C traceparent/tracestate, baggage: OTEL_PROPAGATORS),
+            # so the server's span of this RPC joins the caller's trace; nothing outside a trace.
+            carrier: dict[str, str] = {}
+            _propagate.inject(carrier)
+            if carrier:
+                metadata = (*metadata, *carrier.items())
         token: TokenProvider | Awaitable[str] | None = self._token
         if callable(token):
             token = token()
             if inspect.isawaitable(token):
                 token = await token
         if token:
-            return (*self._metadata, ("authorization", f"Bearer {token}"))
-        return self._metadata
+            return (*metadata, ("authorization", f"Bearer {token}"))
+        return metadata
 
     async def _rpc(self, method: Callable[..., Any], request: Any) -> Any:
         """Invoke one unary RPC with this client's deadline and metadata; errors → CallplaneError."""
