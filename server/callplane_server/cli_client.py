@@ -37,8 +37,10 @@ def add_client_commands(commands: Any) -> None:
 
     def connection(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--addr", help=f"server host:port (CALLPLANE_ADDR; default {DEFAULT_ADDR})")
-        parser.add_argument("--token", help="bearer token (CALLPLANE_TOKEN; default: a server token "
-                            "minted from the server's secret)")
+        parser.add_argument(
+            "--token",
+            help="bearer token (CALLPLANE_TOKEN; default: a server token minted from the server's secret)",
+        )
         parser.add_argument("--data-dir", help="where the development secret lives (default data)")
         parser.add_argument("--api-secret-file", help="file holding the secret (CALLPLANE_API_SECRET[_FILE])")
         parser.add_argument("--json", action="store_true", help="print proto3 JSON instead of text")
@@ -70,9 +72,11 @@ def add_client_commands(commands: Any) -> None:
     members = query_commands.add_parser("members", help="find a call's members")
     members.add_argument("cid", metavar="TYPE:ID")
     for parser in (calls, members):
-        parser.add_argument("--filter", help='filter conditions, JSON, e.g. \'{"ongoing": true}\'')
+        parser.add_argument("--filter", help="filter conditions, JSON, e.g. '{\"ongoing\": true}'")
         parser.add_argument(
-            "--sort", action="append", help="field[:asc|desc], repeatable (e.g. created_at:desc)"
+            "--sort",
+            action="append",
+            help="field[:asc|desc][:TYPE], repeatable, e.g. created_at:desc or custom.n:asc:number",
         )
         parser.add_argument("--limit", type=int, help="page size")
         parser.add_argument("--next", help="the page after this cursor")
@@ -100,7 +104,8 @@ def _describe_error(error: Any) -> str:
     if error.reason:
         line += f" (reason {error.reason})"
     for path, description in error.field_violations:
-        line += f"; {path}: {description}"
+        if description not in error.message:
+            line += f"; {path}: {description}"
     return line
 
 
@@ -111,7 +116,9 @@ def _token(args: argparse.Namespace) -> str:
     from callplane_server import config as config_module
     from callplane_server.auth.tokens import SECRET_FILE_NAME, create_token
 
-    config = config_module.load(argparse.Namespace(data_dir=args.data_dir, api_secret_file=args.api_secret_file))
+    config = config_module.load(
+        argparse.Namespace(data_dir=args.data_dir, api_secret_file=args.api_secret_file)
+    )
     secret = config.api_secret
     if not secret:
         path = config.data_dir / SECRET_FILE_NAME
@@ -235,23 +242,23 @@ def _note(text: str) -> None:
 
 
 def _announce_reconnects(stream: Any, key: str) -> asyncio.Task[None]:
-    """Says on stderr when the stream loses its connection and when it is back (the client's stream
-    reconnects and resumes by itself, silently)."""
+    """Says on stderr, once per outage, that the stream lost its connection and is reconnecting, and that
+    it is back once connected again (the client's stream reconnects and resumes by itself, silently)."""
 
     async def watch() -> None:
-        was_connected = False
+        seen = 0
         lost = False
         resume_point: Any = None
         while True:
             await asyncio.sleep(0.1)
-            connected = stream.connected
-            if was_connected and not connected:
-                lost, resume_point = True, stream.cursor
-                _note(f"connection lost; reconnecting (to resume after {key} {resume_point})")
-            elif connected and lost:
+            if stream.reconnects > seen:
+                seen = stream.reconnects
+                if not lost:
+                    lost, resume_point = True, stream.cursor
+                    _note(f"connection lost; reconnecting (to resume after {key} {resume_point})")
+            elif lost and stream.connected:
                 lost = False
                 _note(f"reconnected; resumed after {key} {resume_point}")
-            was_connected = connected
 
     return asyncio.ensure_future(watch())
 
@@ -325,12 +332,31 @@ def _parse_sort(values: list[str] | None) -> list[dict[str, Any]] | None:
         return None
     sort: list[dict[str, Any]] = []
     for value in values:
-        field, _, direction = value.partition(":")
+        field, _, rest = value.partition(":")
+        direction, _, sort_type = rest.partition(":")
         direction = direction.lower() or "asc"
-        if direction not in ("asc", "desc"):
-            raise CliError(f"bad --sort {value!r}: use field, field:asc or field:desc")
-        sort.append({"field": field, "direction": 1 if direction == "asc" else -1})
+        if direction not in ("asc", "desc") or sort_type.lower() not in ("", "number", "string", "boolean"):
+            raise CliError(f"bad --sort {value!r}: use field[:asc|desc][:number|string|boolean]")
+        param: dict[str, Any] = {"field": field, "direction": direction}
+        if sort_type:
+            param["type"] = sort_type.lower()
+        sort.append(param)
     return sort
+
+
+def _custom_json(custom: Any) -> str:
+    """Custom data as compact JSON, whole numbers without `.0` (a Struct holds every number as a double)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [plain(item) for item in value]
+        return value
+
+    return json.dumps(plain(dict(custom)), sort_keys=True)
 
 
 def _when(value: Any) -> str:
@@ -367,7 +393,7 @@ async def _get_call(client: Any, args: argparse.Namespace) -> int:
         ("starts_at", _when(call.starts_at)),
         ("ended_at", _when(call.ended_at)),
         ("etag", call.etag),
-        ("custom", json.dumps(dict(call.custom), sort_keys=True) if call.custom else "{}"),
+        ("custom", _custom_json(call.custom) if call.custom else "{}"),
     ]
     for name, value in rows:
         table.add_row(name, value)
@@ -385,7 +411,7 @@ def _members_table(members: list[Any], title: str) -> Any:
     for column in ("user_id", "role", "created_at", "custom"):
         table.add_column(column)
     for member in members:
-        custom = json.dumps(dict(member.custom), sort_keys=True) if member.custom else ""
+        custom = _custom_json(member.custom) if member.custom else ""
         table.add_row(member.user_id, member.role or "-", _when(member.created_at), custom)
     return table
 
@@ -412,7 +438,7 @@ async def _query_calls(client: Any, args: argparse.Namespace) -> int:
         table.add_column(column)
     for state in page.items:
         call = state.call
-        custom = json.dumps(dict(call.custom), sort_keys=True) if call.custom else ""
+        custom = _custom_json(call.custom) if call.custom else ""
         table.add_row(
             call.cid,
             str(call.ongoing).lower(),
@@ -444,4 +470,3 @@ async def _query_members(client: Any, args: argparse.Namespace) -> int:
     if page.next:
         console.print(f"next page: --next {page.next}")
     return 0
-
