@@ -172,6 +172,7 @@ async def test_watch_prints_events_as_they_happen_and_survives_a_restart(
                     assert " seq=4 call.updated" in await watch.line()
                     await call.update_members(remove_members=["bob"])
                     assert " seq=5 call.member_removed" in await watch.line()
+                await watch.noted("reconnected; resumed after seq 3")
                 code, rest = await watch.interrupt()
                 assert code == 0 and rest == ""  # nothing printed twice
                 assert not any("Traceback" in line for line in watch.stderr), watch.stderr
