@@ -1,4 +1,5 @@
-"""`callplane` command line: `callplane serve [flags]`, `callplane token`, `callplane webhook verify`."""
+"""`callplane` command line: `callplane serve [flags]`, `callplane token`, `callplane webhook verify`, and
+the client commands for a terminal (`watch`, `events`, `get call`, `query calls|members`: cli_client.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import sys
 from datetime import timedelta
 
+from callplane_server import cli_client
 from callplane_server import config as config_module
 from callplane_server.auth.tokens import create_token, load_or_create_secret
 
@@ -51,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         "--headers-file", required=True, help="the request's headers: a JSON object or `Name: value` lines"
     )
     verify_parser.add_argument("--body-file", required=True, help="the request's body, byte for byte")
+    cli_client.add_client_commands(commands)
     args = parser.parse_args(argv)
+
+    if args.command in cli_client.CLIENT_COMMANDS:
+        return cli_client.run_client_command(args)
 
     if args.command == "webhook":
         return _verify_webhook(args)

@@ -97,6 +97,12 @@ class EventStream(AsyncIterator[StreamMessage]):
         self._call: grpc.aio.UnaryStreamCall[Any, Any] | None = None
         self._iterator: AsyncIterator[StreamMessage] | None = None
         self._closed = False
+        self._connected = False
+
+    @property
+    def connected(self) -> bool:
+        """Whether a call is open and set up now (False before the first connect and while reconnecting)."""
+        return self._connected
 
     def __aiter__(self) -> EventStream:
         return self
@@ -141,6 +147,7 @@ class EventStream(AsyncIterator[StreamMessage]):
         except BaseException:
             call.cancel()
             raise
+        self._connected = True
         return call
 
     def _retrying(self) -> AsyncRetrying:
@@ -191,6 +198,7 @@ class EventStream(AsyncIterator[StreamMessage]):
                     return
                 raise
             finally:
+                self._connected = False
                 call.cancel()
             dropped = True
 
