@@ -9,7 +9,13 @@ import grpc
 from google.protobuf.message import Message
 
 from callplane.v1 import webhook_service_pb2, webhook_service_pb2_grpc
-from callplane_server.domain.webhooks import DeliveryQuery, DeliveryRecord, DeliveryStatus, WebhookRecord
+from callplane_server.domain.webhooks import (
+    DeliveryQuery,
+    DeliveryRecord,
+    DeliveryStatus,
+    WebhookRecord,
+    WebhookState,
+)
 from callplane_server.errors import InvalidArgument
 from callplane_server.messages import duration_to_timedelta, set_timestamp
 from callplane_server.services.webhooks import (
@@ -23,8 +29,8 @@ from callplane_server.services.webhooks import (
 Context = grpc.aio.ServicerContext[Message, Message]
 
 _STATES = {
-    "ACTIVE": webhook_service_pb2.WEBHOOK_STATE_ACTIVE,
-    "FAILING": webhook_service_pb2.WEBHOOK_STATE_FAILING,
+    WebhookState.ACTIVE: webhook_service_pb2.WEBHOOK_STATE_ACTIVE,
+    WebhookState.FAILING: webhook_service_pb2.WEBHOOK_STATE_FAILING,
 }
 _STATUSES = {
     DeliveryStatus.PENDING: webhook_service_pb2.WEBHOOK_DELIVERY_STATUS_PENDING,
@@ -42,7 +48,7 @@ def webhook_message(record: WebhookRecord) -> webhook_service_pb2.Webhook:
         call_types=record.call_types,
         description=record.description,
         enabled=record.enabled,
-        state=_STATES[record.state.value] if record.enabled else webhook_service_pb2.WEBHOOK_STATE_DISABLED,
+        state=_STATES[record.state] if record.enabled else webhook_service_pb2.WEBHOOK_STATE_DISABLED,
         delivered_position=record.delivered_position,
         last_error=record.last_error,
     )

@@ -61,7 +61,8 @@ class EventFilter:
 def check_filters(
     event_types: Sequence[str], call_types: Sequence[str], path: str, problems: ViolationCollector
 ) -> None:
-    """`path`: prefix of the field names (`` on create, `` on update with `.values`)."""
+    """`path`: what follows each filter's field name in a violation: "" on create (`event_types[0]`),
+    ".values" on update (`event_types.values[0]`)."""
     for name, values, pattern, what in (
         ("event_types", event_types, _EVENT_TYPE_PATTERN, "an event type or a prefix ending in * (call.*)"),
         ("call_types", call_types, _CALL_TYPE_NAME, "a call type name (1..64 of a-z 0-9 _ -)"),

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import TypeVar
 
 from callplane_server.domain.webhooks import (
     DEFAULT_SECRET_OVERLAP,
@@ -27,6 +28,8 @@ from callplane_server.store import Store, Transaction
 from callplane_server.webhooks.delivery import WebhookDispatcher
 from callplane_server.webhooks.signing import SecretBox, new_secret
 from callplane_server.webhooks.targets import PrivateTarget, check_url, refuse_private
+
+T = TypeVar("T")
 
 MAX_PAGE = 100
 DEFAULT_PAGE = 25
@@ -131,9 +134,7 @@ class WebhookService:
             await tx.webhooks.insert(record)
             return record
 
-        created = await self._store.write(work, touches_calls=False)
-        self._changed()
-        return created, secret
+        return await self._write(work), secret
 
     async def get(self, webhook_id: str) -> WebhookRecord:
         async def work(tx: Transaction) -> WebhookRecord:
@@ -183,8 +184,7 @@ class WebhookService:
             if not await tx.webhooks.delete(webhook_id):
                 raise webhook_not_found(webhook_id)
 
-        await self._store.write(work, touches_calls=False)
-        self._changed()
+        await self._write(work)
 
     async def rotate_secret(self, webhook_id: str, overlap: timedelta | None) -> tuple[WebhookRecord, str]:
         overlap = DEFAULT_SECRET_OVERLAP if overlap is None else overlap
@@ -298,14 +298,14 @@ class WebhookService:
             await tx.webhooks.update(record, moves_progress=True)
             return record, len(wanted)
 
+        return await self._write(work)
+
+    async def _write(self, work: Callable[[Transaction], Awaitable[T]]) -> T:
+        """Every change to endpoints: it touches no call (the call cache stays), and the delivering
+        workers look at it at once."""
         result = await self._store.write(work, touches_calls=False)
         self._changed()
         return result
-
-    async def _write(self, work: Callable[[Transaction], Awaitable[WebhookRecord]]) -> WebhookRecord:
-        record = await self._store.write(work, touches_calls=False)
-        self._changed()
-        return record
 
 
 async def _existing(tx: Transaction, webhook_id: str, *, for_update: bool = False) -> WebhookRecord:

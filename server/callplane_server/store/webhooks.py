@@ -345,12 +345,6 @@ class WebhookRepository:
             (ahead if record.position > webhook.delivered_position else requeued).append(record)
         return Progress(webhook, ahead, requeued)
 
-    async def epoch_of(self, webhook_id: str) -> int | None:
-        return cast(
-            "int | None",
-            await self._session.scalar(select(_WEBHOOKS.c.epoch).where(_WEBHOOKS.c.id == webhook_id)),
-        )
-
     async def record(
         self,
         me: str,

@@ -36,6 +36,12 @@ def literal_address(host: str) -> IPAddress | None:
         return None
 
 
+def is_loopback_name(host: str) -> bool:
+    """`localhost` and its subdomains, which resolvers answer locally (RFC 6761)."""
+    name = host.lower().rstrip(".")
+    return name == "localhost" or name.endswith(".localhost")
+
+
 class PrivateTarget(Exception):
     """The target's host is (or resolves only to) a non-public address."""
 
@@ -71,7 +77,7 @@ async def refuse_private(host: str) -> None:
         if not is_public(literal):
             raise PrivateTarget(f"{host} is not a public address")
         return
-    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+    if is_loopback_name(host):
         raise PrivateTarget(f"{host} is a loopback name")
     loop = asyncio.get_running_loop()
     try:
@@ -93,7 +99,7 @@ class PublicOnlyResolver(AbstractResolver):
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        if is_loopback_name(host):
             raise OSError(f"refused: {host} is a loopback name (--webhook-allow-private allows it)")
         found = await self._inner.resolve(host, port, family)
         public = [result for result in found if is_public(ipaddress.ip_address(result["host"]))]
