@@ -301,6 +301,15 @@ class EventRepository:
         )
         return _within_budget((_decode(row) for row in rows), max_bytes)
 
+    async def events_at(self, positions: Sequence[int]) -> list[StoredEvent]:
+        """The retained events at these positions, in position order (compacted ones are missing)."""
+        if not positions:
+            return []
+        rows = await self._session.scalars(
+            select(EventRow).where(EventRow.position.in_(positions)).order_by(EventRow.position)
+        )
+        return [_decode(row) for row in rows]
+
     async def recipients_of(self, positions: Sequence[int]) -> dict[int, list[tuple[str, int]]]:
         """position → [(user_id, user_seq)] for the given events."""
         if not positions:

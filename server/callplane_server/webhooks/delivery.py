@@ -125,7 +125,7 @@ class EndpointWorker:
         self._overlap: tuple[Signer, datetime] | None = None
         self._pending_records: dict[int, DeliveryRecord] = {}
         self._requeued_records: list[DeliveryRecord] = []
-        self.stopped = asyncio.Event()
+        self._stopped = False
         self.task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ class EndpointWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
         self._cancel_attempts()
-        self.stopped.set()
+        self._stopped = True
 
     def wake(self) -> None:
         self._doorbell.set()
@@ -206,7 +206,7 @@ class EndpointWorker:
             log.exception("webhook %s: delivery worker failed; restarting", self.webhook_id)
             await asyncio.sleep(IDLE_CHECK_SECONDS)  # e.g. the database is down: not in a tight loop
         finally:
-            self.stopped.set()
+            self._stopped = True
             self._dispatcher.worker_ended(self)
 
     def _load(self, progress: Progress) -> None:
@@ -264,14 +264,8 @@ class EndpointWorker:
     async def _load_requeued(self) -> None:
         records, self._requeued_records = self._requeued_records, []
         positions = [record.position for record in records]
-
-        async def read(tx: Transaction) -> list[StoredEvent]:
-            found: list[StoredEvent] = []
-            for position in positions:
-                found.extend(await tx.events.events_after_position(position - 1, 1, up_to=position))
-            return found
-
-        events = {stored.position: stored for stored in await self._dispatcher.store.read(read)}
+        found = await self._dispatcher.store.read(lambda tx: tx.events.events_at(positions))
+        events = {stored.position: stored for stored in found}
         for record in records:
             stored = events.get(record.position)
             if stored is None:
@@ -284,7 +278,7 @@ class EndpointWorker:
         """Sends every head that is due, up to the concurrency. Called again as each attempt ends, so
         a freed slot (or the next event of a call just answered) does not wait for the results to be
         recorded: only a call's order waits for answers, not for bookkeeping."""
-        if self._failing is not None or self.stopped.is_set():
+        if self._failing is not None or self._stopped:
             return
         now = self._now()
         limit = self._dispatcher.settings.concurrency
